@@ -43,3 +43,35 @@ def multiprocessor_count(device_index: int) -> int:
     if not torch.cuda.is_available():
         return 4
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def tile_rows(block_cols: int, n_rows: int, elements: int = 4096) -> int:
+    """Rows per program for a (rows, block_cols) tile of about `elements` values (a power of two,
+    at least 1, no more than the rows there are): small rows are batched so every program streams enough."""
+    return max(1, min(elements // block_cols, triton.next_power_of_2(max(n_rows, 1))))
+
+
+def persistent_programs(n_tiles: int, device: torch.device, per_sm: int = 8) -> int:
+    """Programs for a grid-stride loop over `n_tiles` tiles: `per_sm` per SM (4 SMs under the interpreter).
+    Used where each program keeps a partial sum: few partials, in an order fixed by the device alone."""
+    sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
+    return max(1, min(n_tiles, sms * per_sm))
+
+
+def row_loop_num_warps(block: int) -> int:
+    """Warps for a program that loops over rows keeping fp32 row accumulators (the backward kernels):
+    twice the streaming count, so each thread holds half as many elements per live vector and the
+    kernel keeps its registers low enough for several programs per SM."""
+    return min(2 * row_num_warps(block), 16)
+
+
+def reduction_grid(n_groups: int, group_rows: int, device: torch.device) -> tuple[int, int]:
+    """(rows_per_program, n_chunks) for a backward that sums row gradients within each group (the T
+    tokens of one sample): each group is cut into n_chunks chunks, one program per (group, chunk),
+    about 8 programs per SM in all, and each program sums its chunk in fp32 registers and writes one
+    partial row. The split depends only on the shape and the device, so the order of every fp32 sum,
+    and so the result, is the same on every run (no atomics)."""
+    sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
+    n_chunks = max(1, min(group_rows, triton.cdiv(8 * sms, max(n_groups, 1))))
+    rows_per_program = max(1, triton.cdiv(group_rows, n_chunks))
+    return rows_per_program, triton.cdiv(group_rows, rows_per_program)

@@ -1,0 +1,124 @@
+"""Attention with the fastest backend for each shape, chosen by measurement once and cached.
+
+Candidates: PyTorch SDPA with the cuDNN, flash and memory-efficient backends, and the flash-attn and
+xformers packages when they are installed and load against this torch. A missing or broken optional
+package is skipped with a one-line note. On CPU, plain SDPA.
+
+The choice is measured eagerly (forward + backward, CUDA events) the first time a shape is seen outside
+torch.compile; call `choose_backend` for the model's shape before compiling so the traced graph uses the
+winner. Inside a compiled region an unmeasured shape falls back to SDPA's own dispatch.
+"""
+import functools
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# (B, H, T, Dh, dtype, device) -> backend name
+_CHOICE: dict[tuple, str] = {}
+_NOTES_SHOWN: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTES_SHOWN:
+        _NOTES_SHOWN.add(message)
+        log.warning(message)
+
+
+def _sdpa_with(backend_name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}[backend_name]
+
+    def run(q, k, v):  # (B, H, T, Dh)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+    except Exception as err:  # not installed, or built for another torch
+        _note_once(f"flash-attn not used: {type(err).__name__}: {err}".splitlines()[0])
+        return None
+    return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _xformers():
+    try:
+        from xformers.ops import memory_efficient_attention
+    except Exception as err:
+        _note_once(f"xformers not used: {type(err).__name__}: {err}".splitlines()[0])
+        return None
+    return lambda q, k, v: memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def candidates() -> dict[str, Callable]:
+    """Backends that can run here, by name."""
+    found = {name: _sdpa_with(name) for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient")}
+    for name, make in (("flash_attn", _flash_attn), ("xformers", _xformers)):
+        fn = make()
+        if fn is not None:
+            found[name] = fn
+    return found
+
+
+def _time_fwd_bwd(fn: Callable, q, k, v, iters: int = 10) -> float:
+    """Median ms of forward + backward; inf when the backend rejects the shape."""
+    try:
+        for _ in range(3):
+            fn(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+    except Exception:  # backend does not support this shape/dtype/GPU
+        return float("inf")
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(q, k, v).sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device | str = "cuda") -> str:
+    """Measure every candidate on this shape once, cache and log the winner, return its name."""
+    device = torch.device(device)
+    key = (batch, heads, tokens, head_dim, dtype, device.type)
+    if key in _CHOICE:
+        return _CHOICE[key]
+    if device.type != "cuda":
+        _CHOICE[key] = "sdpa"
+        return "sdpa"
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    timings = {name: _time_fwd_bwd(fn, q, k, v) for name, fn in candidates().items()}
+    best = min(timings, key=timings.get)
+    if timings[best] == float("inf"):
+        best = "sdpa"
+    _CHOICE[key] = best
+    shown = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(timings.items(), key=lambda kv: kv[1]))
+    log.info("attention %s for B=%d H=%d T=%d Dh=%d %s (fwd+bwd: %s)", best, batch, heads, tokens,
+             head_dim, dtype, shown)
+    return best
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(Dh)) v for q, k, v of shape (B, H, T, Dh), with the cached backend choice."""
+    B, H, T, Dh = q.shape
+    name = _CHOICE.get((B, H, T, Dh, q.dtype, q.device.type), "sdpa")
+    if name == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if name.startswith("sdpa_"):
+        return _sdpa_with(name)(q, k, v)
+    return candidates()[name](q, k, v)

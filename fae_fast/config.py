@@ -1,0 +1,429 @@
+"""Configs: dataclasses with one docstring per field, one size registry, named recipes, CLI overrides.
+
+A recipe is a function returning a complete config (`RECIPES["lightningdit-xl-80ep"]()`); the command
+line picks one with `--recipe NAME` and changes single fields with `--section.field=value`.
+Values the paper does not publish are chosen here, next to the field, and said in the README.
+"""
+import ast
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model configs
+# ----------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """The frozen pretrained encoder whose patch features FAE compresses."""
+
+    timm_name: str = "vit_giant_patch14_reg4_dinov2.lvd142m"
+    """timm model name (DINOv2-g/14 with registers by default; any timm ViT in principle)."""
+    image_size: int = 224
+    """Input resolution; image_size / patch_size must equal the latent grid (16)."""
+    patch_size: int = 14
+    """Patch size of the encoder (14 for DINOv2, 16 for SigLIP2 at 256 px)."""
+    feature_dim: int = 1536
+    """Channels of the patch features the encoder returns."""
+    pretrained: bool = True
+    """Load pretrained weights from the timm hub (needs network or a filled hub cache)."""
+    weights_path: str = ""
+    """A local weights file (safetensors or torch) used instead of the hub when set."""
+    noise_sigma: float = 0.4
+    """Std of the Gaussian noise added to features when training the pixel decoder (paper: 0.4 for
+    DINOv2-g). For other encoders scale it by the ratio of their mean feature norm to DINOv2-g's."""
+
+
+@dataclass(kw_only=True)
+class FAEConfig:
+    """FAE: one-attention-layer encoder to latents, a feature decoder and a pixel decoder."""
+
+    feature_dim: int = 1536
+    """Channels of the encoder features (input of the FAE encoder, output of the feature decoder)."""
+    latent_dim: int = 32
+    """Latent channels per token (16x16x32 latents)."""
+    grid: int = 16
+    """Tokens per side of the latent grid."""
+    enc_heads: int = 24
+    """Heads of the FAE encoder's single self-attention layer."""
+    enc_head_dim: int = 256
+    """Head dimension of that layer (24 x 256 = 6144-wide qkv)."""
+    dec_depth: int = 6
+    """Transformer layers of the feature decoder."""
+    dec_width: int = 1536
+    """Width of the feature decoder."""
+    dec_heads: int = 24
+    """Heads of the feature decoder."""
+    dec_mlp_ratio: float = 4.0
+    """MLP ratio of the feature decoder; SwiGLU hidden = 2/3 * ratio * width (parameter-matched)."""
+    pix_depth: int = 24
+    """Transformer layers of the pixel decoder (ViT-L)."""
+    pix_width: int = 1024
+    """Width of the pixel decoder."""
+    pix_heads: int = 16
+    """Heads of the pixel decoder."""
+    image_size: int = 256
+    """Output resolution of the pixel decoder."""
+    kl_beta: float = 1e-6
+    """KL weight per latent element in stage Ia (not published; small so the latent stays informative)."""
+    logvar_clamp: tuple[float, float] = (-30.0, 20.0)
+    """Clamp range of the predicted log-variance (as the LDM diagonal Gaussian)."""
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig:
+    """SiT / LightningDiT flow-matching transformer on the latent grid (one block class, options)."""
+
+    depth: int = 28
+    """Number of transformer blocks."""
+    width: int = 1152
+    """Hidden size."""
+    heads: int = 16
+    """Attention heads (head dim = width / heads)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden = ratio * width for GELU; 2/3 of that for SwiGLU (parameter-matched)."""
+    in_channels: int = 32
+    """Latent channels."""
+    grid: int = 16
+    """Latent tokens per side (patch size 1)."""
+    num_classes: int = 1000
+    """Class labels; index num_classes is the null label used for classifier-free guidance."""
+    class_dropout: float = 0.1
+    """Probability of replacing a label by the null label during training (CFG)."""
+    norm: str = "layer"
+    """'layer' (SiT: LayerNorm without affine) or 'rms' (LightningDiT: RMSNorm)."""
+    mlp: str = "gelu"
+    """'gelu' (SiT) or 'swiglu' (LightningDiT)."""
+    rope: bool = False
+    """2-D rotary position embedding on q and k (LightningDiT) instead of a fixed sin-cos table."""
+    qk_norm: bool = False
+    """RMSNorm on q and k before attention (LightningDiT option)."""
+    pos_embed: bool = True
+    """Add the fixed 2-D sin-cos position embedding to the tokens (SiT; LightningDiT keeps it with RoPE)."""
+
+
+@dataclass(kw_only=True)
+class TransportConfig:
+    """Flow-matching interpolant and training-time t distribution (conventions in transport.py)."""
+
+    t_sampling: str = "uniform"
+    """'uniform' or 'logit_normal'."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal t distribution."""
+    logit_std: float = 1.0
+    """Std of the logit-normal t distribution."""
+    time_shift: float = 1.0
+    """Shift s applied to training t (t' = s t / (1 + (s-1) t), t = 0 noise); paper: 0.4."""
+    cosine_weight: float = 0.0
+    """Weight of the velocity-direction (cosine) loss term; 0 disables it."""
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    """How samples are drawn from a trained generator."""
+
+    method: str = "euler"
+    """'euler' or 'heun' (ODE) or 'euler_maruyama' (SDE)."""
+    steps: int = 250
+    """Integration steps."""
+    time_shift: float = 1.0
+    """Shift of the sampling time grid (paper: 0.4)."""
+    cfg: list[tuple[float, float, float]] = field(default_factory=list)
+    """Guidance on intervals: (t_start, t_end, scale) with t = 0 noise; empty means no guidance."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training configs
+# ----------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW, schedule, clipping and EMA."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not published for the generator; 0 as in SiT/LightningDiT)."""
+    schedule: str = "constant"
+    """'constant' or 'cosine'."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (not published; 1.0 as in LightningDiT); 0 disables clipping."""
+    ema_decay: float = 0.9999
+    """Decay of the fp32 EMA of the weights (not published; 0.9999 as in SiT/LightningDiT)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training latents come from."""
+
+    source: str = "toy"
+    """'toy' (embedded class-conditional Gaussian mixture, no files), 'synthetic' (random latents for
+    benchmarks) or 'cache' (a latent cache written by training/extract_latents.py)."""
+    path: str = ""
+    """Latent cache folder (source='cache')."""
+    global_batch: int = 512
+    """Batch over all ranks; must divide by the world size."""
+    random_flip: bool = True
+    """Use the horizontally flipped latent of an image half of the time (cache must hold flips)."""
+    seed: int = 0
+    """Seed of data order and of the toy distribution."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Length, logging, checkpoints and performance switches of a run."""
+
+    steps: int = 200_000
+    """Optimizer steps."""
+    out_dir: str = "runs/gen"
+    """Folder for checkpoints, logs, plots and samples."""
+    log_every: int = 100
+    """Steps between log lines."""
+    ckpt_every: int = 5000
+    """Steps between checkpoints."""
+    sample_every: int = 20_000
+    """Steps between sample grids (0 disables)."""
+    seed: int = 0
+    """Seed of model init and noise."""
+    impl: str = "auto"
+    """'auto' (triton on CUDA, torch elsewhere), 'triton' or 'torch' for the fused layers."""
+    compile: bool = True
+    """torch.compile each block."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
+    precision: str = "bf16"
+    """'bf16' (bf16 params/compute, fp32 master weights and reductions) or 'fp32'."""
+    eval_samples: int = 0
+    """Samples drawn at the end to score the run (toy: Frechet distance to the true distribution)."""
+
+
+@dataclass(kw_only=True)
+class GenTrainConfig:
+    """Everything train_gen.py needs."""
+
+    model: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """The generator."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """Interpolant and t distribution."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Sampler for grids and evaluation."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run length and switches."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Size registry: the one place where model sizes live
+# ----------------------------------------------------------------------------------------------------
+_SIT = dict(norm="layer", mlp="gelu", rope=False, qk_norm=False)
+_LIGHTNING = dict(norm="rms", mlp="swiglu", rope=True, qk_norm=True)
+
+GENERATOR_SIZES: dict[str, dict] = {
+    "SiT-tiny/1": dict(depth=2, width=64, heads=4, **_SIT),
+    "SiT-S/1": dict(depth=12, width=384, heads=6, **_SIT),
+    "SiT-B/1": dict(depth=12, width=768, heads=12, **_SIT),
+    "SiT-L/1": dict(depth=24, width=1024, heads=16, **_SIT),
+    "SiT-XL/1": dict(depth=28, width=1152, heads=16, **_SIT),
+    "LightningDiT-tiny/1": dict(depth=2, width=64, heads=4, **_LIGHTNING),
+    "LightningDiT-B/1": dict(depth=12, width=768, heads=12, **_LIGHTNING),
+    "LightningDiT-XL/1": dict(depth=28, width=1152, heads=16, **_LIGHTNING),
+}
+
+FAE_SIZES: dict[str, dict] = {
+    "FAE-DINOv2-g": dict(feature_dim=1536),
+    "FAE-DINOv2-B": dict(feature_dim=768, enc_heads=12, dec_width=768, dec_heads=12),
+    "FAE-SigLIP2-So400m": dict(feature_dim=1152, enc_heads=18, dec_width=1152, dec_heads=18),
+    "FAE-tiny": dict(
+        feature_dim=48, latent_dim=4, grid=4, enc_heads=2, enc_head_dim=16, dec_depth=2, dec_width=48,
+        dec_heads=4, pix_depth=2, pix_width=32, pix_heads=2, image_size=64,
+    ),
+}
+
+ENCODER_SIZES: dict[str, dict] = {
+    "DINOv2-g/14": dict(timm_name="vit_giant_patch14_reg4_dinov2.lvd142m", patch_size=14, feature_dim=1536),
+    "DINOv2-B/14": dict(timm_name="vit_base_patch14_reg4_dinov2.lvd142m", patch_size=14, feature_dim=768),
+    "SigLIP2-So400m/16": dict(
+        timm_name="vit_so400m_patch16_siglip_256.v2_webli", image_size=256, patch_size=16, feature_dim=1152,
+        noise_sigma=0.4 * 1.0,  # rescale by measured feature-norm ratio before serious use (see README)
+    ),
+    "tiny": dict(timm_name="vit_tiny_patch16_224", image_size=64, patch_size=16, feature_dim=48, pretrained=False),
+}
+
+
+def _from_registry(registry: dict, name: str, kind: str) -> dict:
+    if name not in registry:
+        known = ", ".join(sorted(registry))
+        raise ValueError(f"unknown {kind} size {name!r}; choose one of: {known}")
+    return dict(registry[name])
+
+
+def generator_config(name: str, **overrides) -> GeneratorConfig:
+    """GeneratorConfig for a registered size, e.g. generator_config('LightningDiT-XL/1')."""
+    return GeneratorConfig(**{**_from_registry(GENERATOR_SIZES, name, "generator"), **overrides})
+
+
+def fae_config(name: str, **overrides) -> FAEConfig:
+    """FAEConfig for a registered size, e.g. fae_config('FAE-DINOv2-g')."""
+    return FAEConfig(**{**_from_registry(FAE_SIZES, name, "FAE"), **overrides})
+
+
+def encoder_config(name: str, **overrides) -> EncoderConfig:
+    """EncoderConfig for a registered encoder, e.g. encoder_config('DINOv2-g/14')."""
+    return EncoderConfig(**{**_from_registry(ENCODER_SIZES, name, "encoder"), **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: configs that cannot work fail here with one sentence
+# ----------------------------------------------------------------------------------------------------
+def validate_generator(cfg: GeneratorConfig) -> None:
+    if cfg.width % cfg.heads:
+        raise ValueError(f"generator width {cfg.width} is not divisible by heads {cfg.heads}; pick heads that divide it")
+    head_dim = cfg.width // cfg.heads
+    if cfg.rope and head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}; change width or heads")
+    if cfg.norm not in ("layer", "rms"):
+        raise ValueError(f"generator norm {cfg.norm!r} is not 'layer' or 'rms'")
+    if cfg.mlp not in ("gelu", "swiglu"):
+        raise ValueError(f"generator mlp {cfg.mlp!r} is not 'gelu' or 'swiglu'")
+
+
+def validate_fae(cfg: FAEConfig) -> None:
+    if cfg.dec_width % cfg.dec_heads:
+        raise ValueError(f"feature decoder width {cfg.dec_width} is not divisible by heads {cfg.dec_heads}")
+    if cfg.pix_width % cfg.pix_heads:
+        raise ValueError(f"pixel decoder width {cfg.pix_width} is not divisible by heads {cfg.pix_heads}")
+    if cfg.image_size % cfg.grid:
+        raise ValueError(f"image size {cfg.image_size} is not a multiple of the latent grid {cfg.grid}")
+
+
+def validate_encoder(cfg: EncoderConfig, grid: int) -> None:
+    if cfg.image_size % cfg.patch_size or cfg.image_size // cfg.patch_size != grid:
+        raise ValueError(
+            f"encoder {cfg.timm_name} at {cfg.image_size} px with patch {cfg.patch_size} gives a "
+            f"{cfg.image_size / cfg.patch_size:g}x{cfg.image_size / cfg.patch_size:g} grid, not {grid}x{grid}; "
+            f"set encoder.image_size={grid * cfg.patch_size}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------------
+def demo() -> GenTrainConfig:
+    """The embedded default: a tiny generator on a toy class-conditional Gaussian mixture, CPU, minutes."""
+    return GenTrainConfig(
+        model=generator_config("LightningDiT-tiny/1", in_channels=4, grid=4, num_classes=8, width=96, heads=4, depth=3),
+        transport=TransportConfig(t_sampling="logit_normal"),
+        sampler=SamplerConfig(method="heun", steps=32, cfg=[]),
+        optim=OptimConfig(lr=1e-3, grad_clip=1.0, ema_decay=0.995, warmup_steps=50),
+        data=DataConfig(source="toy", global_batch=256),
+        run=RunConfig(
+            steps=1500, out_dir="runs/demo", log_every=100, ckpt_every=500, sample_every=0,
+            compile=False, precision="fp32", eval_samples=2048,
+        ),
+    )
+
+
+def _paper_generator(size: str, steps: int) -> GenTrainConfig:
+    # Table D / Section 4 of the paper: batch 512, AdamW 1e-4 constant, no warmup, time shift 0.4.
+    return GenTrainConfig(
+        model=generator_config(size),
+        transport=TransportConfig(t_sampling="uniform", time_shift=0.4),
+        sampler=SamplerConfig(method="euler_maruyama", steps=250, time_shift=0.4),
+        optim=OptimConfig(lr=1e-4, betas=(0.9, 0.999), schedule="constant", warmup_steps=0),
+        data=DataConfig(source="cache", global_batch=512),
+        run=RunConfig(steps=steps, out_dir=f"runs/{size.replace('/', '_')}-{steps // 1000}k"),
+    )
+
+
+def lightningdit_xl_80ep() -> GenTrainConfig:
+    """LightningDiT-XL/1 on FAE latents, 80 epochs = 200k steps at batch 512 (paper gFID 2.08 / 1.70 CFG)."""
+    return _paper_generator("LightningDiT-XL/1", 200_000)
+
+
+def lightningdit_xl_800ep() -> GenTrainConfig:
+    """LightningDiT-XL/1, 800 epochs = 2M steps at batch 512 (paper gFID 1.48 / 1.29 CFG)."""
+    return _paper_generator("LightningDiT-XL/1", 2_000_000)
+
+
+def sit_xl_80ep() -> GenTrainConfig:
+    """SiT-XL/1 (LayerNorm, GELU, absolute positions) on FAE latents, 80 epochs."""
+    return _paper_generator("SiT-XL/1", 200_000)
+
+
+def synthetic_xl_benchmark() -> GenTrainConfig:
+    """LightningDiT-XL/1 on random latents at batch 128 per GPU: throughput measurement, no data needed."""
+    cfg = _paper_generator("LightningDiT-XL/1", 50)
+    cfg.data = DataConfig(source="synthetic", global_batch=128)
+    cfg.run.log_every, cfg.run.ckpt_every, cfg.run.sample_every = 10, 0, 0
+    return cfg
+
+
+RECIPES: dict[str, typing.Callable[[], object]] = {
+    "demo": demo,
+    "lightningdit-xl-80ep": lightningdit_xl_80ep,
+    "lightningdit-xl-800ep": lightningdit_xl_800ep,
+    "sit-xl-80ep": sit_xl_80ep,
+    "synthetic-xl-benchmark": synthetic_xl_benchmark,
+}
+
+
+def recipe(name: str):
+    """The config of a named recipe."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command-line overrides: --section.field=value
+# ----------------------------------------------------------------------------------------------------
+def _parse_value(text: str, annotation):
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if annotation in (int, float):
+        return annotation(text)
+    if annotation is str:
+        return text
+    if origin in (tuple, list):
+        value = ast.literal_eval(text)
+        return origin(value) if origin is tuple else list(value)
+    raise ValueError(f"cannot parse a value of type {annotation}")
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ['--model.depth=4', '--run.compile=false', ...] to a nested dataclass config, in place."""
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form --section.field=value")
+        path, text = item[2:].split("=", 1)
+        *parents, leaf = path.split(".")
+        target = cfg
+        for name in parents:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, name):
+                raise ValueError(f"override {item!r}: {type(target).__name__} has no section {name!r}")
+            target = getattr(target, name)
+        hints = typing.get_type_hints(type(target))
+        if leaf not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ValueError(f"override {item!r}: {type(target).__name__} has no field {leaf!r} (fields: {known})")
+        try:
+            setattr(target, leaf, _parse_value(text, hints[leaf]))
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"override {item!r}: {err}") from None
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Plain-dict view of a config (for logs and checkpoints)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,66 @@
+"""Sources of training latents for train_gen.py: the embedded toy set, random latents for benchmarks.
+
+A source yields this rank's share of the global batch for a given step: `batch(step) -> (x, y)` with
+x (B_local, T, C) float32 and y (B_local,) int64 on the training device. The toy and synthetic sources
+are pure functions of (seed, step, rank), so a resumed run sees exactly the batches it would have seen.
+"""
+import torch
+
+from fae_fast.config import DataConfig, GeneratorConfig
+from fae_fast.data.toy import ToyLatents
+
+
+def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+
+
+class ToySource:
+    """Class-conditional Gaussian mixture latents (fae_fast.data.toy), generated on the fly."""
+
+    def __init__(self, data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+        self.toy = ToyLatents(model.num_classes, model.grid * model.grid, model.in_channels, seed=data.seed)
+        self.seed, self.rank, self.device = data.seed, rank, device
+        self.local_batch = data.global_batch // world
+
+    def batch(self, step: int):
+        x, y = self.toy.batch(self.local_batch, _step_generator(self.seed, step, self.rank))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SyntheticSource:
+    """Random latents and labels made once on the device: measures the step, not the data path."""
+
+    def __init__(self, data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+        g = torch.Generator().manual_seed(data.seed + rank)
+        B, T = data.global_batch // world, model.grid * model.grid
+        self.x = torch.randn(B, T, model.in_channels, generator=g).to(device)
+        self.y = torch.randint(0, model.num_classes, (B,), generator=g).to(device)
+
+    def batch(self, step: int):
+        return self.x, self.y
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_source(data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+    """The latent source a DataConfig names."""
+    if data.global_batch % world:
+        raise ValueError(f"data.global_batch={data.global_batch} does not divide by {world} ranks; "
+                         f"use a multiple of {world}")
+    sources = {"toy": ToySource, "synthetic": SyntheticSource}
+    if data.source == "cache":
+        from fae_fast.data.latent_cache import LatentCacheSource
+        sources["cache"] = LatentCacheSource
+    if data.source not in sources:
+        raise ValueError(f"data.source={data.source!r} is not one of: toy, synthetic, cache")
+    return sources[data.source](data, model, rank=rank, world=world, device=device)

@@ -1,0 +1,111 @@
+"""SiT and LightningDiT flow-matching transformers on the FAE latent grid (patch size 1).
+
+One block class with options (norm, mlp, rope, qk_norm), configured from GeneratorConfig:
+SiT = LayerNorm + GELU + absolute positions; LightningDiT = RMSNorm + SwiGLU + 2-D RoPE + QK-norm.
+Latents are tokens: (B, T, C) with T = grid * grid, C = in_channels (16 x 16 x 32 in the paper).
+"""
+import torch
+import torch.nn as nn
+
+from fae_fast.config import GeneratorConfig, validate_generator
+from fae_fast.layers import (Attention, LabelEmbedder, ModulatedNorm, Ops, TimestepEmbedder, make_mlp,
+                             sincos_pos_embed_2d)
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block: x += g1 * attn(mod(x)); x += g2 * mlp(mod(x)).
+
+    The residual after attention and the second modulated norm run as one fused op (two outputs).
+    """
+
+    def __init__(self, cfg: GeneratorConfig, ops: Ops):
+        super().__init__()
+        D = cfg.width
+        self.ops, self.norm_kind = ops, cfg.norm
+        self.norm1 = ModulatedNorm(D, norm=cfg.norm, ops=ops)
+        self.attn = Attention(D, cfg.heads, qk_norm=cfg.qk_norm, rope_grid=cfg.grid if cfg.rope else None, ops=ops)
+        self.norm2 = ModulatedNorm(D, norm=cfg.norm, ops=ops)
+        self.mlp = make_mlp(cfg.mlp, D, cfg.mlp_ratio, ops=ops)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c):  # x (B, T, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # (B, D) each
+        h = self.norm1(x, scale1, shift1)
+        x, h = self.ops.gated_residual_modulated_norm(
+            x, gate1, self.attn(h), scale2, shift2, self.norm2.weight, norm=self.norm_kind)
+        return self.ops.gated_residual(x, gate2, self.mlp(h))
+
+
+class FinalLayer(nn.Module):
+    """Modulated norm, then a linear map back to latent channels."""
+
+    def __init__(self, cfg: GeneratorConfig, ops: Ops):
+        super().__init__()
+        self.norm = ModulatedNorm(cfg.width, norm=cfg.norm, ops=ops)
+        self.linear = nn.Linear(cfg.width, cfg.in_channels)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN(c).chunk(2, dim=-1)
+        return self.linear(self.norm(x, scale, shift))
+
+
+class Generator(nn.Module):
+    """Velocity model v(x_t, t, y): x_t (B, T, C), t (B,) in [0, 1] with 0 = noise, y (B,) labels."""
+
+    def __init__(self, cfg: GeneratorConfig, impl: str = "auto"):
+        super().__init__()
+        validate_generator(cfg)
+        self.cfg, self.ops = cfg, Ops(impl)
+        T, D = cfg.grid * cfg.grid, cfg.width
+        self.x_embed = nn.Linear(cfg.in_channels, D)  # patch size 1: a per-token linear map
+        self.t_embed = TimestepEmbedder(D)
+        self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
+        if cfg.pos_embed:
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.grid, D)[None], persistent=False)
+        else:
+            self.pos_embed = None
+        self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg, self.ops)
+        self.initialize_weights()
+
+    @property
+    def null_label(self) -> int:
+        return self.cfg.num_classes
+
+    def initialize_weights(self):
+        """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, and adaLN-Zero: every modulation
+        and the output layer start at zero, so each block starts as the identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        for layer in self.t_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for mod in [b.adaLN[-1] for b in self.blocks] + [self.final.adaLN[-1], self.final.linear]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    def drop_labels(self, y, generator=None):
+        """Training-time label dropout for classifier-free guidance (outside forward: explicit RNG)."""
+        return self.y_embed.drop(y, generator)
+
+    def forward(self, x, t, y):
+        h = self.x_embed(x.to(self.x_embed.weight.dtype))  # (B, T, D); bf16 under mixed precision
+        if self.pos_embed is not None:
+            h = h + self.pos_embed.to(h.dtype)
+        c = self.t_embed(t) + self.y_embed(y)  # (B, D)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final(h, c)  # (B, T, C)
+
+
+def forward_flops_per_sample(cfg: GeneratorConfig) -> float:
+    """Matmul + attention FLOPs of one forward pass per sample (a training step is about 3x)."""
+    T, D = cfg.grid * cfg.grid, cfg.width
+    mlp_hidden = int(D * cfg.mlp_ratio) if cfg.mlp == "gelu" else int(2 * D * cfg.mlp_ratio / 3)
+    mlp_params = 2 * D * mlp_hidden if cfg.mlp == "gelu" else 3 * D * mlp_hidden
+    per_block = 2 * T * (4 * D * D + mlp_params) + 4 * T * T * D  # qkv+proj, mlp; QK^T and AV
+    return cfg.depth * per_block

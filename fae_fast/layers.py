@@ -1,0 +1,194 @@
+"""Building blocks shared by the FAE and generator models.
+
+Modules own parameters and call a functional op; `impl="triton"` uses the fused kernels of
+fae_fast.kernels, `impl="torch"` their PyTorch references. The choice is an explicit argument
+(default: triton on CUDA, torch elsewhere), never an environment switch.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fae_fast.attention import attention
+
+
+def resolve_impl(impl: str = "auto") -> str:
+    """'auto' -> 'triton' when CUDA is available, else 'torch'."""
+    if impl == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl {impl!r} is not 'auto', 'triton' or 'torch'")
+    return impl
+
+
+def _ops(impl: str):
+    """The functional ops for an impl: fused kernels or their PyTorch references (same signatures)."""
+    from fae_fast.kernels import gated_residual as gr
+    from fae_fast.kernels import modulated_norm as mn
+    from fae_fast.kernels import rope as rp
+    from fae_fast.kernels import swiglu as sg
+
+    if impl == "triton":
+        return mn.modulated_norm, gr.gated_residual, gr.gated_residual_modulated_norm, rp.rope, sg.swiglu
+    return mn.modulated_norm_ref, gr.gated_residual_ref, gr.gated_residual_modulated_norm_ref, rp.rope_ref, sg.swiglu_ref
+
+
+class Ops:
+    """Functional ops bound to one impl, held by every module that uses them."""
+
+    def __init__(self, impl: str = "auto"):
+        self.impl = resolve_impl(impl)
+        (self.modulated_norm, self.gated_residual, self.gated_residual_modulated_norm,
+         self.rope, self.swiglu) = _ops(self.impl)
+
+
+class ModulatedNorm(nn.Module):
+    """norm(x) * (1 + scale) + shift, norm = LayerNorm without affine or RMSNorm with a weight.
+
+    x (B, T, D); scale and shift (B, D) per sample or (B, T, D) per token.
+    """
+
+    def __init__(self, dim: int, *, norm: str = "layer", eps: float = 1e-6, ops: Ops):
+        super().__init__()
+        self.norm, self.eps, self.ops = norm, eps, ops
+        self.weight = nn.Parameter(torch.ones(dim)) if norm == "rms" else None
+
+    def forward(self, x, scale, shift):
+        return self.ops.modulated_norm(x, scale, shift, self.weight, norm=self.norm, eps=self.eps)
+
+
+class SwiGLU(nn.Module):
+    """out = W2 (silu(W1a x) * W1b x); one matmul makes both halves, the kernel fuses the gate."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, *, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)  # strided halves; the kernel reads them in place
+        return self.fc2(self.ops.swiglu(a, b))
+
+
+class GeluMLP(nn.Module):
+    """Linear -> GELU (tanh) -> Linear, as in DiT/SiT."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def make_mlp(kind: str, dim: int, mlp_ratio: float, *, ops: Ops) -> nn.Module:
+    """GELU MLP with hidden ratio*dim, or SwiGLU with 2/3 of that (same parameter count)."""
+    if kind == "gelu":
+        return GeluMLP(dim, int(dim * mlp_ratio))
+    if kind == "swiglu":
+        return SwiGLU(dim, int(2 * dim * mlp_ratio / 3), ops=ops)
+    raise ValueError(f"mlp {kind!r} is not 'gelu' or 'swiglu'")
+
+
+def rope_angles_2d(grid: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles (grid*grid, head_dim/2) for 2-D RoPE in the rotate-half convention.
+
+    The first half of the head_dim/2 rotated pairs turns with the token's row, the second half with its
+    column, each with frequencies theta^(-i/n) for i < n = head_dim/4.
+    """
+    n = head_dim // 4
+    freqs = theta ** (-torch.arange(n, dtype=torch.float64) / n)  # (n,)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows = pos.repeat_interleave(grid)  # token t = r * grid + c
+    cols = pos.repeat(grid)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (T, head_dim/2)
+    return angles.float()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional QK RMSNorm and 2-D RoPE (fused in one kernel pass).
+
+    With `rope_grid` set, the module owns its RoPE angle table as an fp32 buffer: buffers are not cast
+    by mixed-precision wrappers, and angles of up to ~grid radians need fp32.
+    """
+
+    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, qk_norm: bool = False,
+                 rope_grid: int | None = None, ops: Ops):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim or dim // heads
+        inner = heads * self.head_dim
+        self.ops = ops
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        angles = rope_angles_2d(rope_grid, self.head_dim) if rope_grid else None
+        self.register_buffer("rope_angles", angles, persistent=False)
+
+    def forward(self, x):  # x (B, T, D)
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # each (B, T, H, Dh), strided views of qkv
+        if self.rope_angles is not None or self.q_norm is not None:
+            angles = self.rope_angles
+            if angles is None:  # QK-norm without RoPE: rotate by zero
+                angles = torch.zeros(T, self.head_dim // 2, device=x.device)
+            q, k = self.ops.rope(q, k, angles, self.q_norm, self.k_norm)  # (B, H, T, Dh) each
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        out = attention(q, k, v.transpose(1, 2))  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), as in MAE/DiT."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = pos.repeat_interleave(grid), pos.repeat(grid)
+
+    def embed(p):
+        out = p[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of 1000*t -> MLP, as in DiT/SiT."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        features = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, freq_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. Label `num_classes` is the null label: training replaces labels by it with
+    probability `dropout` (see `drop`) so that one network also learns the unconditional velocity (CFG)."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def drop(self, labels, generator: torch.Generator | None = None):
+        """Labels with each replaced by the null label with probability `dropout` (training only)."""
+        if self.dropout <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels):
+        return self.table(labels)

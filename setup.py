@@ -1,0 +1,31 @@
+"""fae_fast: fused GPU kernels and torchrun programs for FAE (arXiv 2512.07829).
+
+The top-level kernels/ folder installs as the sub-package fae_fast.kernels.
+"""
+from setuptools import setup
+
+setup(
+    name="fae_fast",
+    version="0.1.0",
+    description="Fused Triton kernels and torchrun training programs for Feature Auto-Encoders and latent diffusion transformers",
+    python_requires=">=3.10",
+    packages=["fae_fast", "fae_fast.data", "fae_fast.eval", "fae_fast.kernels"],
+    package_dir={"fae_fast": "fae_fast", "fae_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "triton",
+        "timm>=1.0",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "eval": ["torch-fidelity"],
+        "flash": ["flash-attn"],
+        "xformers": ["xformers"],
+        "dev": ["pytest", "pytest-benchmark"],
+    },
+)

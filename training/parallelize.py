@@ -1,0 +1,47 @@
+"""Apply parallelism to a model that has none: activation checkpointing, per-block compile, FSDP2.
+
+The order follows torchtitan: checkpoint each block (when asked), compile each block, shard each block
+with `fully_shard`, then shard the root last. The same code runs on 1 GPU, N GPUs and many nodes
+(through torchrun), and on CPU with gloo.
+"""
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
+    """bf16 parameters and compute with fp32 gradient reduction, or None for full fp32."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "fp32":
+        return None
+    raise ValueError(f"run.precision={precision!r} is not 'bf16' or 'fp32'")
+
+
+def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf16", compile: bool = True,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Checkpoint, compile and shard each module of `blocks` (a ModuleList of `model`), then the root.
+
+    The root keeps its forward inputs as given (cast_forward_inputs=False): the model casts what it
+    feeds its first layer, and t and other fp32 inputs stay fp32 where precision matters.
+    """
+    mp = mixed_precision(precision)
+    for i, block in enumerate(blocks):
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            block = checkpoint_wrapper(block)
+            blocks[i] = block
+        if compile:
+            block.compile()  # in place: parameter names stay as they are
+        if mp is None:
+            fully_shard(block)
+        else:
+            fully_shard(block, mp_policy=mp)
+    root_mp = None if mp is None else MixedPrecisionPolicy(
+        param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
+    if root_mp is None:
+        fully_shard(model)
+    else:
+        fully_shard(model, mp_policy=root_mp)
+    return model

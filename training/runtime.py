@@ -1,0 +1,209 @@
+"""What every torchrun program here shares: process group, progress lines, EMA, schedules, NaN guard, plots.
+
+train_gen.py and train_fae.py both build on these pieces; nothing here knows which model it trains.
+"""
+import contextlib
+import datetime
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain `python` start becomes a
+    one-process group, so the same code path (FSDP2, DCP) runs either way."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def print0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation helpers
+# ----------------------------------------------------------------------------------------------------
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then constant or cosine to zero."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"optim.schedule={schedule!r} is not 'constant' or 'cosine'")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    """fp32 exponential moving average of the trainable weights, sharded exactly like them.
+
+    Under FSDP2 the parameters are DTensors; the EMA keeps fp32 copies of the same DTensors and updates
+    the local shards only (the update is elementwise, so no communication is needed).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # ema <- decay * ema + (1 - decay) * param, on the local shards
+        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p).float() for p in self.params],
+                             1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Temporarily load the EMA weights into the model (all ranks must enter together)."""
+        backup = [_local(p).detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                _local(p).copy_(_local(s))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    _local(p).copy_(b)
+
+    def state_dict(self) -> dict:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, s in zip(self.names, self.shadow):
+                if state[name] is not s:
+                    _local(s).copy_(_local(state[name]))
+
+
+class NonFiniteGuard:
+    """Remembers, on the device and without a sync per step, the first step whose loss was not finite."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all() & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, terms: dict[str, float], last_checkpoint: str | None) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+            resume = f"resume from {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            raise FloatingPointError(
+                f"loss became NaN or inf at step {step} (recent terms: {shown}); stopping. The last good "
+                f"checkpoint is untouched: {resume} with a lower optim.lr or a smaller optim.grad_clip.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------------
+def measured_bf16_peak(device: torch.device) -> float:
+    """bf16 matmul FLOP/s of this GPU, measured now (a few 8192^3 products); 0 on CPU."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+class Progress:
+    """One line per log interval: a bar, step, loss terms, images/s, MFU, memory and ETA."""
+
+    def __init__(self, *, total_steps: int, start_step: int, global_batch: int, flops_per_image: float,
+                 peak_flops: float, device: torch.device):
+        self.total, self.batch, self.flops, self.peak, self.device = total_steps, global_batch, flops_per_image, peak_flops, device
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def line(self, step: int, terms: dict[str, float]) -> str:
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        self.history.append((step, terms))
+        eta = datetime.timedelta(seconds=int((self.total - step) * self.batch / max(rate, 1e-9)))
+        filled = int(20 * step / self.total)
+        parts = [f"[{'#' * filled}{'.' * (20 - filled)}] step {step}/{self.total}"]
+        parts += [f"{k} {v:.4f}" for k, v in terms.items()]
+        parts.append(f"{rate:,.0f} img/s")
+        if self.peak:
+            parts.append(f"MFU {rate * self.flops / self.peak:.2f}")
+        if self.device.type == "cuda":
+            parts.append(f"mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB")
+        parts.append(f"ETA {eta}")
+        return " | ".join(parts)
+
+
+def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: str) -> None:
+    """Write the logged loss terms against step as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [s for s, _ in history]
+    for key in history[0][1]:
+        ax.plot(steps, [terms[key] for _, terms in history], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
