@@ -6,8 +6,8 @@ Conventions (the whole library uses these):
 - The model predicts the velocity v = x1 - x0; sampling integrates dx/dt = v(x, t) from t = 0 to t = 1.
 - Time shift with s: t' = s*t / (1 + (s - 1)*t). In odds form t'/(1-t') = s * t/(1-t), so shifts compose
   by multiplying (s then r is s*r) and shift 1/s undoes shift s. s < 1 maps t below t: an even grid in t
-  becomes one that spends more steps near noise. In the t = 1 = noise convention (SD3, SiT's
-  `time_shifting`) the same map is a shift of 1/s. Paper default s = 0.4.
+  becomes one that spends more steps near noise. In the t = 1 = noise convention (as in SD3) the same
+  map is a shift of 1/s. Paper default s = 0.4.
 
 Velocity, score and the SDE (used by `sample_sde`): x = t*x1 + (1-t)*x0 gives E[x0 | x] = x - t*v and the
 score s(x, t) = -E[x0 | x] / (1 - t) = (t*v - x) / (1 - t). For any w(t) >= 0 the SDE
@@ -36,7 +36,7 @@ def time_shift(t: Tensor | float, shift: float) -> Tensor:
     t = torch.as_tensor(t)
     if shift == 1.0:
         return t
-    return t / (shift + (1 - shift) * t)
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def sample_t(
