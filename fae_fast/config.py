@@ -85,7 +85,12 @@ class GeneratorConfig:
     in_channels: int = 32
     """Latent channels."""
     grid: int = 16
-    """Latent tokens per side (patch size 1)."""
+    """Latent cells per side (16 for FAE latents)."""
+    patch_size: int = 1
+    """Latent cells per token side (1 on FAE latents; 2 for the published SiT-XL/2 on SD-VAE latents)."""
+    learn_sigma: bool = False
+    """Output layer also predicts a variance (2C outputs, dropped in forward): only to load published
+    checkpoints that have it."""
     num_classes: int = 1000
     """Class labels; index num_classes is the null label used for classifier-free guidance."""
     class_dropout: float = 0.1
@@ -230,6 +235,7 @@ GENERATOR_SIZES: dict[str, dict] = {
     "SiT-B/1": dict(depth=12, width=768, heads=12, **_SIT),
     "SiT-L/1": dict(depth=24, width=1024, heads=16, **_SIT),
     "SiT-XL/1": dict(depth=28, width=1152, heads=16, **_SIT),
+    "SiT-XL/2": dict(depth=28, width=1152, heads=16, patch_size=2, in_channels=4, grid=32, learn_sigma=True, **_SIT),
     "LightningDiT-tiny/1": dict(depth=2, width=64, heads=4, **_LIGHTNING),
     "LightningDiT-B/1": dict(depth=12, width=768, heads=12, **_LIGHTNING),
     "LightningDiT-XL/1": dict(depth=28, width=1152, heads=16, **_LIGHTNING),
@@ -287,6 +293,8 @@ def validate_generator(cfg: GeneratorConfig) -> None:
     head_dim = cfg.width // cfg.heads
     if cfg.rope and head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}; change width or heads")
+    if cfg.grid % cfg.patch_size:
+        raise ValueError(f"latent grid {cfg.grid} is not divisible by patch size {cfg.patch_size}")
     if cfg.norm not in ("layer", "rms"):
         raise ValueError(f"generator norm {cfg.norm!r} is not 'layer' or 'rms'")
     if cfg.mlp not in ("gelu", "swiglu"):

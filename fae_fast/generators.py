@@ -3,6 +3,7 @@
 One block class with options (norm, mlp, rope, qk_norm), configured from GeneratorConfig:
 SiT = LayerNorm + GELU + absolute positions; LightningDiT = RMSNorm + SwiGLU + 2-D RoPE + QK-norm.
 Latents are tokens: (B, T, C) with T = grid * grid, C = in_channels (16 x 16 x 32 in the paper).
+With patch size p > 1 (only to load the published SiT-XL/2), p x p cells form one token.
 """
 import torch
 import torch.nn as nn
@@ -42,7 +43,8 @@ class FinalLayer(nn.Module):
     def __init__(self, cfg: GeneratorConfig, ops: Ops):
         super().__init__()
         self.norm = ModulatedNorm(cfg.width, norm=cfg.norm, ops=ops)
-        self.linear = nn.Linear(cfg.width, cfg.in_channels)
+        out = cfg.patch_size**2 * cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.linear = nn.Linear(cfg.width, out)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
 
     def forward(self, x, c):
@@ -57,12 +59,12 @@ class Generator(nn.Module):
         super().__init__()
         validate_generator(cfg)
         self.cfg, self.ops = cfg, Ops(impl)
-        T, D = cfg.grid * cfg.grid, cfg.width
-        self.x_embed = nn.Linear(cfg.in_channels, D)  # patch size 1: a per-token linear map
+        D, p, tokens_per_side = cfg.width, cfg.patch_size, cfg.grid // cfg.patch_size
+        self.x_embed = nn.Linear(p * p * cfg.in_channels, D)  # a conv with stride = kernel = p, as a matmul
         self.t_embed = TimestepEmbedder(D)
         self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
         if cfg.pos_embed:
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.grid, D)[None], persistent=False)
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(tokens_per_side, D)[None], persistent=False)
         else:
             self.pos_embed = None
         self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.depth))
@@ -92,19 +94,43 @@ class Generator(nn.Module):
         """Training-time label dropout for classifier-free guidance (outside forward: explicit RNG)."""
         return self.y_embed.drop(y, generator)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y):  # x (B, grid*grid, C) -> velocity of the same shape
+        x = patchify(x, self.cfg.grid, self.cfg.patch_size)
         h = self.x_embed(x.to(self.x_embed.weight.dtype))  # (B, T, D); bf16 under mixed precision
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
         c = self.t_embed(t) + self.y_embed(y)  # (B, D)
         for block in self.blocks:
             h = block(h, c)
-        return self.final(h, c)  # (B, T, C)
+        out = self.final(h, c)  # (B, T, p*p*C [x2])
+        if self.cfg.learn_sigma:
+            out = out.view(*out.shape[:-1], self.cfg.patch_size**2, 2, -1)[..., 0, :].flatten(-2)
+        return unpatchify(out, self.cfg.grid, self.cfg.patch_size)
+
+
+def patchify(x, grid: int, p: int):
+    """(B, grid*grid, C) cells -> (B, (grid/p)^2, p*p*C) tokens, each vector ordered (row, col, channel)."""
+    if p == 1:
+        return x
+    B, _, C = x.shape
+    n = grid // p
+    x = x.view(B, n, p, n, p, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, n * n, p * p * C)
+
+
+def unpatchify(x, grid: int, p: int):
+    """Inverse of patchify."""
+    if p == 1:
+        return x
+    B = x.shape[0]
+    n = grid // p
+    x = x.reshape(B, n, n, p, p, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, grid * grid, -1)
 
 
 def forward_flops_per_sample(cfg: GeneratorConfig) -> float:
     """Matmul + attention FLOPs of one forward pass per sample (a training step is about 3x)."""
-    T, D = cfg.grid * cfg.grid, cfg.width
+    T, D = (cfg.grid // cfg.patch_size) ** 2, cfg.width
     mlp_hidden = int(D * cfg.mlp_ratio) if cfg.mlp == "gelu" else int(2 * D * cfg.mlp_ratio / 3)
     mlp_params = 2 * D * mlp_hidden if cfg.mlp == "gelu" else 3 * D * mlp_hidden
     per_block = 2 * T * (4 * D * D + mlp_params) + 4 * T * T * D  # qkv+proj, mlp; QK^T and AV

@@ -10,7 +10,7 @@ gradient reaching xhat,
     dscale  = dy * xhat * w,   dshift = dy,   dweight = sum over rows of dy * (1 + scale) * xhat
 Per-sample dscale/dshift sum over the T tokens of each sample, and dweight over all rows, in fp32 and
 deterministically: programs over (sample, chunk of tokens) sum their rows in registers and write fp32
-partials (B, n_chunks, D); a fixed-order torch sum over the chunks finishes (`_finish`). No atomics, so
+partials (B, n_chunks, D); a fixed-order torch sum over the chunks finishes (`finish`). No atomics, so
 the same inputs give bit-identical gradients on every run. gated_residual.py reuses these pieces.
 """
 from typing import Optional
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import reduction_grid, row_block, row_loop_num_warps, row_num_warps, rows_2d
+from .utils import interpreting, reduction_grid, row_block, row_loop_num_warps, row_num_warps, rows_2d, tile_rows
 
 NORMS = ("layer", "rms")
 
@@ -39,61 +39,106 @@ def modulated_norm_ref(x, scale, shift, weight=None, *, norm: str = "layer", eps
     return (norm_fn(x, x.shape[-1:], weight, eps=eps) * (1 + scale) + shift).to(dtype)
 
 
-# --- Triton: row helpers shared with gated_residual.py -------------------------------------------------
+# --- Triton: tile helpers, shared with gated_residual.py --------------------------------------------------
+# A program works on a tile of ROWS rows x BLOCK columns (BLOCK = next pow2 of D, masked past D); row
+# statistics are (ROWS,) vectors and reductions run along axis 1. Row r of a (B, T, D) tensor is token
+# t = r % T of sample b = r // T; a modulation row (b, t) sits at b * stride_b + t * stride_t, with
+# stride_t = 0 for a per-sample modulation.
 
 
 @triton.jit
-def _normalize(x, mask, n_cols, eps, IS_RMS: tl.constexpr):
-    """x: (BLOCK,) fp32, zero past n_cols -> (xhat, mean, rstd); mean is 0 for RMSNorm."""
+def _cast_for(x, PTR):
+    """fp32 x cast to PTR's element type, rounding to nearest even. The GPU's casts round so already; Triton's
+    CPU interpreter truncates to bf16, so bf16 is rounded here on the bits (add half an ulp, ties to even;
+    inf and NaN stay as they are) and CPU tests see the GPU's numerics."""
+    dtype = PTR.dtype.element_ty
+    if dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        x = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_rows(PTR, rows, stride, cols, mask):
+    """(ROWS, BLOCK) fp32 tile of rows `rows` of a row-major tensor with row stride `stride`."""
+    return tl.load(PTR + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mod_ptrs(PTR, b, t, stride_b, stride_t, cols):
+    """(ROWS, BLOCK) pointers to the modulation rows of tokens (b, t)."""
+    return PTR + (b * stride_b + t * stride_t)[:, None] + cols[None, :]
+
+
+@triton.jit
+def _sample_row(PTR, cols, n_cols, ROWS: tl.constexpr):
+    """One (BLOCK,) row at PTR, fp32, repeated over the ROWS rows of a tile: a per-sample modulation."""
+    row = tl.load(PTR + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    return tl.broadcast_to(row[None, :], [ROWS, cols.shape[0]])
+
+
+@triton.jit
+def _row_weight(W, cols, n_cols, HAS_WEIGHT: tl.constexpr):
+    """The weight as a (1, BLOCK) fp32 row, or 1.0 without one."""
+    w = 1.0
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    return w
+
+
+@triton.jit
+def _norm_modulate_store(
+    x, rows, row_ok, mask, cols, SCALE, SHIFT, W, Y, MEAN, RSTD,
+    stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """Forward of a tile x (ROWS, BLOCK) fp32 (zero where masked): y = xhat * w * (1 + scale) + shift
+    stored into Y (R, D, contiguous); mean (LayerNorm) and rstd stored per row for the backward."""
     if IS_RMS:
-        mean = 0.0
         xc = x
     else:
-        mean = tl.sum(x, axis=0) / n_cols
-        xc = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
-    return xc * rstd, mean, rstd
+        mean = tl.sum(x, axis=1) / n_cols
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+    b, t = rows // T, rows % T
+    s = tl.load(_mod_ptrs(SCALE, b, t, stride_sb, stride_st, cols), mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(_mod_ptrs(SHIFT, b, t, stride_hb, stride_ht, cols), mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * _row_weight(W, cols, n_cols, HAS_WEIGHT) * (1.0 + s) + h
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], _cast_for(y, Y), mask=mask)
 
 
 @triton.jit
-def _modulate(xhat, scale_ptr, shift_ptr, W, cols, mask, HAS_WEIGHT: tl.constexpr):
-    """xhat * w * (1 + scale) + shift in fp32 for one row; scale_ptr/shift_ptr point at the row's modulation."""
-    s = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        xhat = xhat * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    return xhat * (1.0 + s) + h
-
-
-@triton.jit
-def _modulated_norm_bwd_row(dy, x, s, w, mean, rstd, mask, n_cols, IS_RMS: tl.constexpr):
-    """One row's gradients, all fp32 (BLOCK,): (dx, dscale = dy * xhat * w, dweight = dy * (1 + s) * xhat)."""
+def _norm_bwd_tile(dy, x, s, w, mean, rstd, mask, n_cols, IS_RMS: tl.constexpr):
+    """Gradients of a tile, fp32 (ROWS, BLOCK): (dx, dscale = dy * xhat * w, dweight = dy * (1 + s) * xhat).
+    mean, rstd: (ROWS, 1) columns (mean 0.0 for RMSNorm); masked entries of dy and x are zero."""
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     ds = dy * (1.0 + s)
     g = ds * w  # dL/dxhat
-    c1 = tl.sum(g * xhat, axis=0) / n_cols
+    c1 = tl.sum(g * xhat, axis=1)[:, None] / n_cols
     if IS_RMS:
         dx = (g - xhat * c1) * rstd
     else:
-        dx = (g - tl.sum(g, axis=0) / n_cols - xhat * c1) * rstd
+        dx = (g - tl.sum(g, axis=1)[:, None] / n_cols - xhat * c1) * rstd
     return dx, dy * xhat * w, ds * xhat
 
 
 @triton.jit
-def _reduce_or_store(acc, val, ptr, mask, PER_TOKEN: tl.constexpr):
-    """Per-token modulation: the row gradient is the gradient, store it at ptr. Per sample: add it to the
-    program's fp32 accumulator (summed over the program's tokens)."""
+def _reduce_or_store(acc, val, ptrs, mask, PER_TOKEN: tl.constexpr):
+    """Per-token modulation: the tile's gradient is the gradient, store it. Per sample: add it to the
+    program's fp32 (ROWS, BLOCK) accumulator."""
     if PER_TOKEN:
-        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, _cast_for(val, ptrs), mask=mask)
     else:
         acc += val
     return acc
 
 
 @triton.jit
-def _store_partial(acc, P, b, c, n_cols, cols, mask):
-    """Write program (b, c)'s fp32 sum into partials P: (B, n_chunks, n_cols)."""
-    tl.store(P + (b * tl.num_programs(1) + c) * n_cols + cols, acc, mask=mask)
+def _store_partial(acc, P, cols, n_cols):
+    """Sum program (b, c)'s accumulator over its ROWS rows into row (b, c) of partials P (B, n_chunks, D)."""
+    pid = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(P + pid * n_cols + cols, tl.sum(acc, axis=0), mask=cols < n_cols)
 
 
 # --- Triton: kernels ---------------------------------------------------------------------------------
@@ -102,72 +147,98 @@ def _store_partial(acc, P, b, c, n_cols, cols, mask):
 @triton.jit
 def _modulated_norm_fwd_kernel(
     X, Y, SCALE, SHIFT, W, MEAN, RSTD,
-    stride_x, stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    stride_x, stride_sb, stride_st, stride_hb, stride_ht, n_rows, T, n_cols, eps,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per row r = b * T + t of x (R, D) and y (R, D, contiguous); the row's scale/shift sit
-    at b * stride_b + t * stride_t (stride_t = 0 per sample). Saves mean and rstd (R,) fp32."""
-    row = tl.program_id(0).to(tl.int64)
-    b, t = row // T, row % T
+    """Program i: rows [i * ROWS, (i + 1) * ROWS) of x (R, D), R = B * T -> y (R, D), mean and rstd (R,) fp32."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat, mean, rstd = _normalize(x, mask, n_cols, eps, IS_RMS)
-    y = _modulate(xhat, SCALE + b * stride_sb + t * stride_st, SHIFT + b * stride_hb + t * stride_ht,
-                  W, cols, mask, HAS_WEIGHT)
-    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
-    if not IS_RMS:
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = _load_rows(X, rows, stride_x, cols, mask)
+    _norm_modulate_store(x, rows, row_ok, mask, cols, SCALE, SHIFT, W, Y, MEAN, RSTD,
+                         stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps, IS_RMS, HAS_WEIGHT)
 
 
 @triton.jit
 def _modulated_norm_bwd_kernel(
-    DY, X, SCALE, W, MEAN, RSTD, DX, DSCALE, DSCALE_P, DSHIFT_P, DW_P,
-    stride_dy, stride_x, stride_sb, stride_st, T, n_cols, rows_per_program,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+    DN, X, SCALE, W, MEAN, RSTD, DH, GATE, Y,
+    DX, DSCALE, DY, DGATE, DSCALE_P, DSHIFT_P, DW_P, DGATE_P,
+    stride_dn, stride_x, stride_dh, stride_y, stride_sb, stride_st, stride_gb, stride_gt,
+    T, n_cols, rows_per_program,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr,
+    HAS_DN: tl.constexpr, HAS_DH: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (B, n_chunks): program (b, c) walks tokens [c * rows_per_program, ...) of sample b, writes dx
-    (and per-token dscale) rows, and its fp32 partial sums of dscale, dshift (per sample) and dweight."""
+    """The one backward of modulated_norm, gated_residual and the fused pair.
+
+    Grid (B, n_chunks): program (b, c) walks tokens [c * rows_per_program, ...) of sample b, ROWS at a
+    time. HAS_DN: dn (grad of norm(x) * (1 + scale) + shift) gives the norm gradients. HAS_DH: dh, the
+    grad reaching x directly (the fused pair's residual output), adds to dx. GATED: x = x0 + gate * y,
+    so dy = dx * gate and dgate = dx * y. Row outputs dx (with HAS_DN), dy, and per-token dscale/dgate
+    are stored; per-sample dscale, dshift, dgate and dweight leave as fp32 partial sums (B, n_chunks, D).
+    """
     b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    t0 = tl.program_id(1) * rows_per_program
+    t_end = tl.minimum(t0 + rows_per_program, T)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = 1.0
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    acc_s = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_h = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-    t0 = c * rows_per_program
-    s = tl.load(SCALE + b * stride_sb + t0 * stride_st + cols, mask=mask, other=0.0).to(tl.float32)
-    for t in range(t0, tl.minimum(t0 + rows_per_program, T)):
-        row = b * T + t
-        if PER_TOKEN:
-            s = tl.load(SCALE + b * stride_sb + t * stride_st + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = 0.0
-        if not IS_RMS:
-            mean = tl.load(MEAN + row)
-        dx, ds, dw = _modulated_norm_bwd_row(dy, x, s, w, mean, tl.load(RSTD + row), mask, n_cols, IS_RMS)
-        tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        acc_s = _reduce_or_store(acc_s, ds, DSCALE + row * n_cols + cols, mask, PER_TOKEN)
-        if not PER_TOKEN:
-            acc_h += dy
-        if HAS_WEIGHT:
-            acc_w += dw
-    if not PER_TOKEN:
-        _store_partial(acc_s, DSCALE_P, b, c, n_cols, cols, mask)
-        _store_partial(acc_h, DSHIFT_P, b, c, n_cols, cols, mask)
-    if HAS_WEIGHT:
-        _store_partial(acc_w, DW_P, b, c, n_cols, cols, mask)
+    w = _row_weight(W, cols, n_cols, HAS_WEIGHT)
+    acc_s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    acc_h = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    acc_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # scale and gate tiles; per token, reloaded each tile
+    g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    if HAS_DN and not PER_TOKEN:
+        s = _sample_row(SCALE + b * stride_sb, cols, n_cols, ROWS)
+    if GATED and not PER_TOKEN:
+        g = _sample_row(GATE + b * stride_gb, cols, n_cols, ROWS)
+    for start in range(t0, t_end, ROWS):
+        toks = start + tl.arange(0, ROWS)
+        tok_ok = toks < t_end
+        mask = tok_ok[:, None] & (cols < n_cols)[None, :]
+        rows = b * T + toks
+        out = rows[:, None] * n_cols + cols[None, :]  # row outputs are contiguous (R, D)
+        d = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        if HAS_DN:
+            if PER_TOKEN:
+                s = tl.load(SCALE + b * stride_sb + toks[:, None] * stride_st + cols[None, :], mask=mask, other=0.0)
+                s = s.to(tl.float32)
+            dn = _load_rows(DN, rows, stride_dn, cols, mask)
+            mean = 0.0
+            if not IS_RMS:
+                mean = tl.load(MEAN + rows, mask=tok_ok, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=tok_ok, other=0.0)[:, None]
+            d, ds, dw = _norm_bwd_tile(dn, _load_rows(X, rows, stride_x, cols, mask), s, w, mean, rstd, mask,
+                                       n_cols, IS_RMS)
+            acc_s = _reduce_or_store(acc_s, ds, DSCALE + out, mask, PER_TOKEN)
+            if not PER_TOKEN:
+                acc_h += dn
+            if HAS_WEIGHT:
+                acc_w += dw
+        if HAS_DH:
+            d += _load_rows(DH, rows, stride_dh, cols, mask)
+        if HAS_DN:
+            tl.store(DX + out, _cast_for(d, DX), mask=mask)
+        if GATED:
+            if PER_TOKEN:
+                g = tl.load(GATE + b * stride_gb + toks[:, None] * stride_gt + cols[None, :], mask=mask, other=0.0)
+                g = g.to(tl.float32)
+            tl.store(DY + out, _cast_for(d * g, DY), mask=mask)
+            acc_g = _reduce_or_store(acc_g, d * _load_rows(Y, rows, stride_y, cols, mask), DGATE + out, mask,
+                                     PER_TOKEN)
+    if HAS_DN and not PER_TOKEN:
+        _store_partial(acc_s, DSCALE_P, cols, n_cols)
+        _store_partial(acc_h, DSHIFT_P, cols, n_cols)
+    if HAS_DN and HAS_WEIGHT:
+        _store_partial(acc_w, DW_P, cols, n_cols)
+    if GATED and not PER_TOKEN:
+        _store_partial(acc_g, DGATE_P, cols, n_cols)
 
 
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def _lastdim_contiguous(m: torch.Tensor) -> torch.Tensor:
+def lastdim_contiguous(m: torch.Tensor) -> torch.Tensor:
     return m if m.stride(-1) == 1 else m.contiguous()
 
 
@@ -176,20 +247,22 @@ def per_token(m: torch.Tensor) -> bool:
     return m.dim() == 3 and m.shape[1] > 1
 
 
-def mod_strides(m: torch.Tensor) -> tuple[int, int]:
+def mod_strides(m: Optional[torch.Tensor]) -> tuple[int, int]:
     """(stride per sample, stride per token) of a modulation; a per-sample one repeats, stride 0."""
+    if m is None:
+        return 0, 0
     return m.stride(0), (m.stride(1) if per_token(m) else 0)
 
 
-def partials(n_chunks: int, like: torch.Tensor, needed: bool) -> torch.Tensor:
-    """fp32 buffer (B, n_chunks, D) for per-program partial sums (B, D from like: (B, T, D)), or an empty
-    placeholder when the kernel will not write it."""
-    B, _, D = like.shape
-    return like.new_empty((B, n_chunks, D) if needed else (0,), dtype=torch.float32)
+def tile(n_cols: int, n_rows: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of a program's tile. Under the interpreter, whose cost is per Triton op rather than
+    per element, tiles are 4x larger so CPU tests stay fast; the kernel code is the same."""
+    block = row_block(n_cols)
+    return tile_rows(block, n_rows, elements=16384 if interpreting() else 4096), block
 
 
-def _finish(p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Sum the partials (B, n_chunks, D) over the chunks in fp32, in a fixed order, then cast once."""
+def finish(p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Sum fp32 partials (B, n_chunks, D) over the chunks in a fixed order, then cast once."""
     return p.sum(1).to(dtype).reshape(shape)
 
 
@@ -198,46 +271,82 @@ def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float):
     (empty for rms), rstd (R,) fp32, with R = B * T."""
     B, T, D = x.shape
     x2 = rows_2d(x)
-    scale, shift = _lastdim_contiguous(scale), _lastdim_contiguous(shift)
+    scale, shift = lastdim_contiguous(scale), lastdim_contiguous(shift)
     y = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     rstd = x.new_empty((B * T,), dtype=torch.float32)
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
         return y, mean, rstd
-    block = row_block(D)
-    _modulated_norm_fwd_kernel[(B * T,)](
+    rows, block = tile(D, B * T)
+    _modulated_norm_fwd_kernel[(triton.cdiv(B * T, rows),)](
         x2, y, scale, shift, x2 if weight is None else weight, mean, rstd,
-        x2.stride(0), *mod_strides(scale), *mod_strides(shift), T, D, eps,
-        IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=row_num_warps(block),
+        x2.stride(0), *mod_strides(scale), *mod_strides(shift), B * T, T, D, eps,
+        IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, ROWS=rows, BLOCK=block,
+        num_warps=row_num_warps(rows * block),
     )
     return y, mean, rstd
 
 
-def modulated_norm_bwd(dy, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype):
-    """-> dx (B, T, D) x.dtype; dscale like scale; dshift like scale in shift_dtype, per sample only (per
-    token dshift = dy, returned by the autograd formula, so here an empty placeholder); dweight (D,) or empty."""
-    B, T, D = x.shape
-    dy2, x2 = rows_2d(dy), rows_2d(x)
-    scale = _lastdim_contiguous(scale)
-    tok, has_w = per_token(scale), weight is not None
-    rows_per_program, n_chunks = reduction_grid(B, T, x.device)
-    dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    dscale = torch.empty((B, T, D) if tok else (0,), dtype=scale.dtype, device=x.device)
-    ds_p, dh_p, dw_p = partials(n_chunks, x, not tok), partials(n_chunks, x, not tok), partials(n_chunks, x, has_w)
+def _rows_or_empty(like: torch.Tensor, dtype: torch.dtype, needed: bool) -> torch.Tensor:
+    """A fresh (B, T, D) row output, or an empty placeholder for a pointer the kernel will not touch."""
+    return torch.empty(like.shape if needed else (0,), dtype=dtype, device=like.device)
+
+
+def _partials(like: torch.Tensor, n_chunks: int, needed: bool) -> torch.Tensor:
+    B, _, D = like.shape
+    return like.new_empty((B, n_chunks, D) if needed else (0,), dtype=torch.float32)
+
+
+def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype,
+                      dh=None, gate=None, y=None):
+    """Launch _modulated_norm_bwd_kernel. dn: grad of the modulated norm's output, or None (then x, scale,
+    weight, mean, rstd are unused); dh: grad reaching x directly, or None; gate, y: given when x came from
+    the gated residual x0 + gate * y. Tensors (B, T, D) but modulations (B, D) | (B, 1, D) | (B, T, D).
+
+    Returns (dx, dscale, dshift, dweight, dgate, dy): dx only with dn (without it dx is dh itself);
+    dshift per sample only (per token it is dn itself); per-sample grads and dweight reduced over tokens
+    deterministically. What is not computed comes back as an empty tensor.
+    """
+    like = dn if dn is not None else dh
+    B, T, D = like.shape
+    has_dn, gated = dn is not None, gate is not None
+    tok = per_token(scale if has_dn else gate)
+    has_w = has_dn and weight is not None
+    rows, block = tile(D, T)
+    rows_per_program, n_chunks = reduction_grid(B, T, like.device, multiple_of=rows)
+    dn2, x2, dh2, y2 = (None if t is None else rows_2d(t) for t in (dn, x, dh, y))
+    scale, gate = (None if m is None else lastdim_contiguous(m) for m in (scale, gate))
+    dtype_of = lambda t: like.dtype if t is None else t.dtype  # noqa: E731
+    dx = _rows_or_empty(like, dtype_of(x), has_dn)
+    dscale = _rows_or_empty(like, dtype_of(scale), has_dn and tok)
+    dgate, dy = _rows_or_empty(like, dtype_of(gate), gated and tok), _rows_or_empty(like, dtype_of(y), gated)
+    ds_p, dh_p = _partials(like, n_chunks, has_dn and not tok), _partials(like, n_chunks, has_dn and not tok)
+    dw_p, dg_p = _partials(like, n_chunks, has_w), _partials(like, n_chunks, gated and not tok)
     if B * T > 0:
-        block = row_block(D)
+        none = like.new_empty((0,))  # stands in for absent tensors; the kernel never touches them
+        ptr = lambda t: none if t is None else t  # noqa: E731
+        row_stride = lambda t: 0 if t is None else t.stride(0)  # noqa: E731
         _modulated_norm_bwd_kernel[(B, n_chunks)](
-            dy2, x2, scale, x2 if weight is None else weight, rstd if norm == "rms" else mean, rstd,
-            dx, dscale, ds_p, dh_p, dw_p,
-            dy2.stride(0), x2.stride(0), *mod_strides(scale), T, D, rows_per_program,
-            IS_RMS=norm == "rms", HAS_WEIGHT=has_w, PER_TOKEN=tok, BLOCK=block,
-            num_warps=row_loop_num_warps(block),
+            ptr(dn2), ptr(x2), ptr(scale), ptr(weight), ptr(mean if norm == "layer" else None), ptr(rstd),
+            ptr(dh2), ptr(gate), ptr(y2), dx, dscale, dy, dgate, ds_p, dh_p, dw_p, dg_p,
+            *(row_stride(t) for t in (dn2, x2, dh2, y2)), *mod_strides(scale), *mod_strides(gate),
+            T, D, rows_per_program,
+            IS_RMS=norm == "rms", HAS_WEIGHT=has_w, PER_TOKEN=tok, HAS_DN=has_dn, HAS_DH=dh is not None,
+            GATED=gated, ROWS=rows, BLOCK=block, num_warps=row_loop_num_warps(rows * block),
         )
-    dshift = x.new_empty((0,), dtype=shift_dtype)
-    if not tok:
-        dscale, dshift = _finish(ds_p, scale.dtype, scale.shape), _finish(dh_p, shift_dtype, scale.shape)
-    dweight = _finish(dw_p.view(1, -1, D), weight.dtype, (D,)) if has_w else x.new_empty((0,))
-    return dx, dscale, dshift, dweight
+    dshift = like.new_empty((0,))
+    if has_dn and not tok:
+        dscale, dshift = finish(ds_p, scale.dtype, scale.shape), finish(dh_p, shift_dtype, scale.shape)
+    if gated and not tok:
+        dgate = finish(dg_p, gate.dtype, gate.shape)
+    dweight = finish(dw_p.view(1, -1, D), weight.dtype, (D,)) if has_w else like.new_empty((0,))
+    return dx, dscale, dshift, dweight, dgate, dy
+
+
+def modulated_norm_bwd(dy, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype):
+    """-> dx (B, T, D) in x.dtype; dscale like scale; dshift like scale in shift_dtype, per sample only (per
+    token dshift = dy, returned by the autograd formula; here an empty placeholder); dweight (D,) or empty."""
+    return norm_residual_bwd(dy, x, scale, weight, mean, rstd, norm, shift_dtype)[:4]
 
 
 # --- torch.library registration ---------------------------------------------------------------------------

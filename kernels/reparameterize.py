@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import row_block, row_num_warps, tile_rows
+from .utils import cast_rtne, row_block, row_num_warps, tile_rows
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -58,7 +58,7 @@ def _reparameterize_fwd_kernel(m_ptr, z_ptr, kl_ptr, T, C, stride_b, stride_t, s
         mu, lv, inside, std = _reparameterize_load(m_ptr, b.to(tl.int64) * stride_b + t * stride_t, c, mask, C)
         idx = (b * T + t) * C + c  # z's flat index: the Philox counter of eps
         z = mu + tl.randn(seed, idx + offset) * std
-        tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + idx, cast_rtne(z, z_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, mu * mu + std * std - 1.0 - lv, 0.0)  # exp(lv) = std^2
     tl.store(kl_ptr + b, 0.5 * tl.sum(tl.sum(acc, 1), 0))
 
@@ -81,8 +81,8 @@ def _reparameterize_bwd_kernel(dz_ptr, dkl_ptr, m_ptr, dm_ptr, n_rows, T, C, str
     dmu = dz + dkl * mu
     dlv = tl.where(inside, 0.5 * (dz * eps * std + dkl * (std * std - 1.0)), 0.0)
     row = dm_ptr + r.to(tl.int64) * (2 * C) + c  # dmoments (B, T, 2C) contiguous
-    tl.store(row, dmu.to(dm_ptr.dtype.element_ty), mask=mask)
-    tl.store(row + C, dlv.to(dm_ptr.dtype.element_ty), mask=mask)
+    tl.store(row, cast_rtne(dmu, dm_ptr.dtype.element_ty), mask=mask)
+    tl.store(row + C, cast_rtne(dlv, dm_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import persistent_programs, row_num_warps, tile_rows
+from .utils import cast_rtne, persistent_programs, row_loop_num_warps, row_num_warps, tile_rows
 
 
 def _rope_ref_one(x, w, cos, sin, eps):
@@ -79,8 +79,8 @@ def _rope_fwd_rows(x_ptr, stride_t, w_ptr, out_ptr, t, j, mask, cos, sin, eps,
         w1, w2 = _rope_load_halves(w_ptr + j, j < HALF, HALF)
         x1, x2 = x1 * rstd * w1, x2 * rstd * w2
     out = out_ptr + t * (2 * HALF) + j
-    tl.store(out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, cast_rtne(x1 * cos - x2 * sin, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, cast_rtne(x2 * cos + x1 * sin, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -121,8 +121,8 @@ def _rope_bwd_rows(g_ptr, stride_gt, x_ptr, x_off, stride_xt, w_ptr, dx_ptr, str
         c = ((tl.sum(dxh1 * xh1, 1) + tl.sum(dxh2 * xh2, 1)) / (2 * HALF))[:, None]
         dy1, dy2 = rstd * (dxh1 - xh1 * c), rstd * (dxh2 - xh2 * c)
     dx = dx_ptr + t64 * stride_dxt + j
-    tl.store(dx, dy1.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx + HALF, dy2.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx, cast_rtne(dy1, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx + HALF, cast_rtne(dy2, dx_ptr.dtype.element_ty), mask=mask)
     return dw1, dw2
 
 
@@ -219,8 +219,13 @@ def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, angles: torch.Tensor, q
     blocks = _blocks(T, Dh)
     n_tiles = B * H * triton.cdiv(T, blocks["BLOCK_T"])
     n_prog = persistent_programs(n_tiles, gq.device) if has_norm else n_tiles
-    dw_part = torch.empty((2, n_prog, Dh), dtype=torch.float32, device=gq.device) if has_norm else None
-    xs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2)) if has_norm else (0,) * 6
+    dw_part, xs = None, (0,) * 6
+    if has_norm:
+        q, k = _inner_contiguous(q), _inner_contiguous(k)
+        xs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+        dw_part = (torch.empty if n_tiles else torch.zeros)((2, n_prog, Dh), dtype=torch.float32, device=gq.device)
+        # the norm's backward holds ~2x the live fp32 tiles: more warps, fewer registers per thread
+        blocks["num_warps"] = row_loop_num_warps(blocks["BLOCK_T"] * blocks["BLOCK_HALF"])
     if n_tiles > 0:
         _rope_bwd_kernel[(n_prog,)](gq, gk, angles, q, k, q_norm_weight, k_norm_weight, dq, dk, dw_part, T, H, n_tiles,
                                     gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import row_block, row_num_warps, rows_2d, tile_rows
+from .utils import cast_rtne, row_block, row_num_warps, rows_2d, tile_rows
 
 
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def _swiglu_fwd_kernel(a_ptr, b_ptr, out_ptr, n_rows, n_cols, stride_a, stride_b
     a = tl.load(a_ptr + rows * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + rows * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
     out = a * tl.sigmoid(a) * b
-    tl.store(out_ptr + rows * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows * n_cols + cols, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -55,8 +55,8 @@ def _swiglu_bwd_kernel(dout_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n_rows, n_cols, s
     sig = tl.sigmoid(a)
     da = dout * b * sig * (1.0 + a * (1.0 - sig))
     db = dout * a * sig
-    tl.store(da_ptr + rows * n_cols + cols, da.to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + rows * n_cols + cols, db.to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + rows * n_cols + cols, cast_rtne(da, da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + rows * n_cols + cols, cast_rtne(db, db_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers

@@ -65,13 +65,32 @@ def row_loop_num_warps(block: int) -> int:
     return min(2 * row_num_warps(block), 16)
 
 
-def reduction_grid(n_groups: int, group_rows: int, device: torch.device) -> tuple[int, int]:
+def reduction_grid(n_groups: int, group_rows: int, device: torch.device, multiple_of: int = 1) -> tuple[int, int]:
     """(rows_per_program, n_chunks) for a backward that sums row gradients within each group (the T
-    tokens of one sample): each group is cut into n_chunks chunks, one program per (group, chunk),
-    about 8 programs per SM in all, and each program sums its chunk in fp32 registers and writes one
-    partial row. The split depends only on the shape and the device, so the order of every fp32 sum,
-    and so the result, is the same on every run (no atomics)."""
+    tokens of one sample): each group is cut into n_chunks chunks of rows_per_program rows (a multiple of
+    the kernel's row tile), one program per (group, chunk), about 8 programs per SM in all; each program
+    sums its chunk in fp32 registers and writes one partial row. The split depends only on the shape
+    and the device, so the order of every fp32 sum, and so the result, is the same on every run."""
     sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
     n_chunks = max(1, min(group_rows, triton.cdiv(8 * sms, max(n_groups, 1))))
-    rows_per_program = max(1, triton.cdiv(group_rows, n_chunks))
+    rows_per_program = max(1, triton.cdiv(triton.cdiv(group_rows, n_chunks), multiple_of)) * multiple_of
     return rows_per_program, triton.cdiv(group_rows, rows_per_program)
+
+
+import triton.language as tl  # noqa: E402  (for the jit helper below)
+
+_INTERPRETING = tl.constexpr(interpreting())
+
+
+@triton.jit
+def cast_rtne(x, dtype: tl.constexpr):
+    """fp32 x cast to `dtype` (an output pointer's element type) rounding to nearest even, as the GPU's
+    plain cast does. Triton's interpreter truncates fp32 -> bf16 instead (up to a whole ulp of error,
+    which fails the bf16 "2x torch" tests on CPU), so there the rounding is done on the bits."""
+    if _INTERPRETING:  # a constexpr: compiled GPU code is the plain cast alone
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into the kept 16 bits: round half to even
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return tl.where(x != x, x.to(dtype), rounded)  # NaN keeps its (truncated) bits
+    return x.to(dtype)

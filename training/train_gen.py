@@ -199,7 +199,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
             print0(progress.line(done, terms))
             loss_sum.zero_()
         if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
-            guard.check({"loss": float(loss)}, str(last_ckpt) if last_ckpt else None)
+            guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
         if run.sample_every and done % run.sample_every == 0:

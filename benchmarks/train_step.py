@@ -1,0 +1,116 @@
+"""One generator training step, measured: images/s, MFU against the bf16 peak measured in the same run,
+peak memory. Used by benchmarks/test_bench_train_step.py (one GPU, three providers) and runnable under
+torchrun for the multi-GPU scaling figure:
+
+    torchrun --standalone --nproc_per_node=N benchmarks/train_step.py --provider fae_fast --size LightningDiT-XL/1
+
+Providers:
+  torch          plain PyTorch reference of the same model (impl='torch'), bf16 autocast, fused AdamW, eager
+  torch.compile  the same, each block under torch.compile
+  fae_fast       fused Triton kernels + per-block torch.compile + FSDP2 (bf16 params, fp32 reduce) + fused AdamW
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fae_fast.attention import choose_backend  # noqa: E402
+from fae_fast.config import generator_config  # noqa: E402
+from fae_fast.generators import Generator, forward_flops_per_sample  # noqa: E402
+from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
+from training.parallelize import parallelize  # noqa: E402
+from training.runtime import init_distributed, measured_bf16_peak  # noqa: E402
+
+
+def build(provider: str, size: str, device):
+    cfg = generator_config(size)
+    torch.manual_seed(0)
+    with device:
+        model = Generator(cfg, impl="torch" if provider != "fae_fast" else "triton")
+    if provider == "torch.compile":
+        for block in model.blocks:
+            block.compile()
+    if provider == "fae_fast":
+        parallelize(model, model.blocks, precision="bf16", compile=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return cfg, model, opt
+
+
+def make_step(provider: str, model, opt, x1, y):
+    autocast = provider != "fae_fast"  # FSDP2's MixedPrecisionPolicy gives bf16 compute there
+
+    def step():
+        t = sample_t(x1.shape[0], device=x1.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = flow_matching_loss(lambda xt, tt: model(xt, tt, y), x1, t).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure(provider: str, size: str, batch: int, steps: int, warmup: int) -> dict:
+    d = init_distributed()
+    cfg, model, opt = build(provider, size, d.device)
+    T = cfg.grid * cfg.grid
+    choose_backend(batch, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, d.device)
+    x1 = torch.randn(batch, T, cfg.in_channels, device=d.device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=d.device)
+    step = make_step(provider, model, opt, x1, y)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / steps
+    images_per_s = batch / seconds
+    flops = 3 * forward_flops_per_sample(cfg)
+    peak = measured_bf16_peak(d.device)
+    return {
+        "provider": provider, "size": size, "gpu": torch.cuda.get_device_name(), "world": d.world,
+        "batch_per_gpu": batch, "images_per_s_per_gpu": images_per_s, "step_ms": seconds * 1e3,
+        "mfu": images_per_s * flops / peak, "peak_tflops": peak / 1e12,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": first,
+        "loss": float(loss),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--provider", default="fae_fast", choices=["torch", "torch.compile", "fae_fast"])
+    parser.add_argument("--size", default="LightningDiT-XL/1")
+    parser.add_argument("--batch", type=int, default=128, help="per GPU")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    result = measure(args.provider, args.size, args.batch, args.steps, args.warmup)
+    if dist.get_rank() == 0:
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (shared hosts)
+    main()

@@ -1,0 +1,213 @@
+"""Gated residual h = x + gate * y, alone and fused with the next modulated norm.
+
+In an adaLN block (DiT, SiT, LightningDiT) the attention branch's output y joins the residual stream x
+through a gate from the conditioning MLP, and the MLP branch starts with a modulated norm of the result:
+    h = x + gate * y,   n = norm(h) [* weight] * (1 + scale) + shift
+gated_residual_modulated_norm does both in one pass (reads x, y; writes h, n); its backward reads dh, dn,
+h, y and writes dx, dy in one pass too. gate, scale, shift: (B, D) per sample or (B, T, D) per token.
+
+Backward of the residual: dx = dh_total, dy = dh_total * gate, dgate = dh_total * y (summed over the T
+tokens of each sample for a per-sample gate), where dh_total = dh + (grad of n through the norm). The
+per-sample sums, the backward kernel itself and its deterministic two-stage fp32 reduction are those of
+modulated_norm.py (`_modulated_norm_bwd_kernel`, `norm_residual_bwd`): one backward serves all three ops.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .modulated_norm import (
+    _cast_for, _load_rows, _mod_ptrs, _norm_modulate_store, check_modulation, check_norm, lastdim_contiguous, mod_strides,
+    modulated_norm_ref, norm_residual_bwd, per_token, tile,
+)
+from .utils import row_num_warps, rows_2d
+
+
+def gated_residual_ref(x, gate, y, *, upcast: bool = True):
+    """PyTorch reference; upcast as in modulated_norm_ref (fp32 compute, or the inputs' dtypes)."""
+    dtype = x.dtype
+    if upcast:
+        x, gate, y = x.float(), gate.float(), y.float()
+    if gate.dim() == 2:  # per sample: the same gate for all T tokens
+        gate = gate.unsqueeze(1)
+    return (x + gate * y).to(dtype)
+
+
+def gated_residual_modulated_norm_ref(x, gate, y, scale, shift, weight=None, *, norm: str = "layer",
+                                      eps: float = 1e-6, upcast: bool = True):
+    """PyTorch reference of the fused pair: h is rounded to x.dtype before the norm reads it, as in the kernel."""
+    h = gated_residual_ref(x, gate, y, upcast=upcast)
+    return h, modulated_norm_ref(h, scale, shift, weight, norm=norm, eps=eps, upcast=upcast)
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X, GATE, Y, H, SCALE, SHIFT, W, N, MEAN, RSTD,
+    stride_x, stride_y, stride_gb, stride_gt, stride_sb, stride_st, stride_hb, stride_ht, n_rows, T, n_cols, eps,
+    NORM: tl.constexpr, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program i: rows [i * ROWS, (i + 1) * ROWS) of x, y (R, D) -> h (R, D). With NORM, also n (R, D) =
+    modulated norm of h as stored (rounded to h's dtype, so the backward sees the same h), mean, rstd (R,)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    g_ptrs = _mod_ptrs(GATE, rows // T, rows % T, stride_gb, stride_gt, cols)
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    h = _load_rows(X, rows, stride_x, cols, mask) + g * _load_rows(Y, rows, stride_y, cols, mask)
+    h = _cast_for(h, H)
+    tl.store(H + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
+    if NORM:
+        _norm_modulate_store(h.to(tl.float32), rows, row_ok, mask, cols, SCALE, SHIFT, W, N, MEAN, RSTD,
+                             stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps, IS_RMS, HAS_WEIGHT)
+
+
+def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Optional[str] = None,
+                       eps: float = 1e-6):
+    """x, y (B, T, D), gate (B, D) | (B, 1, D) | (B, T, D) -> h (B, T, D) in x.dtype; with norm also
+    n = modulated_norm(h, scale, shift, weight) (B, T, D), mean (R,) fp32 (empty for rms), rstd (R,) fp32."""
+    B, T, D = x.shape
+    x2, y2 = rows_2d(x), rows_2d(y)
+    gate, scale, shift = (None if m is None else lastdim_contiguous(m) for m in (gate, scale, shift))
+    h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    n = torch.empty((B, T, D) if norm else (0,), dtype=x.dtype, device=x.device)
+    rstd = x.new_empty((B * T if norm else 0,), dtype=torch.float32)
+    mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
+    if B * T > 0:
+        rows, block = tile(D, B * T)
+        ptr = lambda t: h if t is None else t  # noqa: E731  (absent tensors: never touched)
+        _gated_residual_fwd_kernel[(triton.cdiv(B * T, rows),)](
+            x2, gate, y2, h, ptr(scale), ptr(shift), ptr(weight), n, mean, rstd,
+            x2.stride(0), y2.stride(0), *mod_strides(gate), *mod_strides(scale), *mod_strides(shift),
+            B * T, T, D, eps,
+            NORM=norm is not None, IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, ROWS=rows, BLOCK=block,
+            num_warps=row_num_warps(rows * block),
+        )
+    return h, n, mean, rstd
+
+
+# --- torch.library registration (custom_op, not triton_op: see modulated_norm.py) -------------------------
+
+
+@torch.library.custom_op("fae_fast::gated_residual_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gated_residual_fwd(x, gate, y)[0]
+
+
+@_fwd_op.register_fake
+def _(x, gate, y):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fae_fast::gated_residual_bwd", mutates_args=())
+def _bwd_op(dh: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dgate like gate, dy like y); dx = dh needs no kernel."""
+    _, _, _, _, dgate, dy = norm_residual_bwd(None, None, None, None, None, None, "layer", dh.dtype, dh, gate, y)
+    return dgate, dy
+
+
+@_bwd_op.register_fake
+def _(dh, gate, y):
+    return gate.new_empty(gate.shape), y.new_empty(y.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _backward(ctx, dh):
+    gate, y = ctx.saved_tensors
+    return dh, *_bwd_op(dh, gate, y)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fae_fast::gated_residual_modulated_norm_fwd", mutates_args=())
+def _fused_fwd_op(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    weight: Optional[torch.Tensor], norm: str, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_fwd(x, gate, y, scale, shift, weight, norm, eps)
+
+
+@_fused_fwd_op.register_fake
+def _(x, gate, y, scale, shift, weight, norm, eps):
+    rows = x.shape[0] * x.shape[1]
+    stats = lambda n: x.new_empty((n,), dtype=torch.float32)  # noqa: E731
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats(rows if norm == "layer" else 0), stats(rows)
+
+
+@torch.library.custom_op("fae_fast::gated_residual_modulated_norm_bwd", mutates_args=())
+def _fused_bwd_op(
+    dh: Optional[torch.Tensor], dn: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
+    scale: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, norm: str,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dgate, dy, dscale, dshift, dweight); dshift empty per token (it is dn), dweight empty without weight."""
+    dx, dscale, dshift, dweight, dgate, dy = norm_residual_bwd(dn, h, scale, weight, mean, rstd, norm, shift_dtype,
+                                                              dh, gate, y)
+    return dx, dgate, dy, dscale, dshift, dweight
+
+
+@_fused_bwd_op.register_fake
+def _(dh, dn, h, gate, y, scale, weight, mean, rstd, norm, shift_dtype):
+    dshift = scale.new_empty((0,) if per_token(scale) else scale.shape, dtype=shift_dtype)
+    dweight = weight.new_empty(weight.shape) if weight is not None else h.new_empty((0,))
+    return h.new_empty(h.shape), gate.new_empty(gate.shape), y.new_empty(y.shape), scale.new_empty(scale.shape), \
+        dshift, dweight
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, gate, y, scale, shift, weight, norm, eps = inputs
+    h, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused h or n arrives as None: its kernel work is skipped
+    ctx.save_for_backward(h, gate, y, scale, weight, mean, rstd)
+    ctx.norm, ctx.shift_dtype, ctx.per_token = norm, shift.dtype, per_token(scale)
+
+
+def _fused_backward(ctx, dh, dn, _dmean, _drstd):
+    h, gate, y, scale, weight, mean, rstd = ctx.saved_tensors
+    if dn is None:  # n unused: the plain gated residual backward
+        if dh is None:
+            return (None,) * 8
+        return dh, *_bwd_op(dh, gate, y), None, None, None, None, None
+    dx, dgate, dy, dscale, dshift, dweight = _fused_bwd_op(dh, dn, h, gate, y, scale, weight, mean, rstd, ctx.norm,
+                                                          ctx.shift_dtype)
+    if ctx.per_token:
+        dshift = dn.to(ctx.shift_dtype)
+    return dx, dgate, dy, dscale, dshift, (dweight if weight is not None else None), None, None
+
+
+_fused_fwd_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# --- public functionals --------------------------------------------------------------------------------------
+
+
+def _check_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
+    check_modulation(x, gate, names=("gate",))
+    if y.shape != x.shape:
+        raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}.")
+
+
+def gated_residual(x, gate, y) -> torch.Tensor:
+    """h = x + gate * y. x, y: (B, T, D); gate: (B, D) per sample or (B, T, D) per token. Returns (B, T, D)
+    in x.dtype, computed in fp32; gradients in each input's dtype, dgate summed over tokens in fp32."""
+    _check_residual(x, gate, y)
+    return _fwd_op(x, gate, y)
+
+
+def gated_residual_modulated_norm(x, gate, y, scale, shift, weight=None, *, norm: str = "layer",
+                                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, n) with h = x + gate * y and n = modulated_norm(h, scale, shift, weight, norm=norm, eps=eps), in one
+    pass. x, y: (B, T, D); gate, scale, shift: all (B, D) per sample or all (B, T, D) per token; weight (D,) or
+    None. Both outputs (B, T, D) in x.dtype."""
+    _check_residual(x, gate, y)
+    check_modulation(x, gate, scale, shift, names=("gate", "scale", "shift"))
+    check_norm(x, weight, norm)
+    h, n, _, _ = _fused_fwd_op(x, gate, y, scale, shift, weight, norm, eps)
+    return h, n

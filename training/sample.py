@@ -1,0 +1,518 @@
+"""Draw an evaluation set from a trained generator on every GPU, decode it to images, write ADM's .npz.
+
+    torchrun --standalone --nproc_per_node=8 training/sample.py --preset=paper-cfg \\
+        --ckpt=runs/gen/ema.safetensors --fae=runs/fae/fae.safetensors --stats=/data/latents/stats.json \\
+        --num_samples=50000 --out_dir=runs/samples-cfg
+    python training/evaluate.py --samples=runs/samples-cfg/samples_50000x256x256x3.npz \\
+        --ref=VIRTUAL_imagenet256_labeled.npz
+
+Sample i's label, noise and SDE increments are functions of (seed, i) alone (fae_fast/eval/protocol.py),
+so the set does not depend on the batch size, the number of GPUs or where a run was interrupted. Work
+is cut into chunks named by their index range and written atomically; the same command after a crash
+draws only the ranges missing on disk. At the end rank 0 checks that every index is there exactly once
+and streams the chunks into one ADM-format .npz (arr_0 images, arr_1 labels).
+
+Without --fae the program writes latents (latents_<N>xTxC.npz), not images: the FID protocol needs
+images, so pass the FAE decoders and the latent cache's statistics for that.
+"""
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config  # noqa: E402
+from fae_fast.eval.npz import (check_coverage, list_chunks, pending_ranges, remove_partial_chunks,  # noqa: E402
+                               write_adm_npz, write_chunk)
+from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
+from fae_fast.generators import Generator  # noqa: E402
+from fae_fast.sampling import sample_latents  # noqa: E402
+from fae_fast.transport import cfg_scale, guided_velocity, timesteps, validate_cfg_intervals  # noqa: E402
+from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
+from training.runtime import init_distributed, print0  # noqa: E402
+
+# DiT's sample classes: macaw, valley, golden retriever, otter, lesser panda, geyser, balloon, arctic fox
+GRID_CLASSES = [88, 979, 207, 360, 387, 974, 417, 279]
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """Everything sample.py needs; `--preset NAME` picks the sampler, `--field=value` changes one field."""
+
+    ckpt: str = ""
+    """Generator weights: the ema.safetensors of a train_gen run, or a DCP checkpoint folder (its EMA)."""
+    model_config: str = ""
+    """A train_gen config.json for the generator; default: beside ckpt, else the run's latest checkpoint."""
+    fae: str = ""
+    """safetensors holding `feature_decoder.*` and `pixel_decoder.*` weights; empty writes latents only."""
+    fae_size: str = "FAE-DINOv2-g"
+    """FAE size in the registry, used unless fae_config is given."""
+    fae_config: str = ""
+    """A JSON file with the FAEConfig fields (top level or under 'fae' or 'model')."""
+    stats: str = ""
+    """Per-channel 'mean' and 'std' of the latent cache (JSON or safetensors): z = z_norm * std + mean;
+    'identity' when the generator was trained on unnormalised latents."""
+    num_samples: int = 50_000
+    """Images in the set (ADM protocol: 50k)."""
+    labels: str = "balanced"
+    """'balanced' (label i mod K: 50 per class for 50k) or 'random' (uniform, from (seed, i))."""
+    seed: int = 0
+    """Seed of every label and noise draw."""
+    batch: int = 256
+    """Samples per forward on each GPU (CFG doubles the forward batch); also the chunk size."""
+    out_dir: str = "runs/samples"
+    """Folder for chunks, the final .npz, the grid and manifest.json."""
+    png: bool = False
+    """Also write every image as png/<index>.png."""
+    keep_chunks: bool = False
+    """Keep the chunk files after the final .npz is written (they double the disk use)."""
+    grid_classes: list[int] = field(default_factory=lambda: list(GRID_CLASSES))
+    """Classes (rows) of grid.png; empty skips the grid."""
+    grid_seeds: int = 4
+    """Samples per class (columns) of grid.png."""
+    compile: bool = True
+    """torch.compile the generator forward (CUDA only)."""
+    cuda_graphs: bool = False
+    """Compile with mode='reduce-overhead' (CUDA graphs): less launch overhead, more memory."""
+    precision: str = "bf16"
+    """'bf16' (bf16 weights and matmuls, as the training forward; CUDA only) or 'fp32'."""
+    impl: str = "auto"
+    """'auto', 'triton' or 'torch' for the fused layers."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Sampler (method, steps, time shift, CFG intervals), usually from a preset."""
+
+
+# The paper (Section 4) samples with time shift 0.4 and 250 steps: SDE without guidance, Euler ODE with
+# guidance on the low-noise part of the path. Its per-interval scales are not all published; the one
+# ablated setting is a single scale on the low-noise 70% (t in [0.3, 1), t = 1 data). 1.5 is a
+# starting point (SiT/DiT's usual all-path value); guidance on an interval often wants more: sweep
+# --sampler.cfg='[(0.3, 1.0, s)]' on 10k samples before a 50k run.
+PRESETS = {
+    "paper-no-cfg": lambda: SamplerConfig(method="euler_maruyama", steps=250, time_shift=0.4, cfg=[]),
+    "paper-cfg": lambda: SamplerConfig(method="euler", steps=250, time_shift=0.4, cfg=[(0.3, 1.0, 1.5)]),
+}
+
+
+def parse_args(argv: list[str]) -> SampleConfig:
+    """`--preset NAME` (default paper-cfg), then `--field=value` / `--sampler.field=value` overrides."""
+    name, rest = "paper-cfg", []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--preset":
+            name = next(it, "")
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return apply_overrides(SampleConfig(sampler=PRESETS[name]()), rest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: generator, decoders, statistics
+# ----------------------------------------------------------------------------------------------------
+def config_from_json(path: Path, cls, sections: tuple[str, ...]):
+    """A `cls` dataclass from a JSON file: the first of `sections` present, else the top level."""
+    saved = json.loads(Path(path).read_text())
+    values = next((saved[s] for s in sections if isinstance(saved.get(s), dict)), saved)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - known):
+        raise ValueError(f"{path} has fields {unknown} that {cls.__name__} does not know; is it the right file?")
+    return cls(**values)
+
+
+def generator_config_path(cfg: SampleConfig) -> Path:
+    """Where the generator's config.json is: model_config, beside ckpt, or in the run's newest checkpoint."""
+    from training.checkpoint import CheckpointManager
+
+    ckpt = Path(cfg.ckpt)
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    candidates = [Path(cfg.model_config)] if cfg.model_config else [folder / "config.json"]
+    if not cfg.model_config and (latest := CheckpointManager(folder / "checkpoints").latest()) is not None:
+        candidates.append(latest / "config.json")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no generator config found for {ckpt} (looked at {', '.join(map(str, candidates))}); "
+                            f"pass --model_config=PATH to a train_gen config.json")
+
+
+def read_dcp_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """Full EMA weights of a train_gen DCP checkpoint (keys 'ema.<param>'), read by this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    entries = {k[len("ema."):]: v for k, v in meta.items() if k.startswith("ema.")}
+    if not entries:
+        raise ValueError(f"checkpoint {folder} holds no EMA weights ('ema.*'); pass a train_gen checkpoint folder "
+                         f"or its exported ema.safetensors")
+    state = {"ema": {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return state["ema"]
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, hint: str) -> None:
+    """Strict load with one error listing what does not fit (wrapper prefixes of FSDP/compile removed)."""
+    tensors = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in tensors.items()}
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights in {source} do not fit the {type(module).__name__} config (missing "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}); {hint}")
+
+
+def cast_params(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to dtype, buffers kept (RoPE angles stay fp32), as FSDP2's mixed precision does in training."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
+def cast_block_inputs(blocks: torch.nn.ModuleList, dtype: torch.dtype) -> None:
+    """Cast the floating inputs of each block to dtype, as FSDP2's per-block mixed precision does in
+    training: an fp32 position table added before the first block would otherwise promote the stream."""
+    def hook(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for block in blocks:
+        block.register_forward_pre_hook(hook)
+
+
+def load_generator(cfg: SampleConfig, device: torch.device, dtype: torch.dtype) -> Generator:
+    ckpt = Path(cfg.ckpt)
+    if not cfg.ckpt or not ckpt.exists():
+        raise FileNotFoundError(f"generator checkpoint {cfg.ckpt!r} does not exist; pass --ckpt=runs/<name>/"
+                                f"ema.safetensors or a checkpoints/step_XXXXXXXX folder")
+    config_path = generator_config_path(cfg)
+    model = Generator(config_from_json(config_path, GeneratorConfig, ("model",)), impl=cfg.impl)
+    if ckpt.is_dir():
+        tensors = read_dcp_ema(ckpt)
+    else:
+        from safetensors.torch import load_file
+        tensors = load_file(str(ckpt))
+    load_weights(model, tensors, str(ckpt), f"pass --model_config= the config.json of the run that wrote it "
+                                            f"(used: {config_path})")
+    return cast_params(model.to(device).eval().requires_grad_(False), dtype)
+
+
+def load_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the latent cache, each (C,), from JSON or safetensors; 'identity' gives (0, 1)."""
+    if path == "identity":
+        return torch.zeros(channels), torch.ones(channels)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"latent statistics file {path!r} does not exist; pass --stats= the stats file "
+                                f"extract_latents.py wrote (or 'identity' for unnormalised latents)")
+    if path.endswith(".json"):
+        saved = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(Path(path).read_text()).items()
+                 if k in ("mean", "std")}
+    else:
+        from safetensors.torch import load_file
+        saved = load_file(path)
+    if "mean" not in saved or "std" not in saved or saved["mean"].shape[-1] != channels:
+        raise ValueError(f"{path} must hold 'mean' and 'std' of shape ({channels},) for {channels} latent channels")
+    return saved["mean"].float(), saved["std"].float()
+
+
+class Decoder:
+    """Normalised latents (B, T, C) -> de-normalise -> feature decoder -> pixel decoder -> uint8 (B, S, S, 3)."""
+
+    def __init__(self, cfg: SampleConfig, gcfg: GeneratorConfig, device: torch.device, dtype: torch.dtype):
+        from safetensors.torch import load_file
+
+        from fae_fast.fae import FeatureDecoder, PixelDecoder
+
+        if not cfg.stats:
+            raise ValueError("--stats is needed with --fae: the generator samples normalised latents; pass the "
+                             "latent cache's stats file, or --stats=identity for unnormalised latents")
+        fcfg = config_from_json(Path(cfg.fae_config), FAEConfig, ("fae", "model")) if cfg.fae_config \
+            else fae_config(cfg.fae_size)
+        if (fcfg.latent_dim, fcfg.grid) != (gcfg.in_channels, gcfg.grid):
+            raise ValueError(f"the FAE decodes {fcfg.grid}x{fcfg.grid}x{fcfg.latent_dim} latents but the generator "
+                             f"makes {gcfg.grid}x{gcfg.grid}x{gcfg.in_channels}; pass the matching --fae_size or --fae_config")
+        if not Path(cfg.fae).is_file():
+            raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the safetensors file "
+                                    f"with feature_decoder.* and pixel_decoder.* weights")
+        tensors = load_file(cfg.fae)
+        self.parts = []
+        for prefix, cls in (("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):
+            part = cls(fcfg, impl=cfg.impl)
+            load_weights(part, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, cfg.fae,
+                         f"pass the --fae_size or --fae_config it was trained with (keys need the prefix {prefix!r})")
+            self.parts.append(cast_params(part.to(device).eval().requires_grad_(False), dtype))
+            cast_block_inputs(part.layers, dtype)
+        self.mean, self.std = (t.to(device) for t in load_stats(cfg.stats, gcfg.in_channels))
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        features = self.parts[0]((z.float() * self.std + self.mean).to(self.dtype))  # (B, T, F)
+        images = self.parts[1](features).float()  # (B, 3, S, S), [-1, 1] but not squashed
+        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_sde_by_index(velocity_fn, noise: torch.Tensor, sampler: SamplerConfig, step_noise) -> torch.Tensor:
+    """transport.sample_sde (Euler-Maruyama, 'sigma' diffusion g = 1) with the Brownian increment of step k
+    from step_noise(k), so that each sample's increments are its own (transport draws them batch-wide).
+    The last step is deterministic: noise added there could not be removed any more (SiT's practice)."""
+    ts = timesteps(sampler.steps, shift=sampler.time_shift)
+    t_dev, ts = ts.to(noise.device, torch.float32), ts.tolist()
+    x = noise.clone()
+    for k in range(sampler.steps):
+        t, dt = ts[k], ts[k + 1] - ts[k]
+        v = velocity_fn(x, t_dev[k].expand(len(x)))
+        x.mul_(1 - dt).add_(v, alpha=(1 + t) * dt)  # drift v + g*(t*v - x)
+        if k < sampler.steps - 1:
+            x.add_(step_noise(k), alpha=math.sqrt(2 * (1 - t) * dt))
+    return x
+
+
+def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (B, T, C) fp32 and labels (B,) of samples `indices` (B,), on the model's device; labels
+    default to the protocol's (seed, index) labels."""
+    gcfg, device = model.cfg, next(model.parameters()).device
+    indices = indices.to(device)
+    if labels is None:
+        labels = index_labels(cfg.seed, indices, gcfg.num_classes, cfg.labels)
+    labels = labels.to(device)
+    noise = index_normal(cfg.seed, indices, (gcfg.grid ** 2, gcfg.in_channels))
+    if cfg.sampler.method != "euler_maruyama":
+        return sample_latents(model, labels, noise, cfg.sampler), labels
+    validate_cfg_intervals(cfg.sampler.cfg)
+
+    def velocity(x, t):
+        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.sampler.cfg).float()
+
+    def step_noise(k):
+        return index_normal(cfg.seed, indices, noise.shape[1:], stream=STREAM_SDE + k)
+
+    return sample_sde_by_index(velocity, noise, cfg.sampler, step_noise), labels
+
+
+def sample_padded(model: Generator, start: int, end: int, cfg: SampleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_batch for indices start..end-1, padded to cfg.batch rows so that a compiled model or a
+    CUDA graph sees one shape; the padding rows are dropped."""
+    n = end - start
+    indices = torch.arange(start, start + max(n, cfg.batch)).clamp(max=end - 1)
+    z, y = sample_batch(model, indices, cfg)
+    return z[:n], y[:n]
+
+
+def evaluation_plan(sampler: SamplerConfig) -> tuple[int, int]:
+    """(plain, guided) model evaluations per sample: guided ones run a forward of 2B."""
+    ts = timesteps(sampler.steps, shift=sampler.time_shift).tolist()
+    times = ts[:-1]
+    if sampler.method == "heun":
+        times += ts[1:-1]  # the corrector's evaluations; the last step is Euler
+    guided = sum(cfg_scale(t, sampler.cfg) != 1.0 for t in times)
+    return len(times) - guided, guided
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_forward(model: Generator, batch: int, device: torch.device, repeats: int = 3) -> float:
+    """Seconds of one model forward at `batch` rows, after two warm-up calls (compilation happens there)."""
+    gcfg = model.cfg
+    x = torch.randn(batch, gcfg.grid ** 2, gcfg.in_channels, device=device)
+    t, y = torch.rand(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    for _ in range(2):
+        model(x, t, y)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(x, t, y)
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def estimate_seconds_per_batch(model: Generator, decoder: Decoder | None, cfg: SampleConfig,
+                               device: torch.device) -> float:
+    """Time of one batch of cfg.batch samples: timed forwards of B and 2B rows times the evaluation plan,
+    plus one timed decode."""
+    plain, guided = evaluation_plan(cfg.sampler)
+    seconds = plain * time_forward(model, cfg.batch, device) if plain else 0.0
+    if guided:
+        seconds += guided * time_forward(model, 2 * cfg.batch, device)
+    if decoder is not None:
+        z = torch.randn(cfg.batch, model.cfg.grid ** 2, model.cfg.in_channels, device=device)
+        decoder(z)
+        _sync(device)
+        start = time.perf_counter()
+        decoder(z)
+        _sync(device)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run: manifest, grid, chunks, final file
+# ----------------------------------------------------------------------------------------------------
+def manifest(cfg: SampleConfig, dtype: torch.dtype) -> dict:
+    """The settings that determine the samples; a resumed run must have the same ones."""
+    keys = ("ckpt", "fae", "fae_size", "fae_config", "stats", "num_samples", "labels", "seed")
+    out = {k: getattr(cfg, k) for k in keys}
+    out["ckpt"], out["sampler"], out["dtype"] = str(Path(cfg.ckpt).resolve()), dataclasses.asdict(cfg.sampler), str(dtype)
+    return json.loads(json.dumps(out))  # tuples as lists, as they read back
+
+
+def check_manifest(out: Path, wanted: dict, is_main: bool) -> None:
+    """Every rank compares with the manifest on disk; rank 0 writes it when there is none."""
+    path = out / "manifest.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
+            k = diff[0]
+            raise ValueError(f"{out} holds samples drawn with {k}={saved.get(k)!r}, but this run has {k}={wanted[k]!r}; "
+                             f"run with the same settings to resume, or pass another --out_dir")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(wanted, indent=1))
+        tmp.replace(path)
+
+
+def final_path(out: Path, cfg: SampleConfig, gcfg: GeneratorConfig, decoder: Decoder | None) -> Path:
+    if decoder is None:
+        return out / f"latents_{cfg.num_samples}x{gcfg.grid ** 2}x{gcfg.in_channels}.npz"
+    size = decoder.parts[1].cfg.image_size
+    return out / f"samples_{cfg.num_samples}x{size}x{size}x3.npz"
+
+
+def save_sample_grid(model: Generator, decoder: Decoder | None, cfg: SampleConfig, path: Path) -> None:
+    """grid.png: one row per class of cfg.grid_classes, cfg.grid_seeds samples each (own noise indices)."""
+    classes = torch.tensor([c % model.cfg.num_classes for c in cfg.grid_classes])
+    labels = classes.repeat_interleave(cfg.grid_seeds)
+    z, _ = sample_batch(model, GRID_INDEX_OFFSET + torch.arange(len(labels)), cfg, labels=labels)
+    if decoder is None:
+        images = latents_to_images(z.cpu(), model.cfg.grid)
+    else:
+        images = decoder(z).permute(0, 3, 1, 2).float().cpu() / 255
+    save_grid(images, path, nrow=cfg.grid_seeds)
+
+
+def write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{start + i:06d}.png")
+
+
+def images_on_disk(chunks: Path) -> int:
+    return sum(end - start for start, end, _ in list_chunks(chunks))
+
+
+def progress_line(done: int, total: int, started: int, elapsed: float) -> str:
+    rate = (done - started) / max(elapsed, 1e-9)
+    eta = datetime.timedelta(seconds=int((total - done) / max(rate, 1e-9)))
+    filled = int(20 * done / total)
+    return f"[{'#' * filled}{'.' * (20 - filled)}] {done:,}/{total:,} images | {rate:,.1f} img/s | ETA {eta}"
+
+
+def draw_chunks(model, decoder, cfg: SampleConfig, ranges, out: Path, d, started: int) -> None:
+    """Sample, decode and write this rank's chunks; rank 0 prints a progress line after each of its own."""
+    t0 = time.perf_counter()
+    for start, end in ranges:
+        z, y = sample_padded(model, start, end, cfg)
+        arrays = {"indices": np.arange(start, end), "labels": y.cpu().numpy()}
+        if decoder is None:
+            arrays["latents"] = z.float().cpu().numpy()
+        else:
+            arrays["images"] = decoder(z).cpu().numpy()
+            if cfg.png:
+                write_pngs(out / "png", start, arrays["images"])
+        write_chunk(out / "chunks", start, end, **arrays)
+        if d.is_main:
+            print0(progress_line(images_on_disk(out / "chunks"), cfg.num_samples, started, time.perf_counter() - t0))
+
+
+def finish(out: Path, cfg: SampleConfig, final: Path, has_images: bool) -> None:
+    """Rank 0: check that every index is on disk exactly once, stream the chunks into the final .npz."""
+    chunks = check_coverage(out / "chunks", cfg.num_samples)
+    shape = write_adm_npz(final, chunks, key="images" if has_images else "latents")
+    print0(f"checked {cfg.num_samples:,} samples (every index once) and wrote {final} {shape}")
+    if not has_images:
+        print0("no --fae given: these are latents, not images; the FID protocol needs images (pass --fae and --stats)")
+    if not cfg.keep_chunks:
+        for path in chunks:
+            path.unlink()
+
+
+def hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def pending_chunks(folder: Path, cfg: SampleConfig) -> list[tuple[int, int]]:
+    """Rank 0: remove half-written chunks, then the index ranges no complete chunk covers."""
+    remove_partial_chunks(folder)
+    return pending_ranges([(s, e) for s, e, _ in list_chunks(folder)], cfg.num_samples, cfg.batch)
+
+
+def draw_all(model, decoder, cfg: SampleConfig, todo: list[tuple[int, int]], out: Path, d) -> None:
+    """Estimate the time, write the grid (rank 0), draw this rank's share of `todo`, report the time."""
+    started = cfg.num_samples - sum(e - s for s, e in todo)
+    per_batch = estimate_seconds_per_batch(model, decoder, cfg, d.device)
+    estimate = math.ceil(len(todo) / d.world) * per_batch
+    plain, guided = evaluation_plan(cfg.sampler)
+    print0(f"{started:,} of {cfg.num_samples:,} samples on disk; {len(todo)} batches of <= {cfg.batch} to draw on "
+           f"{d.world} rank(s) ({cfg.sampler.method}, {cfg.sampler.steps} steps: {guided} guided and {plain} plain "
+           f"evaluations per sample). Estimate: {hms(estimate)} ({cfg.batch / per_batch:.2f} img/s per GPU; "
+           f"{hms(estimate * d.world)} on one GPU)")
+    if d.is_main and cfg.grid_classes and not (out / "grid.png").exists():
+        save_sample_grid(model, decoder, cfg, out / "grid.png")
+        print0(f"wrote {out / 'grid.png'}")
+    t0 = time.perf_counter()
+    draw_chunks(model, decoder, cfg, todo[d.rank::d.world], out, d, started)
+    dist.barrier()
+    seconds, drawn = time.perf_counter() - t0, cfg.num_samples - started
+    print0(f"measured: {drawn:,} samples in {hms(seconds)} on {d.world} rank(s) ({drawn / seconds:.2f} img/s, "
+           f"{drawn / seconds / d.world:.2f} per GPU; estimate was {hms(estimate)})")
+
+
+def main(argv: list[str]) -> Path:
+    cfg = parse_args(argv)
+    d = init_distributed()
+    cuda = d.device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and cfg.precision == "bf16" else torch.float32
+    out = Path(cfg.out_dir)
+    check_manifest(out, manifest(cfg, dtype), d.is_main)
+    model = load_generator(cfg, d.device, dtype)
+    decoder = Decoder(cfg, model.cfg, d.device, dtype) if cfg.fae else None
+    final = final_path(out, cfg, model.cfg, decoder)
+    if final.is_file():
+        print0(f"{final} exists: this set is complete")
+        return final
+    if cfg.compile and cuda:
+        model.compile(mode="reduce-overhead" if cfg.cuda_graphs else None, dynamic=False)
+    todo = [pending_chunks(out / "chunks", cfg) if d.is_main else None]
+    dist.broadcast_object_list(todo, src=0)  # one listing, made before anyone writes, for every rank
+    todo = todo[0]
+    if todo:
+        draw_all(model, decoder, cfg, todo, out, d)
+    if d.is_main:
+        finish(out, cfg, final, decoder is not None)
+    return final
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    if dist.is_initialized():
+        dist.destroy_process_group()
