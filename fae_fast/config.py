@@ -66,8 +66,6 @@ class FAEConfig:
     """Output resolution of the pixel decoder."""
     kl_beta: float = 1e-6
     """KL weight per latent element in stage Ia (not published; small so the latent stays informative)."""
-    logvar_clamp: tuple[float, float] = (-30.0, 20.0)
-    """Clamp range of the predicted log-variance (as the LDM diagonal Gaussian)."""
 
 
 @dataclass(kw_only=True)
@@ -246,7 +244,7 @@ FAE_SIZES: dict[str, dict] = {
     "FAE-DINOv2-B": dict(feature_dim=768, enc_heads=12, dec_width=768, dec_heads=12),
     "FAE-SigLIP2-So400m": dict(feature_dim=1152, enc_heads=18, dec_width=1152, dec_heads=18),
     "FAE-tiny": dict(
-        feature_dim=48, latent_dim=4, grid=4, enc_heads=2, enc_head_dim=16, dec_depth=2, dec_width=48,
+        feature_dim=192, latent_dim=4, grid=4, enc_heads=2, enc_head_dim=16, dec_depth=2, dec_width=48,
         dec_heads=4, pix_depth=2, pix_width=32, pix_heads=2, image_size=64,
     ),
 }
@@ -258,7 +256,7 @@ ENCODER_SIZES: dict[str, dict] = {
         timm_name="vit_so400m_patch16_siglip_256.v2_webli", image_size=256, patch_size=16, feature_dim=1152,
         noise_sigma=0.4 * 1.0,  # rescale by measured feature-norm ratio before serious use (see README)
     ),
-    "tiny": dict(timm_name="vit_tiny_patch16_224", image_size=64, patch_size=16, feature_dim=48, pretrained=False),
+    "tiny": dict(timm_name="vit_tiny_patch16_224", image_size=64, patch_size=16, feature_dim=192, pretrained=False),
 }
 
 

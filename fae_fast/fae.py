@@ -70,7 +70,7 @@ def reparameterize(moments: torch.Tensor, *, sample: bool = True, seed: int | No
     """moments (B, T, 2C) = [mu | logvar] -> z (B, T, C), mu (B, T, C), kl (B,) summed per sample.
 
     z = mu + exp(logvar / 2) * eps, logvar clamped to (-30, 20) by the kernel and its reference
-    (fae_fast.kernels.reparameterize; FAEEncoder checks that cfg.logvar_clamp agrees).
+    (fae_fast.kernels.reparameterize, fixed as in the LDM diagonal Gaussian).
     sample=False: z = mu (eps = 0; kl is the same). With a seed the draw is reproducible; impl='triton'
     draws eps with Philox inside the kernel and impl='torch' with torch.randn, so their z differ.
     """
@@ -99,9 +99,6 @@ class FAEEncoder(nn.Module):
     def __init__(self, cfg: FAEConfig, impl: str = "auto"):
         super().__init__()
         validate_fae(cfg)
-        if tuple(cfg.logvar_clamp) != (rp.LOGVAR_MIN, rp.LOGVAR_MAX):
-            raise ValueError(f"logvar_clamp {tuple(cfg.logvar_clamp)} differs from the fixed clamp "
-                             f"({rp.LOGVAR_MIN:g}, {rp.LOGVAR_MAX:g}) of the reparameterize kernel; keep the default")
         self.cfg, self.ops = cfg, Ops(impl)
         self.layer = TransformerLayer(cfg.feature_dim, cfg.enc_heads, head_dim=cfg.enc_head_dim, norm="layer",
                                       mlp=None, ops=self.ops)

@@ -37,10 +37,11 @@ def reparameterize_ref(moments: torch.Tensor, eps: torch.Tensor) -> tuple[torch.
 
 @triton.jit
 def _reparameterize_load(m_ptr, rows_off, c, mask, C):
-    """mu, clamped logvar, inside-clamp mask (fp32) and std = exp(logvar / 2) of a tile."""
+    """A tile's fp32 mu, clamped logvar, inside-the-clamp mask and std = exp(logvar / 2)."""
     mu = tl.load(m_ptr + rows_off + c, mask=mask, other=0.0).to(tl.float32)
     lv_raw = tl.load(m_ptr + rows_off + C + c, mask=mask, other=0.0).to(tl.float32)
-    inside = (lv_raw >= -30.0) & (lv_raw <= 20.0)  # torch.clamp passes the gradient at the bounds too
+    # [LOGVAR_MIN, LOGVAR_MAX]; like torch.clamp, the gradient passes at the bounds themselves
+    inside = (lv_raw >= -30.0) & (lv_raw <= 20.0)
     lv = tl.minimum(tl.maximum(lv_raw, -30.0), 20.0)
     return mu, lv, inside, tl.exp(0.5 * lv)
 

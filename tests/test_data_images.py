@@ -12,6 +12,8 @@ Tolerances, in 8-bit levels of the 256 crop, against the PIL reference (ADM's ce
   max 24 levels (chroma edges), as DALI and torchvision document no bit-exactness with libjpeg.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -422,6 +424,25 @@ def test_missing_root_and_bad_values_are_named(tmp_path):
 def test_auto_picks_pil_without_cuda():
     assert pick_backend("auto", torch.device("cpu")) == "pil"
     assert pick_backend("dali", torch.device("cpu")) == "dali"
+
+
+def test_missing_dali_is_a_note_for_auto_and_an_error_when_asked_for(monkeypatch, caplog):
+    from fae_fast.data import dali
+
+    monkeypatch.setattr(dali, "unavailable", lambda: "ModuleNotFoundError: No module named 'nvidia'")
+    assert pick_backend("auto", torch.device("cuda", 0)) == "torchvision_gpu"
+    assert len(caplog.records) == 1 and "pip install nvidia-dali-cuda120" in caplog.records[0].getMessage()
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda120"):
+        dali.DaliDecoder(size=256, batch_size=4, threads=1, device=torch.device("cpu"))
+
+
+def test_package_imports_and_loads_without_dali(clean):
+    code = ("import sys; sys.modules['nvidia'] = None\n"
+            "from fae_fast.data import images, backends, check, dali\n"
+            "assert dali.unavailable() is not None\n"
+            f"cfg = images.ImageDataConfig(root={clean!r}, batch_size=16, workers=0)\n"
+            "assert len(next(iter(images.make_image_loader(cfg)))['indices']) == 16\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 def test_breaking_out_of_an_epoch_keeps_the_position(clean):

@@ -148,3 +148,19 @@ def test_config_errors():
         FrozenEncoder(encoder_config("tiny", feature_dim=48))
     with pytest.raises(ValueError, match="set encoder.patch_size=16"):
         FrozenEncoder(encoder_config("tiny", **TINY, patch_size=8, image_size=32))
+
+
+def test_hub_style_file_loads_as_timm_would(tmp_path):
+    """A file as the hub holds it (224 px position table, 1000-class head) loads into the 64 px encoder:
+    position embedding resampled and head dropped exactly as timm's own pretrained loading does."""
+    torch.manual_seed(2)
+    hub_model = timm.create_model("vit_tiny_patch16_224", num_classes=1000)
+    path = tmp_path / "model.safetensors"
+    _save(hub_model.state_dict(), path, "safetensors")
+    enc = tiny_encoder(weights_path=str(path))
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=64,
+                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = images()
+    with torch.no_grad():
+        expected = reference.forward_features((x - enc.mean) / enc.std)[:, reference.num_prefix_tokens:]
+    torch.testing.assert_close(enc(x), expected, rtol=0, atol=0)

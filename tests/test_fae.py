@@ -1,6 +1,4 @@
 """FAE encoder, feature decoder and pixel decoder: shapes, sizes against the paper, sampling, learning."""
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,9 +6,7 @@ import torch.nn.functional as F
 from fae_fast.config import fae_config
 from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify, reparameterize, unpatchify
 
-KERNELS = ("modulated_norm", "gated_residual", "rope", "swiglu", "reparameterize")
-HAVE_KERNELS = all(importlib.util.find_spec(f"fae_fast.kernels.{k}") for k in KERNELS)
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAVE_KERNELS, reason="kernels not written yet"))]
+IMPLS = ["torch", "triton"]  # triton runs through the interpreter on CPU (conftest.py)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,7 +45,6 @@ def test_shapes(impl):
         assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not HAVE_KERNELS, reason="kernels not written yet")
 def test_triton_matches_torch():
     """Same weights, both impls: identical maths up to fp32 rounding; the triton z uses the kernel's
     documented Philox noise, reproduced here with reparameterize_noise."""
@@ -164,8 +159,6 @@ def test_config_errors():
         PixelDecoder(fae_config("FAE-tiny", pix_width=33), "torch")
     with pytest.raises(ValueError, match="RoPE"):
         FeatureDecoder(fae_config("FAE-tiny", dec_width=40, dec_heads=4), "torch")  # head dim 10
-    with pytest.raises(ValueError, match="logvar_clamp"):
-        FAEEncoder(fae_config("FAE-tiny", logvar_clamp=(-10.0, 10.0)), "torch")
     dec = FeatureDecoder(tiny(), "torch")
     with pytest.raises(ValueError, match=r"expects \(B, 16, 4\)"):
         dec(torch.randn(2, 9, 4))

@@ -144,6 +144,17 @@ def test_a_corrupt_inception_file_is_named(tmp_path):
         fid.InceptionExtractor(torch.device("cpu"), str(bad))
 
 
+def test_inception_extractor_wires_torch_fidelitys_network(tmp_path, monkeypatch):
+    """The real network with random weights (its file cannot be downloaded here): pool features and
+    unbiased logits come back in that order and shape. Plumbing only; no score is computed."""
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.save({}, tmp_path / "empty.pth")
+    extractor = fid.InceptionExtractor(torch.device("cpu"), str(tmp_path / "empty.pth"))
+    features, logits = extractor(torch.from_numpy(images(2, 0, size=64)).permute(0, 3, 1, 2))
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008) and extractor.name == "inception-v3-compat"
+
+
 def test_missing_torch_fidelity_says_how_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[eval\]"):

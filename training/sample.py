@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from fae_fast.attention import choose_backend  # noqa: E402
 from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config  # noqa: E402
 from fae_fast.eval.npz import (check_coverage, list_chunks, pending_ranges, remove_partial_chunks,  # noqa: E402
                                write_adm_npz, write_chunk)
@@ -312,6 +313,19 @@ def sample_padded(model: Generator, start: int, end: int, cfg: SampleConfig) -> 
     return z[:n], y[:n]
 
 
+def prepare_for_speed(model: Generator, cfg: SampleConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """On CUDA: measure the attention backend for the B and 2B (CFG) shapes, then compile the forward
+    (in place, so the traced graph uses the measured backends and the model keeps its attributes)."""
+    if device.type != "cuda":
+        return
+    g = model.cfg
+    tokens = (g.grid // getattr(g, "patch_size", 1)) ** 2
+    for rows in (cfg.batch, 2 * cfg.batch):
+        choose_backend(rows, g.heads, tokens, g.width // g.heads, dtype, device)
+    if cfg.compile:
+        model.compile(mode="reduce-overhead" if cfg.cuda_graphs else None, dynamic=False)
+
+
 def evaluation_plan(sampler: SamplerConfig) -> tuple[int, int]:
     """(plain, guided) model evaluations per sample: guided ones run a forward of 2B."""
     ts = timesteps(sampler.steps, shift=sampler.time_shift).tolist()
@@ -500,8 +514,7 @@ def main(argv: list[str]) -> Path:
     if final.is_file():
         print0(f"{final} exists: this set is complete")
         return final
-    if cfg.compile and cuda:
-        model.compile(mode="reduce-overhead" if cfg.cuda_graphs else None, dynamic=False)
+    prepare_for_speed(model, cfg, d.device, dtype)
     todo = [pending_chunks(out / "chunks", cfg) if d.is_main else None]
     dist.broadcast_object_list(todo, src=0)  # one listing, made before anyone writes, for every rank
     todo = todo[0]
