@@ -57,8 +57,9 @@ def imagenet_like(tmp_path_factory):
     return root, listing, mean_kb
 
 
+NO_DALI = pytest.mark.skipif(dali_unavailable() is not None, reason="nvidia-dali not installed")
 BACKENDS = [
-    pytest.param("dali", 4, marks=pytest.mark.skipif(dali_unavailable() is not None, reason="nvidia-dali not installed")),
+    pytest.param("dali", 4, marks=NO_DALI),
     pytest.param("torchvision_gpu", 4),
     pytest.param("pil", min(16, os.cpu_count() or 1)),
 ]

@@ -59,7 +59,20 @@ def make_step(provider: str, model, opt, x1, y):
     return step
 
 
-def measure(provider: str, size: str, batch: int, steps: int, warmup: int) -> dict:
+def profile(step, path: str, steps: int = 3) -> None:
+    """Write the CUDA kernels of a few steps, by total time, to `path` (a text table)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with open(path, "w") as f:
+        f.write(table)
+
+
+def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profile_path: str = "") -> dict:
     d = init_distributed()
     cfg, model, opt = build(provider, size, d.device)
     T = cfg.grid * cfg.grid
@@ -75,6 +88,8 @@ def measure(provider: str, size: str, batch: int, steps: int, warmup: int) -> di
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
+    if profile_path and dist.get_rank() == 0:
+        profile(step, profile_path)
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -89,7 +104,7 @@ def measure(provider: str, size: str, batch: int, steps: int, warmup: int) -> di
         "batch_per_gpu": batch, "images_per_s_per_gpu": images_per_s, "step_ms": seconds * 1e3,
         "mfu": images_per_s * flops / peak, "peak_tflops": peak / 1e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": first,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
 
 
@@ -101,8 +116,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="")
+    parser.add_argument("--profile", default="", help="write a CUDA kernel time table here")
     args = parser.parse_args()
-    result = measure(args.provider, args.size, args.batch, args.steps, args.warmup)
+    result = measure(args.provider, args.size, args.batch, args.steps, args.warmup, args.profile)
     if dist.get_rank() == 0:
         print(json.dumps(result))
         if args.out:

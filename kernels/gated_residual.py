@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from .modulated_norm import (
-    _cast_for, _load_rows, _mod_ptrs, _norm_modulate_store, check_modulation, check_norm, lastdim_contiguous, mod_strides,
+    _load_rows, _mod_ptrs, _norm_modulate_store, check_modulation, check_norm, lastdim_contiguous, mod_strides,
     modulated_norm_ref, norm_residual_bwd, per_token, tile,
 )
-from .utils import row_num_warps, rows_2d
+from .utils import cast_rtne, row_num_warps, rows_2d
 
 
 def gated_residual_ref(x, gate, y, *, upcast: bool = True):
@@ -56,7 +56,7 @@ def _gated_residual_fwd_kernel(
     g_ptrs = _mod_ptrs(GATE, rows // T, rows % T, stride_gb, stride_gt, cols)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     h = _load_rows(X, rows, stride_x, cols, mask) + g * _load_rows(Y, rows, stride_y, cols, mask)
-    h = _cast_for(h, H)
+    h = cast_rtne(h, H.dtype.element_ty)
     tl.store(H + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
     if NORM:
         _norm_modulate_store(h.to(tl.float32), rows, row_ok, mask, cols, SCALE, SHIFT, W, N, MEAN, RSTD,

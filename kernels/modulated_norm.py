@@ -20,7 +20,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import interpreting, reduction_grid, row_block, row_loop_num_warps, row_num_warps, rows_2d, tile_rows
+from .utils import (
+    cast_rtne, interpreting, reduction_grid, row_block, row_loop_num_warps, row_num_warps, rows_2d, tile_rows,
+)
 
 NORMS = ("layer", "rms")
 
@@ -44,18 +46,6 @@ def modulated_norm_ref(x, scale, shift, weight=None, *, norm: str = "layer", eps
 # statistics are (ROWS,) vectors and reductions run along axis 1. Row r of a (B, T, D) tensor is token
 # t = r % T of sample b = r // T; a modulation row (b, t) sits at b * stride_b + t * stride_t, with
 # stride_t = 0 for a per-sample modulation.
-
-
-@triton.jit
-def _cast_for(x, PTR):
-    """fp32 x cast to PTR's element type, rounding to nearest even. The GPU's casts round so already; Triton's
-    CPU interpreter truncates to bf16, so bf16 is rounded here on the bits (add half an ulp, ties to even;
-    inf and NaN stay as they are) and CPU tests see the GPU's numerics."""
-    dtype = PTR.dtype.element_ty
-    if dtype == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        x = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -105,7 +95,7 @@ def _norm_modulate_store(
     s = tl.load(_mod_ptrs(SCALE, b, t, stride_sb, stride_st, cols), mask=mask, other=0.0).to(tl.float32)
     h = tl.load(_mod_ptrs(SHIFT, b, t, stride_hb, stride_ht, cols), mask=mask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * _row_weight(W, cols, n_cols, HAS_WEIGHT) * (1.0 + s) + h
-    tl.store(Y + rows[:, None] * n_cols + cols[None, :], _cast_for(y, Y), mask=mask)
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], cast_rtne(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -128,7 +118,7 @@ def _reduce_or_store(acc, val, ptrs, mask, PER_TOKEN: tl.constexpr):
     """Per-token modulation: the tile's gradient is the gradient, store it. Per sample: add it to the
     program's fp32 (ROWS, BLOCK) accumulator."""
     if PER_TOKEN:
-        tl.store(ptrs, _cast_for(val, ptrs), mask=mask)
+        tl.store(ptrs, cast_rtne(val, ptrs.dtype.element_ty), mask=mask)
     else:
         acc += val
     return acc
@@ -192,7 +182,7 @@ def _modulated_norm_bwd_kernel(
         s = _sample_row(SCALE + b * stride_sb, cols, n_cols, ROWS)
     if GATED and not PER_TOKEN:
         g = _sample_row(GATE + b * stride_gb, cols, n_cols, ROWS)
-    for start in range(t0, t_end, ROWS):
+    for start in tl.range(t0, t_end, ROWS, num_stages=3):  # prefetch the next tiles: keeps loads in flight
         toks = start + tl.arange(0, ROWS)
         tok_ok = toks < t_end
         mask = tok_ok[:, None] & (cols < n_cols)[None, :]
@@ -218,12 +208,12 @@ def _modulated_norm_bwd_kernel(
         if HAS_DH:
             d += _load_rows(DH, rows, stride_dh, cols, mask)
         if HAS_DN:
-            tl.store(DX + out, _cast_for(d, DX), mask=mask)
+            tl.store(DX + out, cast_rtne(d, DX.dtype.element_ty), mask=mask)
         if GATED:
             if PER_TOKEN:
                 g = tl.load(GATE + b * stride_gb + toks[:, None] * stride_gt + cols[None, :], mask=mask, other=0.0)
                 g = g.to(tl.float32)
-            tl.store(DY + out, _cast_for(d * g, DY), mask=mask)
+            tl.store(DY + out, cast_rtne(d * g, DY.dtype.element_ty), mask=mask)
             acc_g = _reduce_or_store(acc_g, d * _load_rows(Y, rows, stride_y, cols, mask), DGATE + out, mask,
                                      PER_TOKEN)
     if HAS_DN and not PER_TOKEN:
@@ -254,11 +244,12 @@ def mod_strides(m: Optional[torch.Tensor]) -> tuple[int, int]:
     return m.stride(0), (m.stride(1) if per_token(m) else 0)
 
 
-def tile(n_cols: int, n_rows: int) -> tuple[int, int]:
-    """(ROWS, BLOCK) of a program's tile. Under the interpreter, whose cost is per Triton op rather than
-    per element, tiles are 4x larger so CPU tests stay fast; the kernel code is the same."""
+def tile(n_cols: int, n_rows: int, elements: int = 4096) -> tuple[int, int]:
+    """(ROWS, BLOCK) of a program's tile of about `elements` values. Under the interpreter, whose cost is
+    per Triton op rather than per element, tiles hold 16384 values so CPU tests stay fast; the kernel code
+    is the same, only the constexpr differs."""
     block = row_block(n_cols)
-    return tile_rows(block, n_rows, elements=16384 if interpreting() else 4096), block
+    return tile_rows(block, n_rows, elements=16384 if interpreting() else elements), block
 
 
 def finish(p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -312,7 +303,7 @@ def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: 
     has_dn, gated = dn is not None, gate is not None
     tok = per_token(scale if has_dn else gate)
     has_w = has_dn and weight is not None
-    rows, block = tile(D, T)
+    rows, block = tile(D, T, elements=2048)  # smaller than the forward's: the loop keeps ~6 fp32 tiles live
     rows_per_program, n_chunks = reduction_grid(B, T, like.device, multiple_of=rows)
     dn2, x2, dh2, y2 = (None if t is None else rows_2d(t) for t in (dn, x, dh, y))
     scale, gate = (None if m is None else lastdim_contiguous(m) for m in (scale, gate))

@@ -133,7 +133,7 @@ def _by_index(out):
     return {int(i): k for k, i in enumerate(out["indices"])}
 
 
-def _expect_reference(root, out, images: ImageList, *, mean_levels, max_levels):
+def _expect_reference(out, images: ImageList, *, mean_levels, max_levels):
     for i, k in _by_index(out).items():
         diff = (out["pixels"][k] - _reference(images.path(i))).abs()
         assert diff.mean() < mean_levels * LEVEL and diff.max() <= max_levels * LEVEL + 1e-6, images.path(i)
@@ -147,7 +147,7 @@ def test_pil_loader_decodes_odd_files_to_the_reference(imagenet):
     assert loader.backend.name == "pil" and list(loader.skipped) == [odd["truncated"]]
     assert out["pixels"].shape == (17, 3, 256, 256) and out["pixels"].dtype == torch.float32
     assert out["encoder_pixels"].shape == (17, 3, 224, 224)
-    _expect_reference(root, out, images, mean_levels=1e-9, max_levels=0)
+    _expect_reference(out, images, mean_levels=1e-9, max_levels=0)
     gray = _by_index(out)[[images.path(i) for i in range(len(images))].index(odd["gray"])]
     assert torch.equal(out["pixels"][gray][0], out["pixels"][gray][1])  # gray -> equal R, G, B
     assert out["labels"].tolist() == images.labels[out["indices"].numpy()].tolist()
@@ -171,7 +171,7 @@ def test_torchvision_path_matches_pil_on_cpu(imagenet):
     with pytest.warns(BadImageWarning, match="odd_truncated.JPEG"):
         out, loader = _run(root, backend="torchvision_gpu")
     assert loader.backend.name == "torchvision_gpu" and len(out["indices"]) == 17
-    _expect_reference(root, out, loader.images, mean_levels=0.01, max_levels=1)
+    _expect_reference(out, loader.images, mean_levels=0.01, max_levels=1)
 
 
 @needs_dali
@@ -197,7 +197,7 @@ def test_dali_cpu_loader_matches_pil(imagenet):
     with pytest.warns(BadImageWarning, match="odd_truncated.JPEG"):
         out, loader = _run(root, backend="dali", workers=2)
     assert loader.backend.name == "dali" and len(out["indices"]) == 17
-    _expect_reference(root, out, loader.images, mean_levels=1, max_levels=4)
+    _expect_reference(out, loader.images, mean_levels=1, max_levels=4)
 
 
 class _Counting:
@@ -258,7 +258,7 @@ def test_skip_counts_and_loses_nothing_else(imagenet):
         out, loader = _run(root, backend="pil")
     bad = [loader.images.path(i) for i in range(len(loader.images))].index(odd["truncated"])
     assert sorted(out["indices"].tolist()) == [i for i in range(18) if i != bad]
-    assert loader.skipped == {odd["truncated"]: loader.skipped[odd["truncated"]]} and len(loader.skipped) == 1
+    assert list(loader.skipped) == [odd["truncated"]] and "truncated" in loader.skipped[odd["truncated"]]
 
 
 def test_exclude_list_from_the_check_tool_skips_up_front(imagenet, tmp_path, recwarn):
@@ -408,7 +408,8 @@ def test_file_list_is_sorted_and_labelled(clean, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("train/n00000003/n00000003_1.JPEG 7\ntrain/n00000000/n00000000_2.JPEG 5\n")
     images = list_images(ImageDataConfig(root=clean, file_list=str(listing)))
-    assert [p.decode() for p in images.paths] == ["train/n00000000/n00000000_2.JPEG", "train/n00000003/n00000003_1.JPEG"]
+    assert [p.decode() for p in images.paths] == ["train/n00000000/n00000000_2.JPEG",
+                                                  "train/n00000003/n00000003_1.JPEG"]
     assert images.labels.tolist() == [5, 7]
 
 
@@ -467,7 +468,7 @@ def test_torchvision_gpu_matches_pil(imagenet):
     root, _ = imagenet
     out, loader = _gpu_run(root, "torchvision_gpu")
     assert len(out["indices"]) == 17
-    _expect_reference(root, out, loader.images, mean_levels=1, max_levels=24)
+    _expect_reference(out, loader.images, mean_levels=1, max_levels=24)
 
 
 @pytest.mark.gpu
@@ -476,11 +477,11 @@ def test_dali_gpu_matches_pil(imagenet):
     root, _ = imagenet
     out, loader = _gpu_run(root, "dali")
     assert len(out["indices"]) == 17
-    _expect_reference(root, out, loader.images, mean_levels=1, max_levels=24)
+    _expect_reference(out, loader.images, mean_levels=1, max_levels=24)
 
 
 @pytest.mark.gpu
 def test_pil_backend_on_gpu_is_exact(imagenet):
     root, _ = imagenet
     out, loader = _gpu_run(root, "pil")
-    _expect_reference(root, out, loader.images, mean_levels=1e-9, max_levels=0)
+    _expect_reference(out, loader.images, mean_levels=1e-9, max_levels=0)

@@ -54,7 +54,8 @@ def reference_of(x: np.ndarray, extractor) -> fid.Reference:
 
 
 def fid_of(a: np.ndarray, b: np.ndarray, extractor) -> float:
-    return fid.score(fid.extract_features(batches(a), extractor), reference_of(b, extractor), isc=False, prc=False)["fid"]
+    samples = fid.extract_features(batches(a), extractor)
+    return fid.score(samples, reference_of(b, extractor), isc=False, prc=False)["fid"]
 
 
 def test_fid_plumbing_identical_sets_score_zero_and_shifted_sets_more():
@@ -196,3 +197,6 @@ def test_evaluate_program_without_inception_weights_stops_before_any_work(tmp_pa
         evaluate.main([f"--samples={tmp_path / 's.npz'}", f"--ref={tmp_path / 's.npz'}"])
     with pytest.raises(FileNotFoundError, match="--ref='/no/ref.npz' does not exist"):
         evaluate.main([f"--samples={tmp_path / 's.npz'}", "--ref=/no/ref.npz"])
+    np.savez(tmp_path / "latents.npz", arr_0=np.zeros((4, 16, 4), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(4, 16, 4\), not images"):
+        evaluate.main([f"--samples={tmp_path / 'latents.npz'}", f"--ref={tmp_path / 's.npz'}"])

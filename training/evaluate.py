@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from fae_fast.config import apply_overrides  # noqa: E402
 from fae_fast.eval.fid import InceptionExtractor, extract_features, iter_images, load_reference, score  # noqa: E402
+from fae_fast.eval.npz import npz_array_shape  # noqa: E402
 
 
 @dataclass(kw_only=True)
@@ -54,7 +55,12 @@ def parse_args(argv: list[str]) -> EvalConfig:
     cfg = apply_overrides(EvalConfig(), argv)
     for name in ("samples", "ref"):
         if not getattr(cfg, name) or not Path(getattr(cfg, name)).exists():
-            raise FileNotFoundError(f"--{name}={getattr(cfg, name)!r} does not exist; pass an .npz file or an image folder")
+            raise FileNotFoundError(f"--{name}={getattr(cfg, name)!r} does not exist; pass an .npz file or an "
+                                    f"image folder")
+    shape = npz_array_shape(cfg.samples) if cfg.samples.endswith(".npz") else (0, 0, 0, 3)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{cfg.samples} holds arr_0 of shape {tuple(shape)}, not images (N, H, W, 3); latents "
+                         f"from sample.py without --fae cannot be scored: sample with --fae and --stats")
     return cfg
 
 

@@ -83,7 +83,8 @@ class SampleConfig:
     compile: bool = True
     """torch.compile the generator forward (CUDA only)."""
     cuda_graphs: bool = False
-    """Compile with mode='reduce-overhead' (CUDA graphs): less launch overhead, more memory."""
+    """Compile with mode='reduce-overhead' (CUDA graphs): less launch overhead, more memory. Heun keeps
+    two outputs alive, which a graph replay overwrites in fp32: use it with bf16."""
     precision: str = "bf16"
     """'bf16' (bf16 weights and matmuls, as the training forward; CUDA only) or 'fp32'."""
     impl: str = "auto"
@@ -239,7 +240,8 @@ class Decoder:
             else fae_config(cfg.fae_size)
         if (fcfg.latent_dim, fcfg.grid) != (gcfg.in_channels, gcfg.grid):
             raise ValueError(f"the FAE decodes {fcfg.grid}x{fcfg.grid}x{fcfg.latent_dim} latents but the generator "
-                             f"makes {gcfg.grid}x{gcfg.grid}x{gcfg.in_channels}; pass the matching --fae_size or --fae_config")
+                             f"makes {gcfg.grid}x{gcfg.grid}x{gcfg.in_channels}; pass the matching --fae_size or "
+                             f"--fae_config")
         if not Path(cfg.fae).is_file():
             raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the safetensors file "
                                     f"with feature_decoder.* and pixel_decoder.* weights")
@@ -336,43 +338,34 @@ def evaluation_plan(sampler: SamplerConfig) -> tuple[int, int]:
     return len(times) - guided, guided
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def seconds_per_call(fn, device: torch.device, repeats: int = 3) -> float:
+    """Mean seconds of fn() over `repeats` calls after two warm-up calls (compilation happens there)."""
+    def run(n):
+        for _ in range(n):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-
-@torch.no_grad()
-def time_forward(model: Generator, batch: int, device: torch.device, repeats: int = 3) -> float:
-    """Seconds of one model forward at `batch` rows, after two warm-up calls (compilation happens there)."""
-    gcfg = model.cfg
-    x = torch.randn(batch, gcfg.grid ** 2, gcfg.in_channels, device=device)
-    t, y = torch.rand(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    for _ in range(2):
-        model(x, t, y)
-    _sync(device)
+    run(2)
     start = time.perf_counter()
-    for _ in range(repeats):
-        model(x, t, y)
-    _sync(device)
+    run(repeats)
     return (time.perf_counter() - start) / repeats
 
 
+@torch.no_grad()
 def estimate_seconds_per_batch(model: Generator, decoder: Decoder | None, cfg: SampleConfig,
                                device: torch.device) -> float:
     """Time of one batch of cfg.batch samples: timed forwards of B and 2B rows times the evaluation plan,
     plus one timed decode."""
-    plain, guided = evaluation_plan(cfg.sampler)
-    seconds = plain * time_forward(model, cfg.batch, device) if plain else 0.0
-    if guided:
-        seconds += guided * time_forward(model, 2 * cfg.batch, device)
+    g, seconds = model.cfg, 0.0
+    for rows, count in zip((cfg.batch, 2 * cfg.batch), evaluation_plan(cfg.sampler)):
+        if count:
+            x, t = torch.randn(rows, g.grid ** 2, g.in_channels, device=device), torch.rand(rows, device=device)
+            y = torch.zeros(rows, dtype=torch.long, device=device)
+            seconds += count * seconds_per_call(lambda: model(x, t, y), device)
     if decoder is not None:
-        z = torch.randn(cfg.batch, model.cfg.grid ** 2, model.cfg.in_channels, device=device)
-        decoder(z)
-        _sync(device)
-        start = time.perf_counter()
-        decoder(z)
-        _sync(device)
-        seconds += time.perf_counter() - start
+        z = torch.randn(cfg.batch, g.grid ** 2, g.in_channels, device=device)
+        seconds += seconds_per_call(lambda: decoder(z), device, repeats=1)
     return seconds
 
 
@@ -383,7 +376,7 @@ def manifest(cfg: SampleConfig, dtype: torch.dtype) -> dict:
     """The settings that determine the samples; a resumed run must have the same ones."""
     keys = ("ckpt", "fae", "fae_size", "fae_config", "stats", "num_samples", "labels", "seed")
     out = {k: getattr(cfg, k) for k in keys}
-    out["ckpt"], out["sampler"], out["dtype"] = str(Path(cfg.ckpt).resolve()), dataclasses.asdict(cfg.sampler), str(dtype)
+    out.update(ckpt=str(Path(cfg.ckpt).resolve()), sampler=dataclasses.asdict(cfg.sampler), dtype=str(dtype))
     return json.loads(json.dumps(out))  # tuples as lists, as they read back
 
 
@@ -394,8 +387,8 @@ def check_manifest(out: Path, wanted: dict, is_main: bool) -> None:
         saved = json.loads(path.read_text())
         if diff := [k for k in wanted if saved.get(k) != wanted[k]]:
             k = diff[0]
-            raise ValueError(f"{out} holds samples drawn with {k}={saved.get(k)!r}, but this run has {k}={wanted[k]!r}; "
-                             f"run with the same settings to resume, or pass another --out_dir")
+            raise ValueError(f"{out} holds samples drawn with {k}={saved.get(k)!r}, but this run has "
+                             f"{k}={wanted[k]!r}; run with the same settings to resume, or pass another --out_dir")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".manifest.json.tmp"

@@ -12,10 +12,9 @@ their (n, 3, S, S) uint8 crops on the device, and (index, reason) for each file 
 """
 import collections
 import functools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import logging
 
 import numpy as np
 import torch

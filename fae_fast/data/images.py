@@ -10,7 +10,8 @@ Every rank lists the same sorted files; image i keeps index i whatever is exclud
 extraction run can store each image at its index exactly once. An epoch is a seeded permutation of the
 indices (or the sorted order when shuffle=False); rank r takes every world-th item of what is left of
 it. The position (epoch, offset into that order) is global, so a run resumes exactly, also on another
-number of ranks.
+number of ranks. A file that cannot be decoded is skipped with a warning naming it (its batch is one
+row shorter) or stops the run, as on_error says; the check tool lists such files up front.
 
 Backends (same outputs): 'dali' (dali.py; GPU decode with device='mixed', CPU-only pipelines off
 CUDA), 'torchvision_gpu' (backends.py; nvjpeg batched decode on the loader's device), 'pil' (PIL in
@@ -38,7 +39,7 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 class ImageDataConfig:
     """Where the images are, how they are cut and batched, and which decoder runs."""
 
-    root: str
+    root: str = ""
     """Data root holding <split>/<wnid>/*.JPEG (ImageNet train layout), or <split>/*.JPEG with val_labels."""
     split: str = "train"
     """Sub-folder of root to read ('train' or 'val')."""
@@ -61,7 +62,7 @@ class ImageDataConfig:
     False: sorted order, every image exactly once, the last batch may be short (extraction)."""
     backend: str = "auto"
     """'auto' (dali on CUDA when installed, else torchvision_gpu on CUDA, else pil), 'dali',
-    'torchvision_gpu' or 'pil'."""
+    'torchvision_gpu' or 'pil'. The first two decode on `device`, also on a CPU one (tests)."""
     workers: int = 8
     """PIL: DataLoader worker processes. GPU backends: file-reading threads (and DALI's CPU threads)."""
     exclude_list: str = ""
@@ -242,40 +243,43 @@ def finish_batch(pixels: torch.Tensor, labels: torch.Tensor, indices: torch.Tens
 _DONE = object()
 
 
-def _produce_into(q: queue.Queue, stop: threading.Event, make, device: torch.device) -> None:
-    stream = None
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the current device is per thread
-        stream = torch.cuda.Stream(device)
+def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+    """Put item unless the consumer has stopped listening (then False)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _produce_into(q: queue.Queue, stop: threading.Event, make, stream: torch.cuda.Stream | None) -> None:
+    if stream is not None:
+        torch.cuda.set_device(stream.device)  # the current device is per thread
     try:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             gen = make()
             try:
                 for item in gen:
-                    event = None
-                    if stream is not None:
-                        event = torch.cuda.Event()
+                    event = torch.cuda.Event() if stream is not None else None
+                    if event is not None:
                         event.record(stream)
-                    while not stop.is_set():
-                        try:
-                            q.put((item, event), timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not _put(q, stop, (item, event)):
                         return
             finally:
-                gen.close()
-        q.put((_DONE, None))
+                gen.close()  # shuts down the backend's readers or hands its DataLoader back
+        _put(q, stop, (_DONE, None))
     except BaseException as e:  # handed to the consumer, which raises it in its own thread
-        q.put((e, None))
+        _put(q, stop, (e, None))
 
 
-def background(make, device: torch.device, depth: int = 2):
-    """Iterate make() in a thread, `depth` items ahead. On CUDA the items are made on a side stream;
-    the consumer's stream waits for each item and owns its tensors from then on."""
+def _background(make, stream: torch.cuda.Stream | None, depth: int = 2):
+    """Iterate make(), which yields (raw batch, output dict or None), in a thread `depth` items ahead.
+    On CUDA the items are made on `stream`; the caller's stream waits for each one and owns its output
+    tensors from then on."""
     q, stop = queue.Queue(maxsize=depth), threading.Event()
-    thread = threading.Thread(target=_produce_into, args=(q, stop, make, device), daemon=True)
+    thread = threading.Thread(target=_produce_into, args=(q, stop, make, stream), daemon=True)
     thread.start()
     try:
         while True:
@@ -285,7 +289,7 @@ def background(make, device: torch.device, depth: int = 2):
             if isinstance(item, BaseException):
                 raise item
             if event is not None and item[1] is not None:
-                current = torch.cuda.current_stream(device)
+                current = torch.cuda.current_stream(stream.device)
                 current.wait_event(event)
                 for t in item[1].values():
                     t.record_stream(current)  # the side stream's allocator must not reuse them early
@@ -310,6 +314,8 @@ class ImageLoader:
         self.excluded = excluded
         self.epoch, self.offset = 0, 0
         self.skipped: dict[str, str] = {}
+        # one side stream for the loader's life: cached tensors (resampling weights) stay on it
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @property
     def num_images(self) -> int:
@@ -360,7 +366,7 @@ class ImageLoader:
         batches = self._rank_batches(order)
         start, step = self.offset, self.cfg.batch_size * self.world
         flips = self._flips(self.epoch)
-        items = background(lambda: self._produce(batches, flips), self.device)
+        items = _background(lambda: self._produce(batches, flips), self.stream)
         for j, (raw, out) in enumerate(items):
             self._report(raw.failures)
             self.offset = min(start + (j + 1) * step, len(order))
@@ -402,6 +408,8 @@ BACKENDS = ("auto", "dali", "torchvision_gpu", "pil")
 
 
 def _check_config(cfg: ImageDataConfig) -> None:
+    if not cfg.root:
+        raise ValueError("root is empty; set it to the folder holding train/<wnid>/*.JPEG (e.g. /data/imagenet)")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend={cfg.backend!r} is not one of {BACKENDS}")
     if cfg.on_error not in ("skip", "stop"):

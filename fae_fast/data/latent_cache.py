@@ -1,0 +1,376 @@
+"""The latent cache: FAE latents of every image of a data set (and of its flipped twin), on disk.
+
+Written by training/extract_latents.py, read by train_gen.py (data.source='cache') and the linear probe.
+
+    folder/
+      index.json             written last, atomically, by rank 0 once every image is present exactly once:
+                             {"format": 1, "num_images": N, "tokens": T, "channels": C, "dtype": "float16",
+                              "flips": true, "shards": [{"file": "shard_00000.npy", "labels":
+                              "shard_00000.labels.npy", "start": s, "count": n}, ...],
+                              "encoder": timm name, "fae": weights file (or "random (seed s)"),
+                              "complete": true, ...}  (extra keys: shard_size, images, image_size, stats)
+      shard_XXXXX.npy        float16 (n, 2, T, C), memory-mappable (np.load(mmap_mode='r')): [:, 0] is the
+                             latent mean mu of image start + i, [:, 1] that of its horizontally flipped twin
+      shard_XXXXX.labels.npy int64 (n,): class labels of those images
+      stats.json             {"mean": [C floats], "std": [C floats], "count": 2 N T}: per-channel mean and
+                             population std over every latent vector, flips included, computed in float64
+      images.txt             'relative/path label' per image in cache order (a valid file_list)
+      settings.json          what the extraction was started with; a resumed run must match it
+
+Image i of the cache is the i-th image of the sorted listing (fae_fast.data.images.list_images) once the
+excluded files are removed. Shard k holds images [k * shard_size, min(N, (k + 1) * shard_size)).
+A shard is written under a '.tmp' name and renamed when complete (labels first, latents last), so a
+shard whose latents file exists is finished, and anything else is redone by a resumed run.
+
+The statistics are a fixed-order reduction: per shard, float64 moments (count, mean, M2) over fixed
+chunks merged with Chan's formula; then the shards' moments merged in shard order. Whoever computes a
+shard, the numbers are the same, so 1 or 64 ranks give bit-identical stats.json.
+"""
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fae_fast.config import DataConfig, GeneratorConfig
+
+FORMAT = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_STATS_CHUNK = 256  # images per float64 chunk of the statistics (fixed: it is part of the reduction order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    k: int
+    start: int
+    count: int
+
+    @property
+    def file(self) -> str:
+        return f"shard_{self.k:05d}.npy"
+
+    @property
+    def labels(self) -> str:
+        return f"shard_{self.k:05d}.labels.npy"
+
+    def entry(self) -> dict:
+        return {"file": self.file, "labels": self.labels, "start": self.start, "count": self.count}
+
+
+def plan_shards(num_images: int, shard_size: int) -> list[Shard]:
+    """Shard k holds images [k * shard_size, ...): the last one is short."""
+    return [Shard(k, s, min(shard_size, num_images - s)) for k, s in enumerate(range(0, num_images, shard_size))]
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write JSON atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    _fsync_rename(tmp, path)
+
+
+def shard_done(folder: Path, shard: Shard, tokens: int, channels: int, flips: bool = True) -> bool:
+    """True when the shard's two files exist with the expected shapes (a renamed, hence complete, shard)."""
+    lat, lab = folder / shard.file, folder / shard.labels
+    if not (lat.is_file() and lab.is_file()):
+        return False
+    try:
+        x, y = np.load(lat, mmap_mode="r"), np.load(lab, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return x.shape == (shard.count, 2 if flips else 1, tokens, channels) and y.shape == (shard.count,)
+
+
+def _ranges(indices: np.ndarray, most: int = 8) -> str:
+    """'3, 10-19, 40' for sorted indices, the first `most` runs."""
+    if len(indices) == 0:
+        return ""
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts, ends = np.r_[indices[0], indices[breaks + 1]], np.r_[indices[breaks], indices[-1]]
+    runs = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts[:most], ends[:most])]
+    more = f" and {len(starts) - most} more runs" if len(starts) > most else ""
+    return ", ".join(runs) + more
+
+
+def check_coverage(num_images: int, spans: list[tuple[int, int]]) -> None:
+    """Raise naming the indices of 0..N-1 that the (start, count) spans miss or cover more than once."""
+    diff = np.zeros(num_images + 1, dtype=np.int64)
+    for start, count in spans:
+        if start < 0 or start + count > num_images:
+            raise ValueError(f"a shard holds images {start}-{start + count - 1}, outside 0-{num_images - 1}")
+        diff[start] += 1
+        diff[start + count] -= 1
+    cover = np.cumsum(diff[:-1])
+    missing, twice = np.flatnonzero(cover == 0), np.flatnonzero(cover > 1)
+    if len(missing) or len(twice):
+        parts = []
+        if len(missing):
+            parts.append(f"{len(missing)} images missing ({_ranges(missing)})")
+        if len(twice):
+            parts.append(f"{len(twice)} images present more than once ({_ranges(twice)})")
+        raise ValueError(f"the latent cache does not hold every image exactly once: {'; '.join(parts)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing one shard
+# ----------------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Fills one shard batch by batch in a temporary memory-mapped file; `finish()` checks that every
+    image came exactly once, then renames labels and latents into place."""
+
+    def __init__(self, folder: Path, shard: Shard, tokens: int, channels: int):
+        self.folder, self.shard = Path(folder), shard
+        self.tmp = self.folder / (shard.file + ".tmp")
+        self.latents = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16,
+                                                 shape=(shard.count, 2, tokens, channels))
+        self.labels = np.zeros(shard.count, dtype=np.int64)
+        self.seen = np.zeros(shard.count, dtype=np.int64)
+
+    def write(self, positions: np.ndarray, latents: np.ndarray, labels: np.ndarray) -> None:
+        """positions (n,) cache indices inside this shard; latents (n, 2, T, C); labels (n,)."""
+        local = positions - self.shard.start
+        outside = positions[(local < 0) | (local >= self.shard.count)]
+        if len(outside):
+            raise ValueError(f"images {_ranges(np.sort(outside))} do not belong to shard {self.shard.k} "
+                             f"(images {self.shard.start}-{self.shard.start + self.shard.count - 1})")
+        if not np.isfinite(latents).all():
+            bad = np.sort(positions[~np.isfinite(latents).reshape(len(positions), -1).all(1)])
+            raise FloatingPointError(f"latents of images {_ranges(bad)} are not finite (NaN, or beyond float16's "
+                                     f"range); check the FAE weights")
+        np.add.at(self.seen, local, 1)
+        self.latents[local] = latents
+        self.labels[local] = labels
+
+    def finish(self) -> None:
+        missing, twice = np.flatnonzero(self.seen == 0), np.flatnonzero(self.seen > 1)
+        if len(missing) or len(twice):
+            s = self.shard.start
+            raise RuntimeError(f"shard {self.shard.k} got no latent for images {_ranges(missing + s)} and more than "
+                               f"one for images {_ranges(twice + s)}; the image loader skipped or repeated files")
+        self.latents.flush()
+        del self.latents
+        labels_tmp = self.folder / (self.shard.labels + ".tmp")
+        with open(labels_tmp, "wb") as f:
+            np.save(f, self.labels)
+        _fsync_rename(labels_tmp, self.folder / self.shard.labels)
+        _fsync_rename(self.tmp, self.folder / self.shard.file)  # last: its presence marks the shard done
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics: float64 moments in a fixed order
+# ----------------------------------------------------------------------------------------------------
+def merge_moments(a: tuple, b: tuple) -> tuple:
+    """Chan et al.'s parallel merge of (count, mean (C,), M2 (C,)) pairs, float64."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    if na == 0:
+        return b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n)
+
+
+def shard_moments(path: Path) -> tuple:
+    """(count, mean (C,), M2 (C,)) of every latent vector of one shard file, float64, fixed chunks."""
+    x = np.load(path, mmap_mode="r")  # (n, 2, T, C)
+    C = x.shape[-1]
+    acc = (0, np.zeros(C), np.zeros(C))
+    for s in range(0, x.shape[0], _STATS_CHUNK):
+        chunk = np.asarray(x[s:s + _STATS_CHUNK], dtype=np.float64).reshape(-1, C)
+        mean = chunk.mean(0)
+        acc = merge_moments(acc, (chunk.shape[0], mean, np.square(chunk - mean).sum(0)))
+    return acc
+
+
+def combine_stats(moments: list[tuple]) -> dict:
+    """stats.json content from per-shard moments given in shard order."""
+    acc = moments[0]
+    for m in moments[1:]:
+        acc = merge_moments(acc, m)
+    n, mean, m2 = acc
+    return {"mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "count": int(n)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+def read_index(folder: str | Path) -> dict:
+    """index.json of a complete cache; anything else raises one sentence saying how to finish it."""
+    path = Path(folder) / "index.json"
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"latent cache folder {str(folder)!r} does not exist; set data.path to the --out "
+                                f"folder of training/extract_latents.py")
+    index = json.loads(path.read_text()) if path.is_file() else {}
+    if index.get("complete") is not True:
+        raise ValueError(f"{str(folder)!r} is not a complete latent cache (no index.json marked complete); run "
+                         f"training/extract_latents.py with --out {folder} again to finish it (it resumes)")
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path} has cache format {index.get('format')!r}, this code reads format {FORMAT}; "
+                         f"extract the latents again with this version")
+    if index.get("dtype") not in DTYPES:
+        raise ValueError(f"{path} says dtype {index.get('dtype')!r}, not one of {', '.join(DTYPES)}; the index is "
+                         f"corrupt or from another program")
+    return index
+
+
+class LatentCache:
+    """Memory-mapped shards, labels (N,) and per-channel stats of a complete cache."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.index = read_index(self.folder)
+        ix = self.index
+        self.num_images, self.tokens, self.channels = ix["num_images"], ix["tokens"], ix["channels"]
+        self.flips = bool(ix["flips"])
+        self.shards = [np.load(self.folder / s["file"], mmap_mode="r") for s in ix["shards"]]
+        self.starts = np.array([s["start"] for s in ix["shards"]], dtype=np.int64)
+        self.labels = np.concatenate([np.load(self.folder / s["labels"]) for s in ix["shards"]])
+        self._check_files()
+        self.mean, self.std = self._read_stats()
+
+    def _check_files(self) -> None:
+        want = (2 if self.flips else 1, self.tokens, self.channels)
+        for s, x in zip(self.index["shards"], self.shards):
+            if x.shape != (s["count"], *want) or x.dtype != DTYPES[self.index["dtype"]]:
+                raise ValueError(f"{self.folder / s['file']} holds {x.dtype} {x.shape}, the index says "
+                                 f"{self.index['dtype']} {(s['count'], *want)}; extract this cache again")
+        check_coverage(self.num_images, [(s["start"], s["count"]) for s in self.index["shards"]])
+
+    def _read_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        path = self.folder / "stats.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; run training/extract_latents.py with --out {self.folder} "
+                                    f"again to write it")
+        stats = json.loads(path.read_text())
+        mean, std = np.array(stats["mean"], np.float64), np.array(stats["std"], np.float64)
+        if mean.shape != (self.channels,) or std.shape != (self.channels,) or not (std > 0).all():
+            raise ValueError(f"{path} does not hold {self.channels} channel means and positive stds; extract "
+                             f"this cache again")
+        return mean, std
+
+    def gather(self, images: np.ndarray, flips: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Latents (B, T, C) of `images` (B,) (flipped twin where `flips`), in the cache's dtype.
+
+        Indices are sorted so each shard is read in increasing order, one fancy-indexing call per shard."""
+        images = np.asarray(images, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(images), self.tokens, self.channels), dtype=DTYPES[self.index["dtype"]])
+        order = np.argsort(images, kind="stable")
+        sorted_images = images[order]
+        shard_of = np.searchsorted(self.starts, sorted_images, side="right") - 1
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(images)]):
+            k, rows = shard_of[a], order[a:b]
+            local = sorted_images[a:b] - self.starts[k]
+            out[rows] = self.shards[k][local, flips[rows].astype(np.int64)]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training source
+# ----------------------------------------------------------------------------------------------------
+def check_fits(cache: LatentCache, model: GeneratorConfig) -> None:
+    tokens = model.grid * model.grid
+    if (cache.tokens, cache.channels) != (tokens, model.in_channels):
+        raise ValueError(f"latent cache {str(cache.folder)!r} holds {cache.tokens} tokens x {cache.channels} "
+                         f"channels per image but the generator expects {model.grid}x{model.grid}={tokens} tokens x "
+                         f"{model.in_channels} channels; set --model.grid={int(round(cache.tokens ** 0.5))} "
+                         f"--model.in_channels={cache.channels} or extract latents with an FAE of that shape")
+
+
+class LatentCacheSource:
+    """This rank's share of each global batch, read from a latent cache (see latents.py for the API).
+
+    Epoch e visits the images in a permutation seeded by (seed, e); global batch s of the epoch is its
+    items [s * G, (s + 1) * G) (the N % G left over are dropped, different ones each epoch) and rank r
+    takes the contiguous items [r * B, (r + 1) * B) of it. With random_flip the flipped twin is used
+    where a coin seeded by (seed, e) comes up at the item's position. Everything is a function of the
+    step, so a resumed run reads exactly the batches of an uninterrupted one. Latents come normalised
+    with the cache's per-channel stats, (z - mean) / std, float32 on the device.
+    """
+
+    def __init__(self, data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+        self.cache = LatentCache(data.path)
+        check_fits(self.cache, model)
+        if data.random_flip and not self.cache.flips:
+            raise ValueError(f"latent cache {data.path!r} holds no flipped twins; set --data.random_flip=false")
+        N, G = self.cache.num_images, data.global_batch
+        if G > N:
+            raise ValueError(f"data.global_batch={G} is larger than the {N} images of {data.path!r}; use a smaller batch")
+        self.seed, self.random_flip, self.global_batch = data.seed, data.random_flip, G
+        self.local, self.rank, self.device = G // world, rank, torch.device(device)
+        self.steps_per_epoch = N // G
+        self.pin = self.device.type == "cuda"
+        self.mean = torch.tensor(self.cache.mean, dtype=torch.float32, device=self.device)  # (C,)
+        self.std = torch.tensor(self.cache.std, dtype=torch.float32, device=self.device)
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="latent-cache")
+        self._ahead: tuple[int, object] | None = None
+        self.next_step = 0
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(permutation (N,), flip coins (N,)) of an epoch; the last two are kept."""
+        with self._lock:
+            if epoch not in self._epochs:
+                N = self.cache.num_images
+                perm = np.random.default_rng([self.seed, epoch]).permutation(N)
+                coins = np.random.default_rng([self.seed, epoch, 1]).random(N) < 0.5
+                self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+                self._epochs[epoch] = (perm, coins & self.random_flip)
+            return self._epochs[epoch]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, offset into the epoch's permutation) where global batch `step` starts."""
+        return step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.global_batch
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (images (B,), flipped (B,)) of a step."""
+        epoch, offset = self.position(step)
+        perm, coins = self._epoch(epoch)
+        items = slice(offset + self.rank * self.local, offset + (self.rank + 1) * self.local)
+        return perm[items], coins[items]
+
+    def _host_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, flips = self.indices(step)
+        x = torch.empty((self.local, self.cache.tokens, self.cache.channels), pin_memory=self.pin,
+                        dtype=TORCH_DTYPES[self.cache.index["dtype"]])
+        self.cache.gather(images, flips, out=x.numpy())
+        y = torch.from_numpy(self.cache.labels[images])
+        return x, (y.pin_memory() if self.pin else y)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) float32 normalised, y (B,) int64, both on the device; the next step is read meanwhile."""
+        ahead, self._ahead = self._ahead, None
+        x, y = ahead[1].result() if ahead is not None and ahead[0] == step else self._host_batch(step)
+        self._ahead = (step + 1, self._pool.submit(self._host_batch, step + 1))
+        self.next_step = step + 1
+        x = x.to(self.device, non_blocking=True).float()
+        return x.sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        """Where the next batch starts (for inspection: batch(step) derives it from the step) and what it reads."""
+        epoch, offset = self.position(self.next_step)
+        return {"epoch": epoch, "position": offset, "num_images": self.cache.num_images, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (int(state["num_images"]), int(state["seed"])) != (self.cache.num_images, self.seed):
+            raise ValueError(f"the checkpoint's data position is for a cache of {int(state['num_images'])} images with "
+                             f"data.seed={int(state['seed'])}; {str(self.cache.folder)!r} holds "
+                             f"{self.cache.num_images} images with data.seed={self.seed}: resume on the same cache and seed")
+        epoch, offset = int(state["epoch"]), int(state["position"])
+        self.next_step = epoch * self.steps_per_epoch + offset // self.global_batch
