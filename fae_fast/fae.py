@@ -107,6 +107,7 @@ class FAEEncoder(nn.Module):
 
     def forward(self, x):  # (B, T, F)
         _check_tokens(x, self.cfg.grid ** 2, self.cfg.feature_dim, "FAE encoder")
+        x = x.to(self.to_moments.weight.dtype)  # frozen-encoder features arrive in their own dtype
         h = F.gelu(self.layer(x))  # (B, T, F)
         return self.to_moments(h)  # (B, T, 2C): [mu | logvar]
 
@@ -142,7 +143,7 @@ class FeatureDecoder(nn.Module):
 
     def forward(self, z):  # (B, T, C)
         _check_tokens(z, self.cfg.grid ** 2, self.cfg.latent_dim, "feature decoder")
-        h = self.embed(z)  # (B, T, D)
+        h = self.embed(z.to(self.embed.weight.dtype))  # (B, T, D); bf16 under mixed precision
         for layer in self.layers:
             h = layer(h)
         return self.out(self.norm(h))  # (B, T, F)
@@ -188,7 +189,8 @@ class PixelDecoder(nn.Module):
 
     def forward(self, x):  # (B, T, F)
         _check_tokens(x, self.cfg.grid ** 2, self.cfg.feature_dim, "pixel decoder")
-        h = self.embed(x) + self.pos_embed  # (B, T, D)
+        h = self.embed(x.to(self.embed.weight.dtype))
+        h = h + self.pos_embed.to(h.dtype)  # (B, T, D); the fp32 table must not promote bf16 activations
         for layer in self.layers:
             h = layer(h)
         return unpatchify(self.out(self.norm(h)), self.patch)  # (B, 3, S, S)

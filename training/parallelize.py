@@ -5,6 +5,7 @@ with `fully_shard`, then shard the root last. The same code runs on 1 GPU, N GPU
 (through torchrun), and on CPU with gloo.
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -26,6 +27,9 @@ def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf
     feeds its first layer, and t and other fp32 inputs stay fp32 where precision matters.
     """
     mp = mixed_precision(precision)
+    # With one rank nothing is saved by freeing the gathered weights after forward, and gathering them
+    # again for backward costs copies: keep them. With several, reshard to hold 1/N of the weights.
+    reshard = dist.get_world_size() > 1
     for i, block in enumerate(blocks):
         if activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -34,14 +38,8 @@ def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf
             blocks[i] = block
         if compile:
             block.compile()  # in place: parameter names stay as they are
-        if mp is None:
-            fully_shard(block)
-        else:
-            fully_shard(block, mp_policy=mp)
+        fully_shard(block, reshard_after_forward=reshard, **({} if mp is None else {"mp_policy": mp}))
     root_mp = None if mp is None else MixedPrecisionPolicy(
         param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
-    if root_mp is None:
-        fully_shard(model)
-    else:
-        fully_shard(model, mp_policy=root_mp)
+    fully_shard(model, reshard_after_forward=reshard, **({} if root_mp is None else {"mp_policy": root_mp}))
     return model

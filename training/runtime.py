@@ -207,3 +207,54 @@ def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step pieces shared by the training programs (added with train_fae.py; train_gen.py has its own copies
+# of step_generator and of the AdamW/lr lines, which these equal)
+# ----------------------------------------------------------------------------------------------------
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Integer seed of (run seed, step, rank): a step draws the same noise whether or not the run resumed."""
+    return seed * 1_000_003 + step * 1009 + rank + 7
+
+
+def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank))
+
+
+def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, betas=None) -> torch.optim.AdamW:
+    """AdamW of an OptimConfig (fused on CUDA, foreach elsewhere); lr and betas may be overridden."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas if betas is None else betas,
+                             weight_decay=optim.weight_decay, fused=fused, foreach=not fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, optim, step: int, total: int) -> None:
+    """Peak lr of an OptimConfig times its warmup/schedule factor at `step`."""
+    factor = lr_factor(step, total=total, warmup=optim.warmup_steps, schedule=optim.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = optim.lr * factor
+
+
+class TermMeter:
+    """Sums of logged loss terms kept on the device (no sync per step); `means()` averages them over the
+    steps since the last call and over ranks with one all-reduce."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        keys = list(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        if dist.is_initialized():
+            dist.all_reduce(stacked)
+            stacked /= dist.get_world_size()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, stacked.tolist()))

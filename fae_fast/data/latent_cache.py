@@ -205,6 +205,33 @@ def combine_stats(moments: list[tuple]) -> dict:
     return {"mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "count": int(n)}
 
 
+def finish_cache(folder: Path, plan: list[Shard], meta: dict, moments: list[tuple]) -> dict:
+    """Check that the shards on disk hold images 0..N-1 exactly once, write stats.json from the shards'
+    moments (in shard order), then index.json, last. Returns the index."""
+    folder = Path(folder)
+    check_coverage(meta["num_images"], [(s.start, np.load(folder / s.file, mmap_mode="r").shape[0]) for s in plan])
+    write_json(folder / "stats.json", combine_stats(moments))
+    index = {**meta, "format": FORMAT, "shards": [s.entry() for s in plan], "stats": "stats.json", "complete": True}
+    write_json(folder / "index.json", index)
+    return index
+
+
+def write_cache(folder: str | Path, latents: np.ndarray, labels: np.ndarray, *, shard_size: int, **meta) -> dict:
+    """A complete cache from arrays in memory: latents (N, 2, T, C), labels (N,) (small data sets, tests)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    N, _, T, C = latents.shape
+    plan = plan_shards(N, shard_size)
+    for s in plan:
+        writer = ShardWriter(folder, s, T, C)
+        rows = np.arange(s.start, s.start + s.count)
+        writer.write(rows, latents[rows].astype(np.float16), labels[rows])
+        writer.finish()
+    meta = {"num_images": N, "tokens": T, "channels": C, "dtype": "float16", "flips": True, "shard_size": shard_size,
+            "encoder": "", "fae": "", **meta}
+    return finish_cache(folder, plan, meta, [shard_moments(folder / s.file) for s in plan])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------

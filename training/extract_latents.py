@@ -1,0 +1,375 @@
+"""Turn an image data set into the FAE latent cache that train_gen.py reads (format: fae_fast/data/latent_cache.py).
+
+    torchrun --nproc_per_node=8 training/extract_latents.py --images /imagenet/train \\
+        --fae runs/fae/ema.safetensors --encoder DINOv2-g/14 --out /latents/train [--batch 256]
+    # CPU smoke run with random weights (never implied: --random-weights must be said)
+    python training/extract_latents.py --images /tmp/imgs/train --encoder tiny --fae-size FAE-tiny \\
+        --random-weights --out /tmp/latents --encoder.feature_dim=192 --fae.feature_dim=192
+
+Each image's ADM centre crop (fae.image_size px) and its horizontal flip go through the frozen encoder
+(bf16 on CUDA, no_grad, torch.compile) and the FAE encoder; the latent mean mu (no sampling) of both is
+stored. Shard k (shard_size images) is made by rank k % world; a finished shard is skipped when the same
+command runs again, a half-written one is redone. The run ends by checking that every image is present
+exactly once, computing the per-channel stats and writing index.json. Run
+`python -m fae_fast.data.check IMAGES --out problems.txt` first and pass --exclude-list problems.txt if
+the folder may hold undecodable files: a file that cannot be decoded stops extraction, naming it.
+`--encoder.field=value` / `--fae.field=value` change single fields of the encoder and FAE configs.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fae_fast.config import EncoderConfig, FAEConfig, apply_overrides, encoder_config, fae_config  # noqa: E402
+from fae_fast.data import latent_cache as lc  # noqa: E402
+from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
+from fae_fast.encoders import FrozenEncoder  # noqa: E402
+from fae_fast.fae import FAEEncoder  # noqa: E402
+from training.runtime import init_distributed, print0  # noqa: E402
+
+# The FAE size that belongs to each registered encoder (the FAE reads that encoder's features).
+ENCODER_FAE = {"DINOv2-g/14": "FAE-DINOv2-g", "DINOv2-B/14": "FAE-DINOv2-B",
+               "SigLIP2-So400m/16": "FAE-SigLIP2-So400m", "tiny": "FAE-tiny"}
+
+
+@dataclass(kw_only=True)
+class Models:
+    """The two models extraction runs; command-line `--encoder.x=v` / `--fae.x=v` edit them."""
+
+    encoder: EncoderConfig
+    """The frozen encoder."""
+    fae: FAEConfig
+    """The FAE (only its encoder is used)."""
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Models]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--images", required=True, help="a split folder: <class>/*.JPEG, or flat with --val-labels; "
+                                                   "with --file-list the folder its paths are relative to")
+    p.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
+    p.add_argument("--encoder", default="DINOv2-g/14", help="registered encoder (fae_fast.config.ENCODER_SIZES)")
+    p.add_argument("--fae", default="", help="FAE weights: a .safetensors file or a folder holding ema.safetensors")
+    p.add_argument("--fae-size", default="", help="registered FAE size (default: the one of --encoder)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="randomly initialised FAE (and encoder, unless it has weights_path): tests and speed runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (the same on every rank)")
+    p.add_argument("--batch", type=int, default=256, help="images per step on each rank (2x rows with flips)")
+    p.add_argument("--shard-size", type=int, default=10240, help="images per shard (a multiple of --batch)")
+    p.add_argument("--workers", type=int, default=8, help="decoding workers / reader threads per rank")
+    p.add_argument("--backend", default="auto", help="image decoder: auto, dali, torchvision_gpu or pil")
+    p.add_argument("--file-list", default="", help="'relative/path label' lines used instead of scanning")
+    p.add_argument("--val-labels", default="", help="labels of a flat val folder (LOC_val_solution.csv)")
+    p.add_argument("--exclude-list", default="", help="output of python -m fae_fast.data.check: files to leave out")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the models (default: on CUDA)")
+    p.add_argument("--max-shards", type=int, default=0, help="stop after this many shards per rank (0: all)")
+    p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
+    args, rest = p.parse_known_args(argv)
+    fae_size = args.fae_size or ENCODER_FAE.get(args.encoder, "")
+    if not fae_size:
+        p.error(f"no FAE size is registered for encoder {args.encoder!r}; pass --fae-size")
+    models = Models(encoder=encoder_config(args.encoder), fae=fae_config(fae_size))
+    apply_overrides(models, rest)
+    if args.shard_size % args.batch:
+        p.error(f"--shard-size {args.shard_size} is not a multiple of --batch {args.batch}; batches must not "
+                f"straddle shards")
+    if not args.fae and not args.random_weights:
+        p.error("no FAE weights given: pass --fae runs/fae/ema.safetensors (or its folder), or --random-weights "
+                "to extract with a randomly initialised FAE (tests and speed runs only)")
+    return args, models
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+def fae_file(path: str) -> Path:
+    """The safetensors file `--fae` names: the file itself, or a folder's ema.safetensors."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "ema.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        raise FileNotFoundError(f"FAE weights {str(p)!r} do not exist; pass the ema.safetensors that train_fae.py "
+                                f"exports (or the folder holding it) as --fae")
+    return p
+
+
+def load_fae_encoder(path: str, cfg: FAEConfig, impl: str = "auto") -> FAEEncoder:
+    """The FAE encoder of a weights file holding it under any prefix ('', 'encoder.', 'fae.encoder.', ...)."""
+    from safetensors.torch import load_file
+
+    file = fae_file(path)
+    state = load_file(str(file))
+    tail = "to_moments.weight"
+    prefixes = sorted({k[:-len(tail)] for k in state if k.endswith(tail)})
+    if len(prefixes) != 1:
+        raise ValueError(f"{file} holds {len(prefixes)} FAE encoders (keys ending in {tail!r}: prefixes "
+                         f"{prefixes}); export one FAE per file")
+    model = FAEEncoder(cfg, impl)
+    sub = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
+    for key, own in model.state_dict().items():
+        if key not in sub or sub[key].shape != own.shape:
+            found = f"shape {tuple(sub[key].shape)}" if key in sub else "no such key"
+            raise ValueError(f"{file} does not fit the FAE config: {prefixes[0]}{key} wants shape {tuple(own.shape)}, "
+                             f"the file has {found}; pass the --fae-size (or --fae.field=value) it was trained with")
+    model.load_state_dict({k: sub[k] for k in model.state_dict()})
+    return model
+
+
+def build_models(args: argparse.Namespace, models: Models, device: torch.device) -> tuple[FrozenEncoder, FAEEncoder]:
+    """Frozen encoder (bf16 on CUDA) and FAE encoder, in eval mode, optionally compiled. Random weights
+    are drawn from args.seed, so every rank builds the same ones."""
+    torch.manual_seed(args.seed)
+    enc_cfg = models.encoder
+    if args.random_weights and not enc_cfg.weights_path:
+        enc_cfg.pretrained = False
+    with device:  # random init on the device: fast for a billion parameters
+        encoder = FrozenEncoder(enc_cfg, grid=models.fae.grid)
+        if encoder.feature_dim != models.fae.feature_dim:
+            raise ValueError(f"encoder {enc_cfg.timm_name} gives {encoder.feature_dim} channels but the FAE reads "
+                             f"{models.fae.feature_dim}; pass --fae.feature_dim={encoder.feature_dim} or the "
+                             f"matching --fae-size")
+        fae = load_fae_encoder(args.fae, models.fae) if args.fae else FAEEncoder(models.fae)
+    fae.eval().requires_grad_(False)
+    if device.type == "cuda":
+        encoder.model.to(torch.bfloat16)  # the mean/std buffers stay fp32 (preprocess runs in fp32)
+    if args.compile if args.compile is not None else device.type == "cuda":
+        encoder.compile()
+        fae.compile()
+    return encoder, fae
+
+
+@torch.no_grad()
+def latent_means(encoder: FrozenEncoder, fae: FAEEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """pixels (R, 3, S, S) in [0, 1] -> mu (R, T, C): frozen features, then the FAE's mean (no sampling).
+    On CUDA the FAE runs under bf16 autocast like the encoder; mu is stored as float16 anyway."""
+    features = encoder(pixels)  # (R, T, F)
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=pixels.device.type == "cuda"):
+        _, mu, _ = fae.encode(features, sample=False)
+    return mu
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images and settings
+# ----------------------------------------------------------------------------------------------------
+def make_loader(args: argparse.Namespace, models: Models, device: torch.device):
+    """An every-image-once loader (sorted order, flipped twins) of this process alone: the rank split is
+    by shard, done here by excluding the images of other shards (loader.excluded)."""
+    images = os.path.abspath(args.images)
+    root, split = (images, "") if args.file_list else (os.path.dirname(images), os.path.basename(images))
+    cfg = ImageDataConfig(root=root, split=split, file_list=args.file_list, val_labels=args.val_labels,
+                          batch_size=args.batch, image_size=models.fae.image_size,
+                          encoder_size=models.encoder.image_size, flip_twins=True, shuffle=False,
+                          backend=args.backend, workers=args.workers, exclude_list=args.exclude_list,
+                          on_error="stop")
+    return make_image_loader(cfg, rank=0, world=1, device=device)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_settings(args, models: Models, loader, kept: np.ndarray) -> dict:
+    """What must not change between a run and its resumption."""
+    listing = hashlib.sha256(b"\n".join(loader.images.paths[kept]))
+    listing.update(loader.images.labels[kept].tobytes())
+    enc = models.encoder
+    enc_weights = enc.weights_path or ("hub" if enc.pretrained and not args.random_weights else f"random (seed {args.seed})")
+    return {
+        "format": lc.FORMAT, "num_images": int(len(kept)), "shard_size": args.shard_size,
+        "tokens": models.fae.grid ** 2, "channels": models.fae.latent_dim, "dtype": "float16", "flips": True,
+        "encoder": enc.timm_name, "encoder_weights": enc_weights, "encoder_size": enc.image_size,
+        "image_size": models.fae.image_size,
+        "fae": str(fae_file(args.fae)) if args.fae else f"random (seed {args.seed})",
+        "fae_sha256": _sha256_file(fae_file(args.fae)) if args.fae else "",
+        "images": loader.images.root, "images_sha256": listing.hexdigest(),
+    }
+
+
+def prepare_folder(out: Path, settings: dict, d) -> None:
+    """Create the folder and record the settings, or check that a resumed run uses the same ones."""
+    path = out / "settings.json"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            lc.write_json(path, settings)
+    dist.barrier()
+    saved = json.loads(path.read_text())
+    changed = [k for k in settings if saved.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{out} holds latents extracted with {k}={saved.get(k)!r}, this run has {settings[k]!r}; "
+                         f"pass a new --out, or delete {out} to start over")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------------
+class ExtractProgress:
+    """Rank 0's line: images done over all ranks (estimated from rank 0's pace), images/s, ETA."""
+
+    def __init__(self, *, total: int, done_before: int, world: int, every: float):
+        self.total, self.done_before, self.world, self.every = total, done_before, world, every
+        self.start = self.last = time.perf_counter()
+        self.images = 0
+
+    def update(self, images: int, shards_done: int, shards: int, force: bool = False) -> None:
+        self.images += images
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.images * self.world / max(now - self.start, 1e-9)
+        done = min(self.total, self.done_before + self.images * self.world)
+        eta = datetime.timedelta(seconds=int((self.total - done) / max(rate, 1e-9)))
+        filled = int(20 * done / max(self.total, 1))
+        print0(f"[{'#' * filled}{'.' * (20 - filled)}] {done:,}/{self.total:,} images (all ranks, est.) | "
+               f"shard {shards_done}/{shards} of rank 0 | {rate:,.1f} img/s | ETA {eta}")
+
+
+class BatchSink:
+    """Receives the latents of one batch at a time and routes them into the shard they belong to."""
+
+    def __init__(self, out: Path, shards: list[lc.Shard], shard_size: int, position_of: np.ndarray, tokens: int,
+                 channels: int, progress: ExtractProgress):
+        self.out, self.position_of, self.tokens, self.channels = out, position_of, tokens, channels
+        self.by_start, self.size = {s.start: s for s in shards}, shard_size
+        self.progress, self.shards_done, self.shards = progress, 0, len(shards)
+        self.writer: lc.ShardWriter | None = None
+
+    def put(self, latents: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
+        """latents (n, 2, T, C) float16; indices (2n,) listed image indices of the rows (plain, then flipped)."""
+        n = len(latents)
+        if not np.array_equal(indices[:n], indices[n:]):
+            raise RuntimeError("the loader's flipped rows do not mirror its plain rows; fae_fast.data.images changed")
+        positions = self.position_of[indices[:n]]
+        start = positions[0] - positions[0] % self.size
+        if self.writer is None or self.writer.shard.start != start:
+            self.finish()
+            self.writer = lc.ShardWriter(self.out, self.by_start[start], self.tokens, self.channels)
+        self.writer.write(positions, latents, labels[:n])
+        self.progress.update(n, self.shards_done, self.shards)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.finish()
+            self.writer, self.shards_done = None, self.shards_done + 1
+            self.progress.update(0, self.shards_done, self.shards, force=True)
+
+
+def _launch(encoder, fae, batch: dict, rows: int) -> tuple:
+    """Start one batch on the device; returns host buffers filled asynchronously and their event."""
+    pixels, indices, labels = batch["encoder_pixels"], batch["indices"], batch["labels"]
+    n = pixels.shape[0] // 2
+    if pixels.shape[0] < rows:  # the last batch: pad to the compiled shape, drop the padding below
+        pixels = torch.cat([pixels, pixels[-1:].expand(rows - pixels.shape[0], *pixels.shape[1:])])
+    mu = latent_means(encoder, fae, pixels)[:2 * n]  # (2n, T, C): plain rows, then flipped rows
+    mu = mu.view(2, n, *mu.shape[1:]).transpose(0, 1).to(torch.float16)  # (n, 2, T, C)
+    pin = pixels.device.type == "cuda"
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (mu, indices, labels)]
+    for h, t in zip(host, (mu, indices, labels)):
+        h.copy_(t, non_blocking=True)
+    event = torch.cuda.Event() if pin else None
+    if event is not None:
+        event.record()
+    return host, event
+
+
+def extract(loader, todo: list[lc.Shard], kept: np.ndarray, encoder, fae, sink: BatchSink, batch: int) -> None:
+    """Latents of every image of the `todo` shards into the sink; batch i + 1 is launched on the device
+    before batch i's results are written, so the device never waits for the disk."""
+    wanted = np.zeros(len(loader.images), dtype=bool)
+    for s in todo:
+        wanted[kept[s.start:s.start + s.count]] = True
+    loader.excluded = ~wanted  # the user's exclusions are not in `kept`, so they stay out
+    pending = None
+    for b in loader:
+        launched = _launch(encoder, fae, b, 2 * batch)
+        if pending is not None:
+            _store(pending, sink)
+        pending = launched
+    if pending is not None:
+        _store(pending, sink)
+    sink.finish()
+
+
+def _store(launched: tuple, sink: BatchSink) -> None:
+    (mu, indices, labels), event = launched
+    if event is not None:
+        event.synchronize()
+    sink.put(mu.numpy(), indices.numpy(), labels.numpy())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finishing: stats, the exactly-once check, index.json
+# ----------------------------------------------------------------------------------------------------
+def finalize(out: Path, plan: list[lc.Shard], settings: dict, loader, kept: np.ndarray, d) -> bool:
+    """When every shard is on disk: stats (each rank its shards, merged in shard order), coverage check
+    and index.json by rank 0. Returns False (and says so) while shards are missing."""
+    T, C = settings["tokens"], settings["channels"]
+    missing = [s.k for s in plan if not lc.shard_done(out, s, T, C)]
+    if missing:
+        print0(f"{len(missing)} of {len(plan)} shards are not written yet (first: shard {missing[0]}); run the "
+               f"same command again to finish the cache")
+        return False
+    mine = [lc.shard_moments(out / s.file) for s in plan if s.k % d.world == d.rank]
+    gathered = [None] * d.world
+    dist.all_gather_object(gathered, mine)
+    if d.is_main:
+        lines = [f"{p.decode()} {y}" for p, y in zip(loader.images.paths[kept], loader.images.labels[kept])]
+        (out / "images.txt").write_text("\n".join(lines) + "\n")
+        lc.finish_cache(out, plan, settings, [gathered[s.k % d.world][s.k // d.world] for s in plan])
+        print0(f"latent cache complete: {len(kept):,} images present exactly once ({2 * len(kept):,} latents with "
+               f"flips), {T} tokens x {C} channels, {len(plan)} shards -> {out}")
+    dist.barrier()
+    return True
+
+
+def main(argv: list[str]) -> bool:
+    args, models = parse_args(argv)
+    d = init_distributed()
+    out = Path(args.out)
+    loader = make_loader(args, models, d.device)
+    kept = np.flatnonzero(~loader.excluded)  # cache position j <-> listed image kept[j]
+    settings = make_settings(args, models, loader, kept)
+    prepare_folder(out, settings, d)
+    plan = lc.plan_shards(len(kept), args.shard_size)
+    T, C = settings["tokens"], settings["channels"]
+    if (out / "index.json").is_file():
+        print0(f"{out} is already a complete latent cache of {len(kept):,} images; nothing to do")
+        return True
+    todo = [s for s in plan if s.k % d.world == d.rank and not lc.shard_done(out, s, T, C)]
+    todo = todo[:args.max_shards] if args.max_shards else todo
+    done_before = sum(s.count for s in plan if lc.shard_done(out, s, T, C))
+    print0(f"{len(kept):,} images in {len(plan)} shards of {args.shard_size}; {done_before:,} images done before; "
+           f"{d.world} rank(s) on {d.device.type}; encoder {models.encoder.timm_name}, FAE {settings['fae']}")
+    if args.random_weights:
+        print0("WARNING: --random-weights: these latents come from randomly initialised weights (tests, speed runs)")
+    if todo:
+        encoder, fae = build_models(args, models, d.device)
+        position_of = np.full(len(loader.images), -1, dtype=np.int64)
+        position_of[kept] = np.arange(len(kept))
+        progress = ExtractProgress(total=len(kept), done_before=done_before, world=d.world, every=args.log_every)
+        sink = BatchSink(out, todo, args.shard_size, position_of, T, C, progress)
+        extract(loader, todo, kept, encoder, fae, sink, args.batch)
+    dist.barrier()
+    return finalize(out, plan, settings, loader, kept, d)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    dist.destroy_process_group()
