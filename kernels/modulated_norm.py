@@ -325,7 +325,7 @@ def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: 
             IS_RMS=norm == "rms", HAS_WEIGHT=has_w, PER_TOKEN=tok, HAS_DN=has_dn, HAS_DH=dh is not None,
             GATED=gated, ROWS=rows, BLOCK=block, num_warps=row_loop_num_warps(rows * block),
         )
-    dshift = like.new_empty((0,))
+    dshift = like.new_empty((0,), dtype=shift_dtype)
     if has_dn and not tok:
         dscale, dshift = finish(ds_p, scale.dtype, scale.shape), finish(dh_p, shift_dtype, scale.shape)
     if gated and not tok:

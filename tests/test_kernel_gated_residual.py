@@ -4,7 +4,8 @@ determinism; mixed dtypes; registration and torch.compile. CPU runs go through T
 import pytest
 import torch
 from test_kernel_modulated_norm import (
-    COMPILE_BACKEND, NORMS, SHAPES, TOL, check_against_reference, modulation, norm_inputs, run, upcast,
+    COMPILE_BACKEND, SHAPES, TOL, assert_deterministic, check_against_reference, modulation, norm_inputs, norm_matrix,
+    run, upcast,
 )
 
 from fae_fast.kernels.gated_residual import (
@@ -51,10 +52,7 @@ def test_gated_residual_matches_reference(shape, per_token, dtype, device):
     check_against_reference(gated_residual, gated_residual_ref, ("h", "dx", "dgate", "dy"), inputs, douts)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-@pytest.mark.parametrize("norm, with_weight", NORMS, ids=["layer", "layer_w", "rms", "rms_w"])
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@norm_matrix
 def test_gated_residual_modulated_norm_matches_reference(shape, per_token, norm, with_weight, dtype, device):
     torch.manual_seed(1)
     inputs, douts = fused_inputs(*shape, with_weight, per_token, device, dtype)
@@ -110,13 +108,9 @@ def test_gated_residual_modulated_norm_mixed_dtypes(device):
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 def test_gated_residual_modulated_norm_deterministic(per_token, device):
-    """Backward twice on the same inputs: bit-identical gradients (fp32 partial sums, no atomics)."""
+    """fp32 partial sums in a fixed order, no atomics."""
     torch.manual_seed(5)
-    shape = (64, 256, 1152) if device.type == "cuda" else (3, 37, 1152)
-    inputs, douts = fused_inputs(*shape, True, per_token, device, torch.bfloat16)
-    first, second = (run(gated_residual_modulated_norm, inputs, douts, norm="rms") for _ in range(2))
-    for name, a, b in zip(FUSED_NAMES + ("dweight",), first, second):
-        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    assert_deterministic(gated_residual_modulated_norm, fused_inputs, FUSED_NAMES + ("dweight",), per_token, device)
 
 
 def test_gated_residual_rejects_bad_inputs(device):

@@ -27,7 +27,7 @@ def assert_matches(name, out, ref, ref_lowp):
     computing in that dtype, both measured against that reference."""
     torch.testing.assert_close(out.to(ref.dtype), ref, **TOL[out.dtype], msg=lambda m: f"{name}: {m}")
     if out.dtype != torch.float32:
-        err, err_torch = (out.to(ref.dtype) - ref).abs().max().item(), (ref_lowp.to(ref.dtype) - ref).abs().max().item()
+        err, err_torch = ((t.to(ref.dtype) - ref).abs().max().item() for t in (out, ref_lowp))
         assert err <= 2 * err_torch + 1e-6, f"{name}: kernel error {err:.3g} > 2 x torch {out.dtype} error {err_torch:.3g}"
 
 
@@ -75,10 +75,17 @@ def grad_names(with_weight):
     return ("y", "dx", "dscale", "dshift") + (("dweight",) if with_weight else ())
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-@pytest.mark.parametrize("norm, with_weight", NORMS, ids=["layer", "layer_w", "rms", "rms_w"])
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def norm_matrix(test):
+    """Parametrise a test over dtype x (norm, with_weight) x per-sample / per-token x SHAPES."""
+    for mark in (pytest.mark.parametrize("dtype", list(TOL), ids=str),
+                 pytest.mark.parametrize("norm, with_weight", NORMS, ids=["layer", "layer_w", "rms", "rms_w"]),
+                 pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"]),
+                 pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))):
+        test = mark(test)
+    return test
+
+
+@norm_matrix
 def test_modulated_norm_matches_reference(shape, per_token, norm, with_weight, dtype, device):
     torch.manual_seed(0)
     inputs, douts = norm_inputs(*shape, with_weight, per_token, device, dtype)
@@ -126,15 +133,21 @@ def test_modulated_norm_strided_inputs(device):
         check_against_reference(modulated_norm, modulated_norm_ref, grad_names(True), inputs, dy, norm="rms")
 
 
+def assert_deterministic(fn, make_inputs, names, per_token, device):
+    """Forward and backward twice on the same bf16 inputs (RMSNorm with weight, so every reduction runs):
+    bit-identical outputs and gradients. Large on a GPU, where programs really run concurrently."""
+    shape = (64, 256, 1152) if device.type == "cuda" else (3, 37, 1152)
+    inputs, douts = make_inputs(*shape, True, per_token, device, torch.bfloat16)
+    first, second = (run(fn, inputs, douts, norm="rms") for _ in range(2))
+    for name, a, b in zip(names, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 def test_modulated_norm_deterministic(per_token, device):
-    """Backward twice on the same inputs: bit-identical gradients (fp32 partial sums, no atomics)."""
+    """fp32 partial sums in a fixed order, no atomics."""
     torch.manual_seed(3)
-    shape = (64, 256, 1152) if device.type == "cuda" else (3, 37, 1152)
-    inputs, douts = norm_inputs(*shape, True, per_token, device, torch.bfloat16)
-    first, second = (run(modulated_norm, inputs, douts, norm="rms") for _ in range(2))
-    for name, a, b in zip(grad_names(True), first, second):
-        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    assert_deterministic(modulated_norm, norm_inputs, grad_names(True), per_token, device)
 
 
 def test_modulated_norm_rejects_bad_inputs(device):

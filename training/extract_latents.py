@@ -339,7 +339,9 @@ def finalize(out: Path, plan: list[lc.Shard], settings: dict, loader, kept: np.n
     return True
 
 
-def main(argv: list[str]) -> bool:
+def main(argv: list[str], built: tuple | None = None) -> bool:
+    """Run (or resume) an extraction; True when the cache is complete. `built`: (encoder, fae) already
+    made by build_models for these arguments, to reuse compiled models (benchmarks)."""
     args, models = parse_args(argv)
     d = init_distributed()
     out = Path(args.out)
@@ -360,7 +362,7 @@ def main(argv: list[str]) -> bool:
     if args.random_weights:
         print0("WARNING: --random-weights: these latents come from randomly initialised weights (tests, speed runs)")
     if todo:
-        encoder, fae = build_models(args, models, d.device)
+        encoder, fae = built or build_models(args, models, d.device)
         position_of = np.full(len(loader.images), -1, dtype=np.int64)
         position_of[kept] = np.arange(len(kept))
         progress = ExtractProgress(total=len(kept), done_before=done_before, world=d.world, every=args.log_every)

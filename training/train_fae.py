@@ -1,0 +1,627 @@
+"""Train FAE: the feature auto-encoder (stage Ia), the pixel decoder on noisy encoder features (Ib), and
+the pixel decoder fine-tuned on the FAE's reconstructed features (II).
+
+    python training/train_fae.py                              # tiny CPU demo of stage Ia on generated images
+    python training/train_fae.py --stage pixel                # then Ib, then:
+    python training/train_fae.py --stage pixel-finetune       # II on the demo FAE (runs/fae-tiny-*/ema.safetensors)
+    torchrun --nproc_per_node=8 training/train_fae.py --recipe dinov2-g --stage feature --data.root=/data/imagenet
+
+One step of each stage (x: frozen-encoder patch features (B, T, F), images in [-1, 1]):
+  feature         x -> FAE encoder -> z = mu + exp(logvar / 2) * eps -> feature decoder -> x_hat
+                  loss = mean (x_hat - x)^2 + fae.kl_beta * KL per latent element (fae_fast/losses.py)
+  pixel           x + sigma * eps -> pixel decoder -> image;  L1 + perceptual + adaptive hinge GAN
+  pixel-finetune  x -> trained FAE, frozen, z = mu -> x_hat -> pixel decoder -> image;  the same losses,
+                  no added noise (x_hat carries the feature decoder's own errors)
+sigma = encoder.noise_sigma: 0.4 for DINOv2-g (the paper). For another encoder scale it by the ratio of its
+mean per-token feature norm to DINOv2-g's; the first step prints this encoder's norm to form that ratio.
+
+The frozen encoder runs without gradients in eval mode, with bf16 weights under bf16 autocast on CUDA (fp32
+elsewhere), each block compiled. The trained model gets the parallelism of train_gen.py (FSDP2, per-block
+compile, mixed precision; the FAE encoder's single layer is compiled and sharded with the root), an fp32
+EMA, the NaN guard, progress lines with images/s and MFU, and DCP checkpoints: a run killed at any moment
+and started again with the same command continues from its last complete checkpoint and draws what an
+uninterrupted run would (noise from (run.seed, step, rank), the data position in the checkpoint). The EMA
+weights end in <out_dir>/ema.safetensors: the next stage's input and what latent extraction loads.
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from fae_fast.config import apply_overrides, to_dict  # noqa: E402
+from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader  # noqa: E402
+from fae_fast.encoders import FrozenEncoder  # noqa: E402
+from fae_fast.eval.recon import mean_psnr, psnr, rfid, to_uint8  # noqa: E402
+from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify  # noqa: E402
+from fae_fast.fae_config import FAETrainConfig, fae_recipe, validate  # noqa: E402
+from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,  # noqa: E402
+                             hinge_g_loss, linear_weight_grad, load_perceptual_loss)
+from fae_fast.viz import save_grid  # noqa: E402
+from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
+from training.parallelize import parallelize  # noqa: E402
+from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, init_distributed, make_adamw,  # noqa: E402
+                              measured_bf16_peak, plot_curves, print0, set_lr, step_generator, step_seed)
+
+RFID_MIN_IMAGES = 2048  # the Inception feature dimension: fewer images give a rank-deficient covariance
+
+
+def parse_args(argv: list[str]) -> FAETrainConfig:
+    """`--recipe NAME` (default tiny) and `--stage STAGE` (default feature), then `--section.field=value`."""
+    picked, rest = {"recipe": "tiny", "stage": "feature"}, []
+    it = iter(argv)
+    for arg in it:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key in picked:
+            picked[key] = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+        else:
+            rest.append(arg)
+    cfg = apply_overrides(fae_recipe(picked["recipe"], picked["stage"]), rest)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images: batch(step) -> pixels (B, 3, S, S) and encoder_pixels (B, 3, E, E), floats in [0, 1]
+# ----------------------------------------------------------------------------------------------------
+class SyntheticImages:
+    """A fixed set of smooth random images (six plane waves per channel around grey), rendered on the
+    device; the batch of step s on rank r is drawn by a generator seeded by (data.seed, s, r), so the
+    source is a pure function of the step and needs no state to resume."""
+
+    def __init__(self, cfg: FAETrainConfig, *, rank: int, world: int, device: torch.device):
+        data, g = cfg.data, torch.Generator().manual_seed(cfg.data.seed)
+        n, waves = data.synthetic_images, 6
+        self.freq = (1 + 5 * torch.rand(n, waves, 2, generator=g)).to(device)  # cycles per image side
+        self.phase = (2 * math.pi * torch.rand(n, waves, generator=g)).to(device)
+        self.amp = (0.05 + 0.15 * torch.rand(n, waves, 3, generator=g)).to(device)
+        self.data, self.rank, self.device = data, rank, device
+        self.size, self.encoder_size, self.local_batch = cfg.fae.image_size, cfg.encoder.image_size, data.global_batch // world
+
+    def render(self, idx: torch.Tensor) -> torch.Tensor:
+        """Images `idx` (B,) -> uint8 (B, 3, S, S), quantised like decoded files."""
+        pos = torch.arange(self.size, device=self.device) / self.size
+        f, ph = self.freq[idx], self.phase[idx]  # (B, K, 2), (B, K)
+        arg = 2 * math.pi * (f[..., 0, None, None] * pos[None, :] + f[..., 1, None, None] * pos[:, None]) + ph[..., None, None]
+        img = 0.5 + torch.einsum("bkc,bkhw->bchw", self.amp[idx], torch.sin(arg))  # (B, 3, S, S)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def batch(self, step: int):
+        g = torch.Generator().manual_seed(step_seed(self.data.seed, step, self.rank) + 0x5EED)  # not the noise stream
+        idx = torch.randint(len(self.freq), (self.local_batch,), generator=g)
+        flip = (torch.rand(self.local_batch, generator=g) < 0.5) & self.data.random_flip
+        idx, flip = idx.to(self.device), flip.to(self.device)
+        out = finish_batch(self.render(idx), idx, idx, flip, encoder_size=self.encoder_size, twins=False)
+        return out["pixels"], out["encoder_pixels"]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FolderImages:
+    """An ImageNet-layout folder through fae_fast.data.images, epoch after epoch; the loader's position is
+    the checkpointed state."""
+
+    def __init__(self, cfg: FAETrainConfig, *, rank: int, world: int, device: torch.device):
+        data = cfg.data
+        self.loader = make_image_loader(
+            ImageDataConfig(root=data.root, split=data.split, batch_size=data.global_batch // world,
+                            image_size=cfg.fae.image_size, encoder_size=cfg.encoder.image_size,
+                            random_flip=data.random_flip, shuffle=True, backend=data.backend, workers=data.workers,
+                            seed=data.seed),
+            rank=rank, world=world, device=device)
+        self._it = None
+
+    def batch(self, step: int):
+        for _ in range(2):  # the end of an epoch: start the next one
+            if self._it is None:
+                self._it = iter(self.loader)
+            out = next(self._it, None)
+            if out is not None:
+                return out["pixels"], out["encoder_pixels"]
+            self._it = None
+        raise RuntimeError(f"{self.loader.cfg.root} has fewer images ({self.loader.num_images}) than one global batch; "
+                           f"lower data.global_batch or add images")
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+
+def make_image_source(cfg: FAETrainConfig, d):
+    if cfg.data.global_batch % d.world:
+        raise ValueError(f"data.global_batch={cfg.data.global_batch} does not divide by {d.world} ranks; "
+                         f"use a multiple of {d.world}")
+    kind = SyntheticImages if cfg.data.source == "synthetic" else FolderImages
+    return kind(cfg, rank=d.rank, world=d.world, device=d.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+class FeatureAutoencoder(nn.Module):
+    """Stage Ia's trained pair under one root, weights named encoder.* (FAEEncoder) and decoder.*
+    (FeatureDecoder): features (B, T, F) -> x_hat (B, T, F) and the per-sample KL (B,)."""
+
+    def __init__(self, cfg, impl: str = "auto"):
+        super().__init__()
+        self.encoder, self.decoder = FAEEncoder(cfg, impl), FeatureDecoder(cfg, impl)
+
+    def forward(self, x, seed: int | None = None, sample: bool = True):
+        dtype = self.decoder.embed.weight.dtype  # the compute dtype: bf16 inside an FSDP2 mixed-precision forward
+        z, _, kl = self.encoder.encode(x.to(dtype), sample=sample, seed=seed)
+        return self.decoder(z.to(dtype)), kl
+
+
+def compute_dtype(cfg: FAETrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA for the frozen and auxiliary networks; a no-op on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def frozen_encoder(cfg: FAETrainConfig, device: torch.device) -> FrozenEncoder:
+    """The pretrained encoder, frozen: bf16 weights on CUDA (resize and normalisation stay fp32), each
+    block compiled when run.compile."""
+    encoder = FrozenEncoder(cfg.encoder, grid=cfg.fae.grid).to(device)
+    if device.type == "cuda":
+        encoder.model.to(torch.bfloat16)
+    if cfg.run.compile:
+        for block in getattr(encoder.model, "blocks", [encoder.model]):
+            block.compile()
+    return encoder
+
+
+@torch.no_grad()
+def encode_features(encoder: FrozenEncoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, E, E) in [0, 1] -> patch features (B, T, F) float32."""
+    with autocast(images.device):
+        return encoder(images).float()
+
+
+def load_weights(module: nn.Module, path: str, what: str) -> None:
+    """Strictly load an exported safetensors file, or the EMA weights of a DCP checkpoint folder, into
+    `module` (a plain, unsharded module)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"ema": {k: v.detach().clone() for k, v in module.named_parameters()}}
+        try:
+            dcp.load(state, checkpoint_id=str(p))
+        except Exception as err:  # noqa: BLE001 - DCP's errors name storage keys, not the cause
+            raise RuntimeError(f"checkpoint folder {p} holds no EMA of the {what} ({type(err).__name__}); pass a "
+                               f"step_XXXXXXXX folder of that stage's run, or its ema.safetensors") from None
+        tensors = state["ema"]
+    elif p.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(p))
+    else:
+        raise FileNotFoundError(f"{what} weights {str(p)!r} do not exist; train that stage first or fix the path")
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        key = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise RuntimeError(f"{what} weights {str(p)!r} do not fit this config ({key}; {len(missing)} missing, "
+                           f"{len(unexpected)} unexpected); use the same --fae.* sizes as the run that wrote them")
+
+
+def choose_attention(cfg: FAETrainConfig, device: torch.device, shapes: list[tuple[int, int]]) -> None:
+    """Measure the attention backend for each (heads, head_dim) before compiling (fae_fast.attention)."""
+    if device.type != "cuda":
+        return
+    from fae_fast.attention import choose_backend
+
+    local = cfg.data.global_batch // dist.get_world_size()
+    for heads, head_dim in shapes:
+        choose_backend(local, heads, cfg.fae.grid ** 2, head_dim, compute_dtype(cfg), device)
+
+
+def forward_flops(make, *shapes) -> float:
+    """FLOPs of one forward of make()(*inputs of `shapes`), counted on the meta device (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        module, inputs = make(), [torch.empty(s) for s in shapes]
+        with FlopCounterMode(display=False) as counter:
+            module(*inputs)
+    return float(counter.get_total_flops())
+
+
+def encoder_flops(cfg: FAETrainConfig) -> float:
+    enc = replace(cfg.encoder, pretrained=False, weights_path="")
+    size = cfg.encoder.image_size
+    return forward_flops(lambda: FrozenEncoder(enc, grid=cfg.fae.grid), (1, 3, size, size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage Ia
+# ----------------------------------------------------------------------------------------------------
+class FeatureStage:
+    """FAE encoder + feature decoder on frozen-encoder features."""
+
+    def __init__(self, cfg: FAETrainConfig, d):
+        self.cfg, self.d = cfg, d
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank before sharding
+        self.encoder = frozen_encoder(cfg, d.device)
+        with d.device:
+            self.model = FeatureAutoencoder(cfg.fae, impl=cfg.run.impl)
+        f = cfg.fae
+        choose_attention(cfg, d.device, [(f.enc_heads, f.enc_head_dim), (f.dec_heads, f.dec_width // f.dec_heads)])
+        if cfg.run.compile:
+            self.model.encoder.layer.compile()  # one layer: compiled here, sharded with the root below
+        parallelize(self.model, self.model.decoder.layers, precision=cfg.run.precision, compile=cfg.run.compile,
+                    activation_checkpointing=cfg.run.activation_checkpointing)
+        self.optimizer = make_adamw(self.model.parameters(), cfg.optim, d.device)
+        T = f.grid ** 2
+        fae = forward_flops(lambda: FeatureAutoencoder(f, "torch"), (1, T, f.feature_dim))
+        self.flops = encoder_flops(cfg) + 3 * fae  # frozen forward + trained forward and backward
+
+    def state(self) -> dict:
+        return {"train": ModelAndOptimizer(self.model, self.optimizer)}
+
+    def flops_per_image(self, step: int) -> float:
+        return self.flops
+
+    def step(self, step: int, pixels, encoder_pixels) -> dict[str, torch.Tensor]:
+        """Forward and backward of one batch; the loss terms, detached."""
+        x = encode_features(self.encoder, encoder_pixels)  # (B, T, F)
+        x_hat, kl = self.model(x, seed=step_seed(self.cfg.run.seed, step, self.d.rank))
+        f = self.cfg.fae
+        terms = feature_loss(x_hat, x, kl, beta=f.kl_beta, latent_elements=f.grid ** 2 * f.latent_dim)
+        terms["loss"].backward()
+        return {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def evaluate(self, source, n: int, out: Path, first_step: int) -> dict[str, float]:
+        """Feature reconstruction with z = mu on n images: mean squared error and error relative to |x|^2."""
+        sq, ref, seen, step = torch.zeros((), device=self.d.device), torch.zeros((), device=self.d.device), 0, first_step
+        while seen < n:
+            x = encode_features(self.encoder, source.batch(step)[1])
+            x_hat, _ = self.model(x, sample=False)
+            sq += (x_hat.float() - x).pow(2).sum()
+            ref += x.pow(2).sum()
+            seen, step = seen + x.shape[0] * self.d.world, step + 1
+        numel = torch.tensor(float(seen // self.d.world * x[0].numel()), device=self.d.device)
+        stats = torch.stack([sq, ref, numel])
+        dist.all_reduce(stats)
+        scores = {"feature_mse": float(stats[0] / stats[2]), "relative_error": float(stats[0] / stats[1])}
+        print0(f"feature reconstruction (EMA, z = mu) on {seen} images: mse {scores['feature_mse']:.4f}, "
+               f"|x_hat - x|^2 / |x|^2 = {scores['relative_error']:.4f}")
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages Ib and II
+# ----------------------------------------------------------------------------------------------------
+class LayerInput:
+    """Keeps the input of a module's last forward (the pixel decoder's output layer, for the adaptive weight)."""
+
+    def __init__(self, module: nn.Module):
+        self.value = None
+        module.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.value = args[0].detach()
+
+
+class PixelStage:
+    """Pixel decoder on noisy features (pixel) or on a trained FAE's reconstructions (pixel-finetune), with
+    L1, perceptual and hinge-GAN losses; the discriminator is a plain replicated module with its own AdamW."""
+
+    def __init__(self, cfg: FAETrainConfig, d):
+        self.cfg, self.d, self.dev = cfg, d, d.device
+        torch.manual_seed(cfg.run.seed)
+        self.encoder = frozen_encoder(cfg, d.device)
+        self.fae = self._frozen_fae() if cfg.stage == "pixel-finetune" else None
+        with d.device:
+            self.model = PixelDecoder(cfg.fae, impl=cfg.run.impl)
+        if cfg.pixel_init:
+            load_weights(self.model, cfg.pixel_init, "pixel decoder")
+        self.last_input = LayerInput(self.model.out)
+        choose_attention(cfg, d.device, [(cfg.fae.pix_heads, cfg.fae.pix_width // cfg.fae.pix_heads)])
+        parallelize(self.model, self.model.layers, precision=cfg.run.precision, compile=cfg.run.compile,
+                    activation_checkpointing=cfg.run.activation_checkpointing)
+        self.optimizer = make_adamw(self.model.parameters(), cfg.optim, d.device)
+        self.disc = PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers).to(d.device)
+        self.disc_optimizer = make_adamw(self.disc.parameters(), cfg.optim, d.device, lr=cfg.loss.disc_lr,
+                                         betas=cfg.loss.disc_betas)
+        self.perceptual = self._perceptual()
+        self.grid_images = None
+        self._flops()
+
+    def _frozen_fae(self) -> FeatureAutoencoder:
+        with self.dev:
+            fae = FeatureAutoencoder(self.cfg.fae, impl=self.cfg.run.impl)
+        load_weights(fae, self.cfg.fae_weights, "FAE (encoder + feature decoder)")
+        return fae.requires_grad_(False).eval()
+
+    def _perceptual(self):
+        if self.cfg.loss.perceptual_weight <= 0:
+            return None
+        import warnings
+
+        with warnings.catch_warnings():
+            if not self.d.is_main:  # one warning per job, not per rank
+                warnings.simplefilter("ignore")
+            loss = load_perceptual_loss(self.cfg.loss.vgg_weights)
+        return loss.to(self.dev) if loss is not None else None
+
+    def _flops(self) -> None:
+        f, S, T = self.cfg.fae, self.cfg.fae.image_size, self.cfg.fae.grid ** 2
+        self.base = encoder_flops(self.cfg) + 3 * forward_flops(lambda: PixelDecoder(f, "torch"), (1, T, f.feature_dim))
+        if self.fae is not None:
+            self.base += forward_flops(lambda: FeatureAutoencoder(f, "torch"), (1, T, f.feature_dim))
+        if self.perceptual is not None:  # VGG on both images forward, and the input gradient of one
+            self.base += 1.5 * forward_flops(lambda: type(self.perceptual)(_vgg_like()), (1, 3, S, S), (1, 3, S, S))
+        loss = self.cfg.loss
+        disc = forward_flops(lambda: PatchDiscriminator(loss.disc_channels, loss.disc_layers), (1, 3, S, S))
+        self.gan = 8 * disc  # G step: forward + input gradient on fakes; D step: forward + backward, real and fake
+
+    def flops_per_image(self, step: int) -> float:
+        return self.base + (self.gan if self.gan_on(step) else 0.0)
+
+    def state(self) -> dict:
+        return {"train": ModelAndOptimizer(self.model, self.optimizer),
+                "disc": ModelAndOptimizer(self.disc, self.disc_optimizer)}
+
+    def gan_on(self, step: int) -> bool:
+        return self.cfg.loss.adv_weight > 0 and step >= self.cfg.loss.disc_start
+
+    def inputs(self, step: int, encoder_pixels, noise: bool = True) -> torch.Tensor:
+        """What the pixel decoder reads: x + sigma * eps (pixel) or the frozen FAE's x_hat (pixel-finetune)."""
+        x = encode_features(self.encoder, encoder_pixels)
+        if self.fae is not None:
+            with torch.no_grad(), autocast(self.dev):
+                return self.fae(x, sample=False)[0].float()
+        if not noise:
+            return x
+        eps = torch.randn(x.shape, generator=step_generator(self.dev, self.cfg.run.seed, step, self.d.rank),
+                          device=self.dev)
+        return x + self.cfg.encoder.noise_sigma * eps
+
+    def reconstruction_loss(self, image, target) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.cfg.loss
+        l1 = (image - target).abs().mean()
+        terms, rec = {"l1": l1}, loss.l1_weight * l1
+        if self.perceptual is not None:
+            with autocast(self.dev):
+                terms["lpips"] = self.perceptual(image, target)
+            rec = rec + loss.perceptual_weight * terms["lpips"]
+        return rec, terms
+
+    def balance(self, grad_rec, grad_gan) -> torch.Tensor:
+        """VQGAN's adaptive weight on the decoder's last linear layer W. Its gradients are formed from the
+        gradients at the image (patchify maps them to the layer's output tokens) and the layer's input,
+        then averaged over ranks: one lambda for the global batch."""
+        patch, h = self.model.patch, self.last_input.value  # h (B, T, D)
+        grads = torch.stack([linear_weight_grad(patchify(g, patch), h) for g in (grad_rec, grad_gan)])
+        if self.d.world > 1:
+            dist.all_reduce(grads)
+            grads /= self.d.world
+        return adaptive_weight(grads[0].norm(), grads[1].norm(), max_weight=self.cfg.loss.adaptive_weight_max)
+
+    def step(self, step: int, pixels, encoder_pixels) -> dict[str, torch.Tensor]:
+        """Decoder forward; loss gradients taken at the image, so the decoder runs one backward with
+        dL/dimage = dR + adv_weight * lambda * dG; then one discriminator step on the same batch."""
+        target = pixels * 2 - 1  # (B, 3, S, S) in [-1, 1]
+        image = self.model(self.inputs(step, encoder_pixels).to(compute_dtype(self.cfg)))
+        leaf = image.detach().float().requires_grad_()
+        rec, terms = self.reconstruction_loss(leaf, target)
+        zero = torch.zeros((), device=self.dev)
+        if self.gan_on(step):
+            with autocast(self.dev):
+                g = hinge_g_loss(self.disc(leaf))
+            (grad_rec,), (grad_gan,) = torch.autograd.grad(rec, leaf), torch.autograd.grad(g, leaf)
+            lam = self.balance(grad_rec, grad_gan)
+            scale = self.cfg.loss.adv_weight * lam
+            image.backward((grad_rec + scale * grad_gan).to(image.dtype))
+            d_loss, total = self.discriminator_step(target, leaf.detach()), rec + scale * g
+        else:
+            (grad_rec,) = torch.autograd.grad(rec, leaf)
+            image.backward(grad_rec.to(image.dtype))
+            g, lam, d_loss, total = zero, zero, zero, rec
+        if self.grid_images is None:
+            self.grid_images = (pixels[:8].detach(), encoder_pixels[:8].detach())
+        return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}, "g_adv": g.detach(),
+                "d_loss": d_loss, "lambda": lam}
+
+    def discriminator_step(self, real, fake) -> torch.Tensor:
+        with autocast(self.dev):
+            d_loss = hinge_d_loss(self.disc(real), self.disc(fake))
+        d_loss.backward()
+        all_reduce_mean_grads(self.disc)
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return d_loss.detach()
+
+    @torch.no_grad()
+    def reconstruct(self, encoder_pixels) -> torch.Tensor:
+        """Images in [-1, 1] from clean inputs (no added noise)."""
+        return self.model(self.inputs(0, encoder_pixels, noise=False).to(compute_dtype(self.cfg))).float()
+
+    def save_grid(self, path: Path) -> None:
+        """Originals over their reconstructions, for the 8 images of the first step (all ranks call this)."""
+        if self.grid_images is None:
+            return
+        pixels, enc = self.grid_images
+        recon = (self.reconstruct(enc).clamp(-1, 1) + 1) / 2
+        if self.d.is_main:
+            save_grid(torch.cat([pixels, recon]).float(), path, nrow=len(pixels))
+
+    @torch.no_grad()
+    def evaluate(self, source, n: int, out: Path, first_step: int) -> dict[str, float]:
+        """PSNR (uint8) of n reconstructions; rFID too when n is at least 2048 and Inception weights exist."""
+        self.save_grid(out / "recon_final.png")
+        values, pairs, step = [], [], first_step
+        while len(values) * self.d.world < n:
+            pixels, enc = source.batch(step)
+            real, fake = to_uint8(pixels, (0.0, 1.0)), to_uint8(self.reconstruct(enc))
+            values += psnr(real, fake).tolist()
+            pairs.append((real.cpu(), fake.cpu()))
+            step += 1
+        gathered = [None] * self.d.world
+        dist.all_gather_object(gathered, values)
+        scores = {"psnr": mean_psnr(torch.tensor(sum(gathered, [])))}
+        print0(f"reconstruction PSNR (EMA, uint8) on {len(sum(gathered, []))} images: {scores['psnr']:.2f} dB")
+        if n >= RFID_MIN_IMAGES:
+            scores.update(self._rfid(pairs))
+        elif n > 0:
+            print0(f"rFID skipped: run.eval_samples={n} < {RFID_MIN_IMAGES} images (a 2048-d covariance needs more)")
+        return scores
+
+    def _rfid(self, pairs) -> dict[str, float]:
+        gathered = [None] * self.d.world
+        dist.all_gather_object(gathered, pairs)
+        if not self.d.is_main:
+            return {}
+        try:
+            value = rfid(sum(gathered, []), device=self.dev)
+        except FileNotFoundError as err:  # no Inception weights offline: say so, keep the PSNR
+            print0(f"rFID skipped: {err}")
+            return {}
+        print0(f"rFID (EMA) on {sum(len(p[0]) for p in sum(gathered, []))} images: {value:.3f}")
+        return {"rfid": value}
+
+
+def _vgg_like() -> nn.Sequential:
+    """VGG16's conv layers with random weights: the FLOP count needs the shape only."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    return make_layers(cfgs["D"])
+
+
+def all_reduce_mean_grads(module: nn.Module) -> None:
+    """Average a replicated module's gradients over ranks in one flat all-reduce."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(mean)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The program
+# ----------------------------------------------------------------------------------------------------
+def resume(ckpts: CheckpointManager, state: dict, cfg: FAETrainConfig) -> int:
+    """Load the latest complete checkpoint into `state`, after checking stage, encoder and FAE config."""
+    latest = ckpts.latest()
+    if latest is None:
+        return 0
+    saved = json.loads((latest / "config.json").read_text()).get("stage")
+    if saved != cfg.stage:
+        raise ValueError(f"checkpoint {latest} belongs to stage {saved!r}, not {cfg.stage!r}; give this stage "
+                         f"its own --run.out_dir")
+    CheckpointManager.load(latest, state, to_dict(cfg), must_match=("encoder", "fae"))
+    start = int(state["progress"]["step"])
+    print0(f"resumed from {latest} at step {start}")
+    return start
+
+
+def describe(cfg: FAETrainConfig, stage, d) -> None:
+    trained = sum(p.numel() for p in stage.model.parameters())
+    frozen = sum(p.numel() for p in stage.encoder.parameters())
+    print0(f"stage {cfg.stage}: trained {trained / 1e6:.2f}M parameters, frozen encoder {cfg.encoder.timm_name} "
+           f"{frozen / 1e6:.1f}M; {d.world} rank(s) on {d.device.type}, global batch {cfg.data.global_batch}, "
+           f"{cfg.run.steps} steps -> {cfg.run.out_dir}")
+
+
+def optimizer_step(stage, ema: EMA, cfg: FAETrainConfig) -> None:
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(stage.model.parameters(), cfg.optim.grad_clip)
+    stage.optimizer.step()
+    stage.optimizer.zero_grad(set_to_none=True)
+    ema.update()
+
+
+def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, start: int) -> list:
+    run = cfg.run
+    progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
+                        flops_per_image=stage.flops_per_image(start), peak_flops=measured_bf16_peak(d.device),
+                        device=d.device)
+    guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), ckpts.latest()
+    t0 = time.perf_counter()
+    for step in range(start, run.steps):
+        pixels, encoder_pixels = source.batch(step)
+        if step == start:
+            x = encode_features(stage.encoder, encoder_pixels)
+            print0(f"encoder features: mean per-token norm {float(x.norm(dim=-1).mean()):.3f} "
+                   f"(noise_sigma {cfg.encoder.noise_sigma} is relative to this)")
+        set_lr(stage.optimizer, cfg.optim, step, run.steps)
+        terms = stage.step(step, pixels, encoder_pixels)
+        optimizer_step(stage, ema, cfg)
+        guard.observe(step, torch.stack(list(terms.values())))
+        meter.add(terms)
+        done = step + 1
+        if step == start:
+            print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
+        if done % run.log_every == 0 or done == run.steps:
+            means = meter.means()
+            guard.check(means, str(last_ckpt) if last_ckpt else None)
+            progress.flops = stage.flops_per_image(step)
+            print0(progress.line(done, means))
+        if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
+            guard.check({"loss": float(terms["loss"])}, str(last_ckpt) if last_ckpt else None)
+            state["progress"]["step"] = done
+            last_ckpt = ckpts.save(done, state, to_dict(cfg))
+        if run.sample_every and done % run.sample_every == 0 and hasattr(stage, "save_grid"):
+            with ema.applied():
+                stage.save_grid(Path(run.out_dir) / f"recon_{done:08d}.png")
+    return progress.history
+
+
+PLOTTED = {"feature": ("loss", "rec", "kl"), "pixel": ("l1", "lpips", "d_loss")}  # log-scale: positive terms
+
+
+def save_history(history: list, cfg: FAETrainConfig, out: Path) -> None:
+    (out / "history.json").write_text(json.dumps(history))
+    keys = PLOTTED["feature" if cfg.stage == "feature" else "pixel"]
+    shown = [(s, {k: v for k, v in terms.items() if k in keys}) for s, terms in history]
+    plot_curves(shown, str(out / "loss.png"), f"train_fae: stage {cfg.stage}")
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_args(argv)
+    d = init_distributed()
+    out = Path(cfg.run.out_dir)
+    source = make_image_source(cfg, d)
+    stage = (FeatureStage if cfg.stage == "feature" else PixelStage)(cfg, d)
+    ema = EMA(stage.model, cfg.optim.ema_decay)
+    describe(cfg, stage, d)
+    ckpts = CheckpointManager(out / "checkpoints")
+    state = {**stage.state(), "ema": ema, "data": source, "progress": {"step": 0}}
+    start = resume(ckpts, state, cfg)
+    history = train_loop(stage, ema, source, cfg, d, ckpts, state, start)
+    scores = {}
+    if cfg.run.eval_samples > 0:
+        with ema.applied():
+            scores = stage.evaluate(source, cfg.run.eval_samples, out, first_step=cfg.run.steps)
+    export_weights(stage.model, ema.state_dict(), out / "ema.safetensors")
+    if d.is_main:
+        save_history(history, cfg, out)
+        print0(f"wrote {out / 'ema.safetensors'} and {out / 'loss.png'}")
+    return {"history": history, "eval": scores}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
