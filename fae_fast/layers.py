@@ -30,8 +30,10 @@ def _ops(impl: str):
     from fae_fast.kernels import swiglu as sg
 
     if impl == "triton":
-        return mn.modulated_norm, gr.gated_residual, gr.gated_residual_modulated_norm, rp.rope, sg.swiglu
-    return mn.modulated_norm_ref, gr.gated_residual_ref, gr.gated_residual_modulated_norm_ref, rp.rope_ref, sg.swiglu_ref
+        return (mn.modulated_norm, gr.gated_residual, gr.gated_residual_modulated_norm, rp.rope, rp.rope_qkv,
+                sg.swiglu, sg.swiglu_packed)
+    return (mn.modulated_norm_ref, gr.gated_residual_ref, gr.gated_residual_modulated_norm_ref, rp.rope_ref,
+            rp.rope_qkv_ref, sg.swiglu_ref, sg.swiglu_packed_ref)
 
 
 class Ops:
@@ -40,7 +42,7 @@ class Ops:
     def __init__(self, impl: str = "auto"):
         self.impl = resolve_impl(impl)
         (self.modulated_norm, self.gated_residual, self.gated_residual_modulated_norm,
-         self.rope, self.swiglu) = _ops(self.impl)
+         self.rope, self.rope_qkv, self.swiglu, self.swiglu_packed) = _ops(self.impl)
 
 
 class ModulatedNorm(nn.Module):
@@ -68,8 +70,7 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x):
-        a, b = self.fc1(x).chunk(2, dim=-1)  # strided halves; the kernel reads them in place
-        return self.fc2(self.ops.swiglu(a, b))
+        return self.fc2(self.ops.swiglu_packed(self.fc1(x)))  # silu(a) * b of fc1's halves a, b
 
 
 class GeluMLP(nn.Module):
@@ -131,15 +132,14 @@ class Attention(nn.Module):
     def forward(self, x):  # x (B, T, D)
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # each (B, T, H, Dh), strided views of qkv
         if self.rope_angles is not None or self.q_norm is not None:
-            angles = self.rope_angles
-            if angles is None:  # QK-norm without RoPE: rotate by zero
-                angles = torch.zeros(T, self.head_dim // 2, device=x.device)
-            q, k = self.ops.rope(q, k, angles, self.q_norm, self.k_norm)  # (B, H, T, Dh) each
+            # QK-norm and/or RoPE (angles None: no rotation) in one pass; q, k, v come out (B, H, T, Dh)
+            # contiguous, and the backward writes d(qkv) in one pass
+            q, k, v = self.ops.rope_qkv(qkv, self.rope_angles, self.q_norm, self.k_norm)
         else:
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-        out = attention(q, k, v.transpose(1, 2))  # (B, H, T, Dh)
+            q, k, v = qkv.unbind(2)  # each (B, T, H, Dh), strided views of qkv
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = attention(q, k, v)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

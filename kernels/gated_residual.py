@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from .modulated_norm import (
-    _load_rows, _mod_ptrs, _norm_modulate_store, check_modulation, check_norm, lastdim_contiguous, mod_strides,
-    modulated_norm_ref, norm_residual_bwd, per_token, tile,
+    _load_row, _load_tile, _mod_tile, _norm_modulate, _program_span, _store_norm, check_modulation, check_norm,
+    lastdim_contiguous, mod_strides, modulated_norm_ref, norm_residual_bwd, per_token, program_grid,
 )
-from .utils import cast_rtne, row_num_warps, rows_2d
+from .utils import RowLoop, cast_rtne, norm_fwd_launch, row_block, rows_2d
 
 
 def gated_residual_ref(x, gate, y, *, upcast: bool = True):
@@ -44,29 +44,49 @@ def gated_residual_modulated_norm_ref(x, gate, y, scale, shift, weight=None, *, 
 @triton.jit
 def _gated_residual_fwd_kernel(
     X, GATE, Y, H, SCALE, SHIFT, W, N, MEAN, RSTD,
-    stride_x, stride_y, stride_gb, stride_gt, stride_sb, stride_st, stride_hb, stride_ht, n_rows, T, n_cols, eps,
-    NORM: tl.constexpr, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    stride_x, stride_y, stride_gb, stride_gt, stride_sb, stride_st, stride_hb, stride_ht,
+    T, n_cols, n_chunks, rows_per_program, eps,
+    NORM: tl.constexpr, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Program i: rows [i * ROWS, (i + 1) * ROWS) of x, y (R, D) -> h (R, D). With NORM, also n (R, D) =
-    modulated norm of h as stored (rounded to h's dtype, so the backward sees the same h), mean, rstd (R,)."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    """x, y (B * T, D) -> h (B * T, D); program (b, c) walks its tokens of sample b (modulated_norm.py's
+    layout). With NORM, also n (B * T, D) = modulated norm of h as stored (rounded to h's dtype, so the
+    backward sees the same h), mean, rstd (B * T,)."""
+    b, t0, t_end = _program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    g_ptrs = _mod_ptrs(GATE, rows // T, rows % T, stride_gb, stride_gt, cols)
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    h = _load_rows(X, rows, stride_x, cols, mask) + g * _load_rows(Y, rows, stride_y, cols, mask)
-    h = cast_rtne(h, H.dtype.element_ty)
-    tl.store(H + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
-    if NORM:
-        _norm_modulate_store(h.to(tl.float32), rows, row_ok, mask, cols, SCALE, SHIFT, W, N, MEAN, RSTD,
-                             stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps, IS_RMS, HAS_WEIGHT)
+    col_ok = cols < n_cols
+    r0 = b * T  # sample b's first row
+    X, Y, H, N, MEAN, RSTD = X + r0 * stride_x, Y + r0 * stride_y, H + r0 * n_cols, N + r0 * n_cols, MEAN + r0, RSTD + r0
+    GATE, SCALE, SHIFT = GATE + b * stride_gb, SCALE + b * stride_sb, SHIFT + b * stride_hb
+    w, g_row, s_row, h_row = 1.0, 0.0, 0.0, 0.0
+    if NORM and HAS_WEIGHT:
+        w = _load_row(W, cols, col_ok)
+    if not PER_TOKEN:
+        g_row = _load_row(GATE, cols, col_ok)
+        if NORM:
+            s_row, h_row = _load_row(SCALE, cols, col_ok), _load_row(SHIFT, cols, col_ok)
+    for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
+        toks = start + tl.arange(0, ROWS)
+        tok_ok = toks < t_end
+        mask = tok_ok[:, None] & col_ok[None, :]
+        x = _load_tile(X, toks, stride_x, cols, mask)
+        yv = _load_tile(Y, toks, stride_y, cols, mask)
+        g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
+        if NORM:
+            s = _mod_tile(SCALE, toks, stride_st, cols, mask, s_row, PER_TOKEN)
+            sh = _mod_tile(SHIFT, toks, stride_ht, cols, mask, h_row, PER_TOKEN)
+        h = cast_rtne(x + g * yv, H.dtype.element_ty)
+        tl.store(H + toks[:, None] * n_cols + cols[None, :], h, mask=mask)
+        if NORM:
+            n, mean, rstd = _norm_modulate(h.to(tl.float32), s, sh, w, mask, n_cols, eps, IS_RMS)
+            _store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
 
 
 def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Optional[str] = None,
-                       eps: float = 1e-6):
+                       eps: float = 1e-6, *, launch: Optional[RowLoop] = None):
     """x, y (B, T, D), gate (B, D) | (B, 1, D) | (B, T, D) -> h (B, T, D) in x.dtype; with norm also
-    n = modulated_norm(h, scale, shift, weight) (B, T, D), mean (R,) fp32 (empty for rms), rstd (R,) fp32."""
+    n = modulated_norm(h, scale, shift, weight) (B, T, D), mean (R,) fp32 (empty for rms), rstd (R,) fp32.
+    launch: None for the default (norm_fwd_launch)."""
     B, T, D = x.shape
     x2, y2 = rows_2d(x), rows_2d(y)
     gate, scale, shift = (None if m is None else lastdim_contiguous(m) for m in (gate, scale, shift))
@@ -74,16 +94,18 @@ def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Op
     n = torch.empty((B, T, D) if norm else (0,), dtype=x.dtype, device=x.device)
     rstd = x.new_empty((B * T if norm else 0,), dtype=torch.float32)
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
-    if B * T > 0:
-        rows, block = tile(D, B * T)
-        ptr = lambda t: h if t is None else t  # noqa: E731  (absent tensors: never touched)
-        _gated_residual_fwd_kernel[(triton.cdiv(B * T, rows),)](
-            x2, gate, y2, h, ptr(scale), ptr(shift), ptr(weight), n, mean, rstd,
-            x2.stride(0), y2.stride(0), *mod_strides(gate), *mod_strides(scale), *mod_strides(shift),
-            B * T, T, D, eps,
-            NORM=norm is not None, IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, ROWS=rows, BLOCK=block,
-            num_warps=row_num_warps(rows * block),
-        )
+    if B * T == 0:
+        return h, n, mean, rstd
+    launch = launch or norm_fwd_launch(D, T)
+    strides = (*mod_strides(gate), *mod_strides(scale), *mod_strides(shift))
+    programs, n_chunks = program_grid(T, B, launch, x2.stride(0), y2.stride(0), D, *strides[1::2])
+    ptr = lambda t: h if t is None else t  # noqa: E731  (absent tensors: never touched)
+    _gated_residual_fwd_kernel[(programs,)](
+        x2, gate, y2, h, ptr(scale), ptr(shift), ptr(weight), n, mean, rstd,
+        x2.stride(0), y2.stride(0), *strides, T, D, n_chunks, launch.rows_per_program, eps,
+        NORM=norm is not None, IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, PER_TOKEN=per_token(gate),
+        ROWS=launch.rows, BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
+    )
     return h, n, mean, rstd
 
 

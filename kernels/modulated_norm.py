@@ -20,9 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import (
-    cast_rtne, interpreting, reduction_grid, row_block, row_loop_num_warps, row_num_warps, rows_2d, tile_rows,
-)
+from .utils import RowLoop, cast_rtne, norm_bwd_launch, norm_fwd_launch, row_block, rows_2d
 
 NORMS = ("layer", "rms")
 
@@ -42,60 +40,62 @@ def modulated_norm_ref(x, scale, shift, weight=None, *, norm: str = "layer", eps
 
 
 # --- Triton: tile helpers, shared with gated_residual.py --------------------------------------------------
-# A program works on a tile of ROWS rows x BLOCK columns (BLOCK = next pow2 of D, masked past D); row
-# statistics are (ROWS,) vectors and reductions run along axis 1. Row r of a (B, T, D) tensor is token
-# t = r % T of sample b = r // T; a modulation row (b, t) sits at b * stride_b + t * stride_t, with
-# stride_t = 0 for a per-sample modulation.
+# Program i = b * n_chunks + c walks tokens [c * rows_per_program, ...) of sample b, a tile of ROWS rows x
+# BLOCK columns at a time (BLOCK = next pow2 of D, masked past D); row statistics are (ROWS,) vectors and
+# reductions run along axis 1. The kernels move each base pointer to sample b once (int64, scalar), so tile
+# offsets within a sample stay int32. A per-sample modulation is one (1, BLOCK) row loaded once per program
+# and broadcast over the tile; a per-token one is a (ROWS, BLOCK) tile at row stride stride_t.
 
 
 @triton.jit
-def _load_rows(PTR, rows, stride, cols, mask):
-    """(ROWS, BLOCK) fp32 tile of rows `rows` of a row-major tensor with row stride `stride`."""
-    return tl.load(PTR + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _program_span(T, n_chunks, rows_per_program):
+    """(b, t0, t_end) of this program: sample b (int64), tokens [t0, t_end)."""
+    i = tl.program_id(0)
+    t0 = (i % n_chunks) * rows_per_program
+    return (i // n_chunks).to(tl.int64), t0, tl.minimum(t0 + rows_per_program, T)
 
 
 @triton.jit
-def _mod_ptrs(PTR, b, t, stride_b, stride_t, cols):
-    """(ROWS, BLOCK) pointers to the modulation rows of tokens (b, t)."""
-    return PTR + (b * stride_b + t * stride_t)[:, None] + cols[None, :]
+def _load_tile(PTR, toks, stride, cols, mask):
+    """(ROWS, BLOCK) fp32 tile of rows `toks` of a row-major tensor with row stride `stride`."""
+    return tl.load(PTR + toks[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _sample_row(PTR, cols, n_cols, ROWS: tl.constexpr):
-    """One (BLOCK,) row at PTR, fp32, repeated over the ROWS rows of a tile: a per-sample modulation."""
-    row = tl.load(PTR + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    return tl.broadcast_to(row[None, :], [ROWS, cols.shape[0]])
+def _load_row(PTR, cols, col_ok):
+    """One (1, BLOCK) fp32 row at PTR: a weight, or a per-sample modulation."""
+    return tl.load(PTR + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
-def _row_weight(W, cols, n_cols, HAS_WEIGHT: tl.constexpr):
-    """The weight as a (1, BLOCK) fp32 row, or 1.0 without one."""
-    w = 1.0
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    return w
+def _mod_tile(PTR, toks, stride_t, cols, mask, row, PER_TOKEN: tl.constexpr):
+    """fp32 modulation of tokens `toks`: their (ROWS, BLOCK) tile per token, else the sample's row."""
+    m = row
+    if PER_TOKEN:
+        m = _load_tile(PTR, toks, stride_t, cols, mask)
+    return m
 
 
 @triton.jit
-def _norm_modulate_store(
-    x, rows, row_ok, mask, cols, SCALE, SHIFT, W, Y, MEAN, RSTD,
-    stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-):
-    """Forward of a tile x (ROWS, BLOCK) fp32 (zero where masked): y = xhat * w * (1 + scale) + shift
-    stored into Y (R, D, contiguous); mean (LayerNorm) and rstd stored per row for the backward."""
-    if IS_RMS:
-        xc = x
-    else:
+def _norm_modulate(x, s, h, w, mask, n_cols, eps, IS_RMS: tl.constexpr):
+    """Forward of a tile x (ROWS, BLOCK) fp32, zero where masked: (y = xhat * w * (1 + s) + h, mean, rstd),
+    mean and rstd (ROWS,) (mean 0.0 for RMSNorm)."""
+    mean = 0.0
+    xc = x
+    if not IS_RMS:
         mean = tl.sum(x, axis=1) / n_cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        tl.store(MEAN + rows, mean, mask=row_ok)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
-    b, t = rows // T, rows % T
-    s = tl.load(_mod_ptrs(SCALE, b, t, stride_sb, stride_st, cols), mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(_mod_ptrs(SHIFT, b, t, stride_hb, stride_ht, cols), mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * _row_weight(W, cols, n_cols, HAS_WEIGHT) * (1.0 + s) + h
-    tl.store(Y + rows[:, None] * n_cols + cols[None, :], cast_rtne(y, Y.dtype.element_ty), mask=mask)
+    return xc * rstd[:, None] * w * (1.0 + s) + h, mean, rstd
+
+
+@triton.jit
+def _store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, IS_RMS: tl.constexpr):
+    """Store y into rows `toks` of Y (rows of n_cols, contiguous) and the row statistics."""
+    tl.store(Y + toks[:, None] * n_cols + cols[None, :], cast_rtne(y, Y.dtype.element_ty), mask=mask)
+    if not IS_RMS:
+        tl.store(MEAN + toks, mean, mask=tok_ok)
+    tl.store(RSTD + toks, rstd, mask=tok_ok)
 
 
 @triton.jit
@@ -126,9 +126,8 @@ def _reduce_or_store(acc, val, ptrs, mask, PER_TOKEN: tl.constexpr):
 
 @triton.jit
 def _store_partial(acc, P, cols, n_cols):
-    """Sum program (b, c)'s accumulator over its ROWS rows into row (b, c) of partials P (B, n_chunks, D)."""
-    pid = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(P + pid * n_cols + cols, tl.sum(acc, axis=0), mask=cols < n_cols)
+    """Sum the program's accumulator over its ROWS rows into row i (this program) of partials P (B * n_chunks, D)."""
+    tl.store(P + tl.program_id(0).to(tl.int64) * n_cols + cols, tl.sum(acc, axis=0), mask=cols < n_cols)
 
 
 # --- Triton: kernels ---------------------------------------------------------------------------------
@@ -137,17 +136,30 @@ def _store_partial(acc, P, cols, n_cols):
 @triton.jit
 def _modulated_norm_fwd_kernel(
     X, Y, SCALE, SHIFT, W, MEAN, RSTD,
-    stride_x, stride_sb, stride_st, stride_hb, stride_ht, n_rows, T, n_cols, eps,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    stride_x, stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, n_chunks, rows_per_program, eps,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Program i: rows [i * ROWS, (i + 1) * ROWS) of x (R, D), R = B * T -> y (R, D), mean and rstd (R,) fp32."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    """x (B * T, D) -> y (B * T, D), mean and rstd (B * T,) fp32; program (b, c) walks its tokens of sample b."""
+    b, t0, t_end = _program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    x = _load_rows(X, rows, stride_x, cols, mask)
-    _norm_modulate_store(x, rows, row_ok, mask, cols, SCALE, SHIFT, W, Y, MEAN, RSTD,
-                         stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, eps, IS_RMS, HAS_WEIGHT)
+    col_ok = cols < n_cols
+    X, Y, MEAN, RSTD = X + b * T * stride_x, Y + b * T * n_cols, MEAN + b * T, RSTD + b * T
+    SCALE, SHIFT = SCALE + b * stride_sb, SHIFT + b * stride_hb
+    w, s_row, h_row = 1.0, 0.0, 0.0
+    if HAS_WEIGHT:
+        w = _load_row(W, cols, col_ok)
+    if not PER_TOKEN:
+        s_row, h_row = _load_row(SCALE, cols, col_ok), _load_row(SHIFT, cols, col_ok)
+    for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
+        toks = start + tl.arange(0, ROWS)
+        tok_ok = toks < t_end
+        mask = tok_ok[:, None] & col_ok[None, :]
+        x = _load_tile(X, toks, stride_x, cols, mask)
+        s = _mod_tile(SCALE, toks, stride_st, cols, mask, s_row, PER_TOKEN)
+        h = _mod_tile(SHIFT, toks, stride_ht, cols, mask, h_row, PER_TOKEN)
+        y, mean, rstd = _norm_modulate(x, s, h, w, mask, n_cols, eps, IS_RMS)
+        _store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, IS_RMS)
 
 
 @triton.jit
@@ -155,67 +167,67 @@ def _modulated_norm_bwd_kernel(
     DN, X, SCALE, W, MEAN, RSTD, DH, GATE, Y,
     DX, DSCALE, DY, DGATE, DSCALE_P, DSHIFT_P, DW_P, DGATE_P,
     stride_dn, stride_x, stride_dh, stride_y, stride_sb, stride_st, stride_gb, stride_gt,
-    T, n_cols, rows_per_program,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr,
-    HAS_DN: tl.constexpr, HAS_DH: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    T, n_cols, n_chunks, rows_per_program,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_DN: tl.constexpr,
+    HAS_DH: tl.constexpr, GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The one backward of modulated_norm, gated_residual and the fused pair.
 
-    Grid (B, n_chunks): program (b, c) walks tokens [c * rows_per_program, ...) of sample b, ROWS at a
-    time. HAS_DN: dn (grad of norm(x) * (1 + scale) + shift) gives the norm gradients. HAS_DH: dh, the
-    grad reaching x directly (the fused pair's residual output), adds to dx. GATED: x = x0 + gate * y,
-    so dy = dx * gate and dgate = dx * y. Row outputs dx (with HAS_DN), dy, and per-token dscale/dgate
-    are stored; per-sample dscale, dshift, dgate and dweight leave as fp32 partial sums (B, n_chunks, D).
+    Program (b, c) walks its tokens of sample b, ROWS at a time. HAS_DN: dn (grad of norm(x) * (1 + scale)
+    + shift) gives the norm gradients. HAS_DH: dh, the grad reaching x directly (the fused pair's residual
+    output), adds to dx. GATED: x = x0 + gate * y, so dy = dx * gate and dgate = dx * y. Row outputs dx (with
+    HAS_DN), dy, and per-token dscale/dgate are stored; per-sample dscale, dshift, dgate and dweight leave as
+    fp32 partial sums, one row per program (B * n_chunks, D). All loads of a tile are issued before its math.
     """
-    b = tl.program_id(0).to(tl.int64)
-    t0 = tl.program_id(1) * rows_per_program
-    t_end = tl.minimum(t0 + rows_per_program, T)
+    b, t0, t_end = _program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
-    w = _row_weight(W, cols, n_cols, HAS_WEIGHT)
+    col_ok = cols < n_cols
+    r0 = b * T  # sample b's first row
+    DN, X, DH, Y = DN + r0 * stride_dn, X + r0 * stride_x, DH + r0 * stride_dh, Y + r0 * stride_y
+    DX, DY, DSCALE, DGATE = DX + r0 * n_cols, DY + r0 * n_cols, DSCALE + r0 * n_cols, DGATE + r0 * n_cols
+    MEAN, RSTD, SCALE, GATE = MEAN + r0, RSTD + r0, SCALE + b * stride_sb, GATE + b * stride_gb
+    w, s_row, g_row = 1.0, 0.0, 0.0
+    if HAS_DN and HAS_WEIGHT:
+        w = _load_row(W, cols, col_ok)
+    if HAS_DN and not PER_TOKEN:
+        s_row = _load_row(SCALE, cols, col_ok)
+    if GATED and not PER_TOKEN:
+        g_row = _load_row(GATE, cols, col_ok)
     acc_s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     acc_h = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # scale and gate tiles; per token, reloaded each tile
-    g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    if HAS_DN and not PER_TOKEN:
-        s = _sample_row(SCALE + b * stride_sb, cols, n_cols, ROWS)
-    if GATED and not PER_TOKEN:
-        g = _sample_row(GATE + b * stride_gb, cols, n_cols, ROWS)
-    for start in tl.range(t0, t_end, ROWS, num_stages=3):  # prefetch the next tiles: keeps loads in flight
+    for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
         toks = start + tl.arange(0, ROWS)
         tok_ok = toks < t_end
-        mask = tok_ok[:, None] & (cols < n_cols)[None, :]
-        rows = b * T + toks
-        out = rows[:, None] * n_cols + cols[None, :]  # row outputs are contiguous (R, D)
+        mask = tok_ok[:, None] & col_ok[None, :]
+        out = toks[:, None] * n_cols + cols[None, :]  # row outputs are contiguous (B * T, D)
         d = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         if HAS_DN:
-            if PER_TOKEN:
-                s = tl.load(SCALE + b * stride_sb + toks[:, None] * stride_st + cols[None, :], mask=mask, other=0.0)
-                s = s.to(tl.float32)
-            dn = _load_rows(DN, rows, stride_dn, cols, mask)
+            dn = _load_tile(DN, toks, stride_dn, cols, mask)
+            x = _load_tile(X, toks, stride_x, cols, mask)
+            s = _mod_tile(SCALE, toks, stride_st, cols, mask, s_row, PER_TOKEN)
             mean = 0.0
             if not IS_RMS:
-                mean = tl.load(MEAN + rows, mask=tok_ok, other=0.0)[:, None]
-            rstd = tl.load(RSTD + rows, mask=tok_ok, other=0.0)[:, None]
-            d, ds, dw = _norm_bwd_tile(dn, _load_rows(X, rows, stride_x, cols, mask), s, w, mean, rstd, mask,
-                                       n_cols, IS_RMS)
+                mean = tl.load(MEAN + toks, mask=tok_ok, other=0.0)[:, None]
+            rstd = tl.load(RSTD + toks, mask=tok_ok, other=0.0)[:, None]
+        if HAS_DH:
+            d = _load_tile(DH, toks, stride_dh, cols, mask)
+        if GATED:
+            g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
+            yv = _load_tile(Y, toks, stride_y, cols, mask)
+        if HAS_DN:
+            dx, ds, dw = _norm_bwd_tile(dn, x, s, w, mean, rstd, mask, n_cols, IS_RMS)
+            d += dx
             acc_s = _reduce_or_store(acc_s, ds, DSCALE + out, mask, PER_TOKEN)
             if not PER_TOKEN:
                 acc_h += dn
             if HAS_WEIGHT:
                 acc_w += dw
-        if HAS_DH:
-            d += _load_rows(DH, rows, stride_dh, cols, mask)
-        if HAS_DN:
             tl.store(DX + out, cast_rtne(d, DX.dtype.element_ty), mask=mask)
         if GATED:
-            if PER_TOKEN:
-                g = tl.load(GATE + b * stride_gb + toks[:, None] * stride_gt + cols[None, :], mask=mask, other=0.0)
-                g = g.to(tl.float32)
             tl.store(DY + out, cast_rtne(d * g, DY.dtype.element_ty), mask=mask)
-            acc_g = _reduce_or_store(acc_g, d * _load_rows(Y, rows, stride_y, cols, mask), DGATE + out, mask,
-                                     PER_TOKEN)
+            acc_g = _reduce_or_store(acc_g, d * yv, DGATE + out, mask, PER_TOKEN)
     if HAS_DN and not PER_TOKEN:
         _store_partial(acc_s, DSCALE_P, cols, n_cols)
         _store_partial(acc_h, DSHIFT_P, cols, n_cols)
@@ -244,22 +256,20 @@ def mod_strides(m: Optional[torch.Tensor]) -> tuple[int, int]:
     return m.stride(0), (m.stride(1) if per_token(m) else 0)
 
 
-def tile(n_cols: int, n_rows: int, elements: int = 4096) -> tuple[int, int]:
-    """(ROWS, BLOCK) of a program's tile of about `elements` values. Under the interpreter, whose cost is
-    per Triton op rather than per element, tiles hold 16384 values so CPU tests stay fast; the kernel code
-    is the same, only the constexpr differs."""
-    block = row_block(n_cols)
-    return tile_rows(block, n_rows, elements=16384 if interpreting() else elements), block
+def program_grid(T: int, n_samples: int, launch: RowLoop, *row_strides: int) -> tuple[int, int]:
+    """(programs, n_chunks) of a RowLoop launch: each sample's T tokens cut into n_chunks runs of
+    launch.rows_per_program. Checks that offsets within one sample fit the kernels' int32 arithmetic."""
+    launch.check()
+    if T * max(row_strides, default=0) >= 2**31:
+        raise ValueError(f"a sample of {T} rows at row strides {row_strides} spans 2^31 elements or more; "
+                         "the kernels index within a sample in int32: split the tokens into more samples.")
+    n_chunks = triton.cdiv(T, launch.rows_per_program)
+    return n_samples * n_chunks, n_chunks
 
 
-def finish(p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Sum fp32 partials (B, n_chunks, D) over the chunks in a fixed order, then cast once."""
-    return p.sum(1).to(dtype).reshape(shape)
-
-
-def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float):
+def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch: Optional[RowLoop] = None):
     """x (B, T, D), scale/shift (B, D) | (B, 1, D) | (B, T, D) -> y (B, T, D) in x.dtype, mean (R,) fp32
-    (empty for rms), rstd (R,) fp32, with R = B * T."""
+    (empty for rms), rstd (R,) fp32, with R = B * T. launch: None for the default (norm_fwd_launch)."""
     B, T, D = x.shape
     x2 = rows_2d(x)
     scale, shift = lastdim_contiguous(scale), lastdim_contiguous(shift)
@@ -268,12 +278,14 @@ def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float):
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
         return y, mean, rstd
-    rows, block = tile(D, B * T)
-    _modulated_norm_fwd_kernel[(triton.cdiv(B * T, rows),)](
+    launch = launch or norm_fwd_launch(D, T)
+    (s_b, s_t), (h_b, h_t) = mod_strides(scale), mod_strides(shift)
+    programs, n_chunks = program_grid(T, B, launch, x2.stride(0), D, s_t, h_t)
+    _modulated_norm_fwd_kernel[(programs,)](
         x2, y, scale, shift, x2 if weight is None else weight, mean, rstd,
-        x2.stride(0), *mod_strides(scale), *mod_strides(shift), B * T, T, D, eps,
-        IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, ROWS=rows, BLOCK=block,
-        num_warps=row_num_warps(rows * block),
+        x2.stride(0), s_b, s_t, h_b, h_t, T, D, n_chunks, launch.rows_per_program, eps,
+        IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, PER_TOKEN=per_token(scale), ROWS=launch.rows,
+        BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
     )
     return y, mean, rstd
 
@@ -283,16 +295,12 @@ def _rows_or_empty(like: torch.Tensor, dtype: torch.dtype, needed: bool) -> torc
     return torch.empty(like.shape if needed else (0,), dtype=dtype, device=like.device)
 
 
-def _partials(like: torch.Tensor, n_chunks: int, needed: bool) -> torch.Tensor:
-    B, _, D = like.shape
-    return like.new_empty((B, n_chunks, D) if needed else (0,), dtype=torch.float32)
-
-
 def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype,
-                      dh=None, gate=None, y=None):
+                      dh=None, gate=None, y=None, *, launch: Optional[RowLoop] = None):
     """Launch _modulated_norm_bwd_kernel. dn: grad of the modulated norm's output, or None (then x, scale,
     weight, mean, rstd are unused); dh: grad reaching x directly, or None; gate, y: given when x came from
     the gated residual x0 + gate * y. Tensors (B, T, D) but modulations (B, D) | (B, 1, D) | (B, T, D).
+    launch: None for the default (norm_bwd_launch).
 
     Returns (dx, dscale, dshift, dweight, dgate, dy): dx only with dn (without it dx is dh itself);
     dshift per sample only (per token it is dn itself); per-sample grads and dweight reduced over tokens
@@ -303,41 +311,48 @@ def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: 
     has_dn, gated = dn is not None, gate is not None
     tok = per_token(scale if has_dn else gate)
     has_w = has_dn and weight is not None
-    rows, block = tile(D, T, elements=2048)  # smaller than the forward's: the loop keeps ~6 fp32 tiles live
-    rows_per_program, n_chunks = reduction_grid(B, T, like.device, multiple_of=rows)
+    launch = launch or norm_bwd_launch(D, B, T, like.device)
     dn2, x2, dh2, y2 = (None if t is None else rows_2d(t) for t in (dn, x, dh, y))
     scale, gate = (None if m is None else lastdim_contiguous(m) for m in (scale, gate))
+    row_stride = lambda t: 0 if t is None else t.stride(0)  # noqa: E731
+    strides = (*(row_stride(t) for t in (dn2, x2, dh2, y2)), *mod_strides(scale), *mod_strides(gate))
+    programs, n_chunks = program_grid(T, B, launch, D, *strides[:4], strides[5], strides[7])
     dtype_of = lambda t: like.dtype if t is None else t.dtype  # noqa: E731
     dx = _rows_or_empty(like, dtype_of(x), has_dn)
     dscale = _rows_or_empty(like, dtype_of(scale), has_dn and tok)
     dgate, dy = _rows_or_empty(like, dtype_of(gate), gated and tok), _rows_or_empty(like, dtype_of(y), gated)
-    ds_p, dh_p = _partials(like, n_chunks, has_dn and not tok), _partials(like, n_chunks, has_dn and not tok)
-    dw_p, dg_p = _partials(like, n_chunks, has_w), _partials(like, n_chunks, gated and not tok)
+    # fp32 partials of the per-sample grads and dweight, one (B, n_chunks, D) slab each in one buffer, so that
+    # one fixed-order sum over the chunks finishes them all
+    slabs = [k for k, needed in (("dscale", has_dn and not tok), ("dshift", has_dn and not tok), ("dweight", has_w),
+                                 ("dgate", gated and not tok)) if needed]
+    parts = like.new_empty((len(slabs), B, n_chunks, D), dtype=torch.float32)
+    none = like.new_empty((0,))  # stands in for absent tensors; the kernel never touches them
+    slab = lambda k: parts[slabs.index(k)] if k in slabs else none  # noqa: E731
     if B * T > 0:
-        none = like.new_empty((0,))  # stands in for absent tensors; the kernel never touches them
         ptr = lambda t: none if t is None else t  # noqa: E731
-        row_stride = lambda t: 0 if t is None else t.stride(0)  # noqa: E731
-        _modulated_norm_bwd_kernel[(B, n_chunks)](
+        _modulated_norm_bwd_kernel[(programs,)](
             ptr(dn2), ptr(x2), ptr(scale), ptr(weight), ptr(mean if norm == "layer" else None), ptr(rstd),
-            ptr(dh2), ptr(gate), ptr(y2), dx, dscale, dy, dgate, ds_p, dh_p, dw_p, dg_p,
-            *(row_stride(t) for t in (dn2, x2, dh2, y2)), *mod_strides(scale), *mod_strides(gate),
-            T, D, rows_per_program,
+            ptr(dh2), ptr(gate), ptr(y2), dx, dscale, dy, dgate, *(slab(k) for k in ("dscale", "dshift", "dweight", "dgate")),
+            *strides, T, D, n_chunks, launch.rows_per_program,
             IS_RMS=norm == "rms", HAS_WEIGHT=has_w, PER_TOKEN=tok, HAS_DN=has_dn, HAS_DH=dh is not None,
-            GATED=gated, ROWS=rows, BLOCK=block, num_warps=row_loop_num_warps(rows * block),
+            GATED=gated, ROWS=launch.rows, BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
         )
+    sums = parts.sum(2)  # (slabs, B, D), fp32
+    done = lambda k, dtype, shape: sums[slabs.index(k)].to(dtype, copy=True).reshape(shape)  # noqa: E731
     dshift = like.new_empty((0,), dtype=shift_dtype)
     if has_dn and not tok:
-        dscale, dshift = finish(ds_p, scale.dtype, scale.shape), finish(dh_p, shift_dtype, scale.shape)
+        dscale, dshift = done("dscale", scale.dtype, scale.shape), done("dshift", shift_dtype, scale.shape)
     if gated and not tok:
-        dgate = finish(dg_p, gate.dtype, gate.shape)
-    dweight = finish(dw_p.view(1, -1, D), weight.dtype, (D,)) if has_w else like.new_empty((0,))
+        dgate = done("dgate", gate.dtype, gate.shape)
+    dweight = sums[slabs.index("dweight")].sum(0).to(weight.dtype) if has_w else like.new_empty((0,))
     return dx, dscale, dshift, dweight, dgate, dy
 
 
-def modulated_norm_bwd(dy, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype):
+def modulated_norm_bwd(dy, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype, *,
+                       launch: Optional[RowLoop] = None):
     """-> dx (B, T, D) in x.dtype; dscale like scale; dshift like scale in shift_dtype, per sample only (per
     token dshift = dy, returned by the autograd formula; here an empty placeholder); dweight (D,) or empty."""
-    return norm_residual_bwd(dy, x, scale, weight, mean, rstd, norm, shift_dtype)[:4]
+    return norm_residual_bwd(dy, x, scale, weight, mean, rstd, norm, shift_dtype, launch=launch)[:4]
 
 
 # --- torch.library registration ---------------------------------------------------------------------------

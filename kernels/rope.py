@@ -1,12 +1,22 @@
-"""Rotary position embedding on q and k, with optional QK RMSNorm, in one pass; the output is written
-in the (B, H, T, Dh) layout SDPA wants, so the head transpose costs nothing.
+"""Attention inputs from the packed qkv projection: rotary position embedding on q and k (optionally after a
+QK RMSNorm over the head dim), and q, k, v written in the (B, H, T, Dh) layout SDPA wants, in one pass.
+The backward takes dq, dk, dv (B, H, T, Dh) and writes d(qkv) (B, T, 3, H, Dh) in one pass too: no stack
+of dq, dk, dv and no separate transpose of v, either way.
 
 Convention "rotate half": for j < Dh/2 the pair (x[j], x[j + Dh/2]) turns by angles[t, j]:
     out[j]        = x[j] * cos - x[j + Dh/2] * sin
     out[j + Dh/2] = x[j + Dh/2] * cos + x[j] * sin
-The caller builds the (T, Dh/2) angle table (2-D RoPE: rows then columns, see layers.rope_angles_2d);
-the kernels compute cos and sin from it in fp32 (the table is small and stays in L2; no cos/sin tables
-are materialised).
+The caller builds the (T, Dh/2) angle table (2-D RoPE: rows then columns, see layers.rope_angles_2d); the
+functional turns it into a (2, T, Dh/2) fp32 cos | sin table (tiny, stays in L1/L2) before the op, since
+libdevice's accurate sinf/cosf cost more issue slots than this memory-bound kernel can spare.
+
+Tiling: a program owns BLOCK_R consecutive rows r = (b * T + t) * H + h of one (B, T, C, H, Dh) qkv, i.e.
+a few whole tokens (all heads): its reads of qkv and writes of d(qkv) are one contiguous span, and on the
+(B, H, T, Dh) side it touches H runs of BLOCK_R / H tokens each. q and k are handled as two
+(BLOCK_R, Dh/2) halves (the rotation pairs them), v as whole rows.
+
+One core op serves two functionals: `rope_qkv(qkv)` (C = 3, the model's path) and `rope(q, k)`, which
+stacks q, k into a (B, T, 2, H, Dh) tensor first (C = 2, no v).
 
 Registration: custom_op + register_fake (see swiglu.py for why not triton_op).
 """
@@ -16,278 +26,334 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, persistent_programs, row_loop_num_warps, row_num_warps, tile_rows
+from .utils import cast_rtne, pow2_divisor, row_num_warps, tile_rows
 
 
 def _rope_ref_one(x, w, cos, sin, eps):
-    """x (B, T, H, Dh) -> (B, H, T, Dh) contiguous in x's dtype; cos, sin (T, 1, Dh/2) fp32."""
+    """x (B, T, H, Dh) -> (B, H, T, Dh) contiguous in x's dtype; cos, sin (T, 1, Dh/2) fp32 or None (no rotation)."""
     dtype = x.dtype
     if w is not None:  # QK-norm: RMSNorm over Dh with a weight, in x's dtype
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(dtype).transpose(1, 2).contiguous()
+    if cos is not None:
+        x1, x2 = x.chunk(2, dim=-1)
+        x = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return x.to(dtype).transpose(1, 2).contiguous()
 
 
-def rope_ref(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor, q_norm_weight: Optional[torch.Tensor] = None,
+def rope_ref(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor] = None,
              k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of `rope` (same signature and output layout)."""
-    cos, sin = angles.float().cos()[:, None, :], angles.float().sin()[:, None, :]  # (T, 1, Dh/2): all heads
+    cos = sin = None
+    if angles is not None:
+        cos, sin = angles.float().cos()[:, None, :], angles.float().sin()[:, None, :]  # (T, 1, Dh/2): all heads
     return _rope_ref_one(q, q_norm_weight, cos, sin, eps), _rope_ref_one(k, k_norm_weight, cos, sin, eps)
 
 
+def rope_qkv_ref(qkv: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor] = None,
+                 k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6):
+    """PyTorch reference of `rope_qkv` (same signature and output layout)."""
+    q, k, v = qkv.unbind(2)
+    return (*rope_ref(q, k, angles, q_norm_weight, k_norm_weight, eps=eps), v.transpose(1, 2).contiguous())
+
+
 # --------------------------------------------------------------------------- Triton kernels
-# A tile is BLOCK_T tokens of one (b, h), seen as two (BLOCK_T, BLOCK_HALF) halves of each head vector.
-# Tiles are numbered with the token block fastest: tile = (b * H + h) * cdiv(T, BLOCK_T) + t_block.
+# A program owns BLOCK_R consecutive rows r = (b * T + t) * H + h (a row: one head vector of q, k or v).
+# q and k rows are two (BLOCK_R, BLOCK_HALF) tiles, the halves paired by the rotation, carried as a tuple
+# (x1, x2); v rows are copied whole. Vector width: the second halves start Dh/2 in, so at Dh 72 they are
+# only 4-element aligned. All q and k offsets are built as VEC * (runtime units), VEC the power of two
+# dividing Dh/2 (4 at Dh 72), so that the compiler sees one alignment on every q, k tile (first halves
+# too) and gives them all one register layout: no shared-memory layout conversion between loads,
+# arithmetic and stores. (A tl.multiple_of hint would do the same, but the compiler drops it when it
+# rematerialises the offsets in another layout.) v rows keep their own, wider, vectors.
 
 
 @triton.jit
-def _rope_tile(tile, T, H, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr):
-    """tile -> b, h (int64 scalars), t (BLOCK_T, 1), j (1, BLOCK_HALF), mask."""
-    n_tb = tl.cdiv(T, BLOCK_T)
-    bh = tile // n_tb
-    t = (tile % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+def _rope_rows(T, n_rows, H: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's rows: bt = b * T + t, b, t, h as (BLOCK_R, 1) int64, and the row mask."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # int32: B * T * H < 2^31
+    bt = r // H
+    b = bt // T
+    return bt.to(tl.int64), b.to(tl.int64), (bt - b * T).to(tl.int64), (r % H).to(tl.int64), r < n_rows
+
+
+@triton.jit
+def _rope_load(ptr, off, second, j, mask):
+    """(x1, x2) fp32: the halves at ptr + off + j and `second` elements further; off (BLOCK_R, 1)."""
+    return (tl.load(ptr + off + j, mask=mask, other=0.0).to(tl.float32),
+            tl.load(ptr + off + second + j, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _rope_store(ptr, off, y, j, mask, HALF: tl.constexpr):
+    tl.store(ptr + off + j, cast_rtne(y[0], ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + off + HALF + j, cast_rtne(y[1], ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_rotate(x, cs, SIGN: tl.constexpr):
+    """Turn each pair by +angle (SIGN 1, the forward) or by -angle (SIGN -1, the backward's transpose):
+    y1 = x1 cos - SIGN x2 sin,  y2 = x2 cos + SIGN x1 sin;  cs = (cos, sin)."""
+    sin = SIGN * cs[1]
+    return x[0] * cs[0] - x[1] * sin, x[1] * cs[0] + x[0] * sin
+
+
+@triton.jit
+def _rope_row_mean(x, y, HALF: tl.constexpr):
+    """Mean over each row's Dh of x * y, (BLOCK_R, 1)."""
+    return (tl.sum(x[0] * y[0] + x[1] * y[1], 1) / (2 * HALF))[:, None]
+
+
+@triton.jit
+def _rope_mul_weight(x, w_ptr, j, HALF: tl.constexpr):
+    """x * w, w (Dh,) the norm weight."""
+    w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    return x[0] * w1, x[1] * w2
+
+
+@triton.jit
+def _rope_fwd_one(x, w_ptr, out_ptr, o_off, j, mask, cs, eps,
+                  HALF: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Rows x = (x1, x2) of q or k -> out_ptr + o_off (q_out or k_out rows)."""
+    if HAS_NORM:
+        rstd = tl.rsqrt(_rope_row_mean(x, x, HALF) + eps)
+        x = _rope_mul_weight((x[0] * rstd, x[1] * rstd), w_ptr, j, HALF)
+    if HAS_ROPE:
+        x = _rope_rotate(x, cs, 1)
+    _rope_store(out_ptr, o_off, x, j, mask, HALF)
+
+
+@triton.jit
+def _rope_fwd_kernel(qkv_ptr, cs_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, vo_ptr, T, n_rows, dh_vecs, eps,
+                     H: tl.constexpr, HALF: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr, VEC: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_NORM: tl.constexpr):
+    """qkv (B, T, C, H, Dh) contiguous -> q_out, k_out (and v_out when C = 3), each (B, H, T, Dh).
+    dh_vecs = Dh / VEC, a runtime value so that the compiler learns no more alignment than VEC from it."""
+    DH: tl.constexpr = 2 * HALF
+    bt, b, t, h, row_ok = _rope_rows(T, n_rows, H, BLOCK_R)
     j = tl.arange(0, BLOCK_HALF)[None, :]
-    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), t, j, (t < T) & (j < HALF)
+    mask = row_ok & (j < HALF)
+    x_off = VEC * ((bt * (C * H) + h) * dh_vecs)  # q of each row; k and v follow H * Dh apart
+    q = _rope_load(qkv_ptr, x_off, HALF, j, mask)  # every load before the first store (they may alias)
+    k = _rope_load(qkv_ptr, x_off + VEC * (H * dh_vecs), HALF, j, mask)
+    if C == 3:
+        d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        v = tl.load(qkv_ptr + ((bt * C + 2) * H + h) * DH + d, mask=row_ok & (d < DH))
+    cs = (None, None)
+    if HAS_ROPE:  # the (2, T, Dh/2) fp32 table: cos, then sin
+        cs = _rope_load(cs_ptr, t * HALF, T * HALF, j, mask)
+    o_row = (b * H + h) * T + t  # outputs (B, H, T, Dh) contiguous
+    _rope_fwd_one(q, qw_ptr, qo_ptr, VEC * (o_row * dh_vecs), j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
+    _rope_fwd_one(k, kw_ptr, ko_ptr, VEC * (o_row * dh_vecs), j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
+    if C == 3:
+        tl.store(vo_ptr + o_row * DH + d, v, mask=row_ok & (d < DH))
 
 
 @triton.jit
-def _rope_cos_sin(ang_ptr, t, j, mask, HALF: tl.constexpr):
-    ang = tl.load(ang_ptr + t * HALF + j, mask=mask, other=0.0)  # (T, Dh/2) fp32 contiguous
-    return tl.cos(ang), tl.sin(ang)
+def _rope_bwd_one(g_ptr, g_off, x_ptr, w_ptr, dx_ptr, x_off, dw_ptr, j, mask, cs, eps,
+                  HALF: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Gradient of q or k for this program's rows: upstream g at g_ptr + g_off, the forward input x (read only
+    with the norm) at x_ptr + x_off, the result at dx_ptr + x_off; with the norm also the program's
+    weight-gradient partial row dw_ptr (Dh,) fp32. (q and k go one after the other: holding both in
+    registers at once costs more occupancy than the overlap gains.)
 
-
-@triton.jit
-def _rope_rstd(x1, x2, eps, HALF: tl.constexpr):
-    """1 / rms over the head (both halves), (BLOCK_T, 1)."""
-    return tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-
-
-@triton.jit
-def _rope_load_halves(ptr, mask, HALF: tl.constexpr):
-    return (tl.load(ptr, mask=mask, other=0.0).to(tl.float32),
-            tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _rope_fwd_rows(x_ptr, stride_t, w_ptr, out_ptr, t, j, mask, cos, sin, eps,
-                   HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """x_ptr -> x[b, 0, h, 0] (rows stride_t apart), out_ptr -> out[b, h, 0, 0] (rows Dh apart)."""
-    x1, x2 = _rope_load_halves(x_ptr + t.to(tl.int64) * stride_t + j, mask, HALF)
-    if HAS_NORM:
-        rstd = _rope_rstd(x1, x2, eps, HALF)
-        w1, w2 = _rope_load_halves(w_ptr + j, j < HALF, HALF)
-        x1, x2 = x1 * rstd * w1, x2 * rstd * w2
-    out = out_ptr + t * (2 * HALF) + j
-    tl.store(out, cast_rtne(x1 * cos - x2 * sin, out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + HALF, cast_rtne(x2 * cos + x1 * sin, out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rope_fwd_kernel(q_ptr, k_ptr, ang_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, T, H,
-                     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, eps,
-                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    b, h, t, j, mask = _rope_tile(tl.program_id(0), T, H, BLOCK_T, BLOCK_HALF, HALF)
-    cos, sin = _rope_cos_sin(ang_ptr, t, j, mask, HALF)
-    out_off = (b * H + h) * T * (2 * HALF)  # outputs (B, H, T, Dh) contiguous
-    _rope_fwd_rows(q_ptr + b * sq_b + h * sq_h, sq_t, qw_ptr, qo_ptr + out_off, t, j, mask, cos, sin, eps,
-                   HALF, HAS_NORM)
-    _rope_fwd_rows(k_ptr + b * sk_b + h * sk_h, sk_t, kw_ptr, ko_ptr + out_off, t, j, mask, cos, sin, eps,
-                   HALF, HAS_NORM)
-
-
-@triton.jit
-def _rope_bwd_rows(g_ptr, stride_gt, x_ptr, x_off, stride_xt, w_ptr, dx_ptr, stride_dxt, t, j, mask, cos, sin, eps,
-                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Gradient for one tile of q or k; returns this tile's (dw1, dw2) sums over its rows (zeros if no norm).
-
-    Rotation back (the transpose of the forward rotation, i.e. by -angle):
-        dy1 = g1 cos + g2 sin,  dy2 = g2 cos - g1 sin
-    RMSNorm back, with xh = x * rstd and y = xh * w (means over the Dh of one head):
-        dw += dy * xh (summed over rows),  dx = rstd * (dy * w - xh * mean(dy * w * xh))
+    Rotation back (the transpose of the forward rotation, i.e. by -angle), then RMSNorm back, with
+    xh = x * rstd and y = xh * w (means over the Dh of one head):
+        dw = sum over rows of dy * xh,  dx = rstd * (dy * w - xh * mean(dy * w * xh))
     """
-    t64 = t.to(tl.int64)
-    g1, g2 = _rope_load_halves(g_ptr + t64 * stride_gt + j, mask, HALF)
-    dy1, dy2 = g1 * cos + g2 * sin, g2 * cos - g1 * sin
-    dw1 = tl.zeros((BLOCK_HALF,), tl.float32)
-    dw2 = tl.zeros((BLOCK_HALF,), tl.float32)
+    g = _rope_load(g_ptr, g_off, HALF, j, mask)
+    if HAS_ROPE:
+        g = _rope_rotate(g, cs, -1)
     if HAS_NORM:
-        x1, x2 = _rope_load_halves(x_ptr + x_off + t64 * stride_xt + j, mask, HALF)
-        rstd = _rope_rstd(x1, x2, eps, HALF)
-        xh1, xh2 = x1 * rstd, x2 * rstd  # masked rows: x = 0 -> xh = 0, no contribution
-        w1, w2 = _rope_load_halves(w_ptr + j, j < HALF, HALF)
-        dw1, dw2 = tl.sum(dy1 * xh1, 0), tl.sum(dy2 * xh2, 0)
-        dxh1, dxh2 = dy1 * w1, dy2 * w2
-        c = ((tl.sum(dxh1 * xh1, 1) + tl.sum(dxh2 * xh2, 1)) / (2 * HALF))[:, None]
-        dy1, dy2 = rstd * (dxh1 - xh1 * c), rstd * (dxh2 - xh2 * c)
-    dx = dx_ptr + t64 * stride_dxt + j
-    tl.store(dx, cast_rtne(dy1, dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx + HALF, cast_rtne(dy2, dx_ptr.dtype.element_ty), mask=mask)
-    return dw1, dw2
+        x = _rope_load(x_ptr, x_off, HALF, j, mask)
+        rstd = tl.rsqrt(_rope_row_mean(x, x, HALF) + eps)
+        xh = (x[0] * rstd, x[1] * rstd)  # masked rows: x = 0 -> xh = 0, no contribution
+        jj = tl.arange(0, j.shape[1])
+        tl.store(dw_ptr + jj, tl.sum(g[0] * xh[0], 0), mask=jj < HALF)
+        tl.store(dw_ptr + HALF + jj, tl.sum(g[1] * xh[0], 0), mask=jj < HALF)
+        g = _rope_mul_weight(g, w_ptr, j, HALF)
+        c = _rope_row_mean(g, xh, HALF)
+        g = (rstd * (g[0] - xh[0] * c), rstd * (g[1] - xh[1] * c))
+    _rope_store(dx_ptr, x_off, g, j, mask, HALF)
 
 
 @triton.jit
-def _rope_bwd_kernel(gq_ptr, gk_ptr, ang_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, dq_ptr, dk_ptr, dw_part_ptr,
-                     T, H, n_tiles, sgq_b, sgq_h, sgq_t, sgk_b, sgk_h, sgk_t, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, eps,
-                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    # Grid-stride loop over tiles; with the norm each program keeps its dweight sums in registers and
-    # writes one fp32 partial row dw_part[{q,k}, pid, :] at the end: a fixed order, no atomics.
-    pid = tl.program_id(0)
-    acc_q1 = tl.zeros((BLOCK_HALF,), tl.float32)
-    acc_q2 = tl.zeros((BLOCK_HALF,), tl.float32)
-    acc_k1 = tl.zeros((BLOCK_HALF,), tl.float32)
-    acc_k2 = tl.zeros((BLOCK_HALF,), tl.float32)
-    for tile in range(pid, n_tiles, tl.num_programs(0)):
-        b, h, t, j, mask = _rope_tile(tile, T, H, BLOCK_T, BLOCK_HALF, HALF)
-        cos, sin = _rope_cos_sin(ang_ptr, t, j, mask, HALF)
-        d_off = (b * T * H + h) * (2 * HALF)  # dq, dk (B, T, H, Dh) contiguous; rows H * Dh apart
-        dw1, dw2 = _rope_bwd_rows(gq_ptr + b * sgq_b + h * sgq_h, sgq_t, q_ptr, b * sq_b + h * sq_h, sq_t, qw_ptr,
-                                  dq_ptr + d_off, H * 2 * HALF, t, j, mask, cos, sin, eps, HALF, BLOCK_HALF, HAS_NORM)
-        acc_q1, acc_q2 = acc_q1 + dw1, acc_q2 + dw2
-        dw1, dw2 = _rope_bwd_rows(gk_ptr + b * sgk_b + h * sgk_h, sgk_t, k_ptr, b * sk_b + h * sk_h, sk_t, kw_ptr,
-                                  dk_ptr + d_off, H * 2 * HALF, t, j, mask, cos, sin, eps, HALF, BLOCK_HALF, HAS_NORM)
-        acc_k1, acc_k2 = acc_k1 + dw1, acc_k2 + dw2
-    if HAS_NORM:
-        jj = tl.arange(0, BLOCK_HALF)
-        row_q = dw_part_ptr + pid * (2 * HALF) + jj
-        row_k = row_q + tl.num_programs(0) * (2 * HALF)
-        tl.store(row_q, acc_q1, mask=jj < HALF)
-        tl.store(row_q + HALF, acc_q2, mask=jj < HALF)
-        tl.store(row_k, acc_k1, mask=jj < HALF)
-        tl.store(row_k + HALF, acc_k2, mask=jj < HALF)
+def _rope_bwd_kernel(gq_ptr, gk_ptr, gv_ptr, cs_ptr, qkv_ptr, qw_ptr, kw_ptr, dqkv_ptr, dw_part_ptr, T, n_rows, dh_vecs,
+                     eps, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                     H: tl.constexpr, HALF: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr, VEC: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_NORM: tl.constexpr):
+    """dq_out, dk_out (and dv_out when C = 3) (B, H, T, Dh), strides given in units of VEC elements ->
+    d(qkv) (B, T, C, H, Dh); with the norm, one fp32 partial row per program, dw_part[pid, {q, k}, :]
+    (summed afterwards in a fixed order: deterministic)."""
+    DH: tl.constexpr = 2 * HALF
+    bt, b, t, h, row_ok = _rope_rows(T, n_rows, H, BLOCK_R)
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = row_ok & (j < HALF)
+    x_off = VEC * ((bt * (C * H) + h) * dh_vecs)  # q of each row in qkv and d(qkv); k and v follow H * Dh apart
+    if C == 3:  # dv: whole rows, a plain transpose
+        d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        gv = tl.load(gv_ptr + VEC * (b * sv_b + h * sv_h + t * sv_t) + d, mask=row_ok & (d < DH))
+        tl.store(dqkv_ptr + ((bt * C + 2) * H + h) * DH + d, gv, mask=row_ok & (d < DH))
+    cs = (None, None)
+    if HAS_ROPE:
+        cs = _rope_load(cs_ptr, t * HALF, T * HALF, j, mask)
+    dw_row = dw_part_ptr + tl.program_id(0).to(tl.int64) * (2 * DH)
+    gq_off = VEC * (b * sq_b + h * sq_h + t * sq_t)
+    gk_off = VEC * (b * sk_b + h * sk_h + t * sk_t)
+    _rope_bwd_one(gq_ptr, gq_off, qkv_ptr, qw_ptr, dqkv_ptr, x_off, dw_row, j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
+    _rope_bwd_one(gk_ptr, gk_off, qkv_ptr, kw_ptr, dqkv_ptr, x_off + VEC * (H * dh_vecs), dw_row + DH, j, mask, cs,
+                  eps, HALF, HAS_ROPE, HAS_NORM)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def _check(q, k, angles, q_norm_weight, k_norm_weight):
-    if q.dim() != 4 or k.shape != q.shape or k.dtype != q.dtype:
-        raise ValueError(f"rope needs q and k of one (B, T, H, Dh) shape and dtype, got {tuple(q.shape)} "
-                         f"{q.dtype} and {tuple(k.shape)} {k.dtype}")
-    B, T, H, Dh = q.shape
-    if Dh % 2 or tuple(angles.shape) != (T, Dh // 2):
-        raise ValueError(f"rope needs an even head dim and angles of shape (T, Dh/2) = ({T}, {Dh // 2}), "
-                         f"got Dh={Dh} and angles {tuple(angles.shape)}")
+def _check(qkv, cos_sin, q_norm_weight, k_norm_weight):
+    if qkv.dim() != 5 or qkv.shape[2] not in (2, 3) or qkv.shape[-1] % 2:
+        raise ValueError(f"rope_qkv needs qkv of shape (B, T, 3, H, Dh) with an even Dh, got {tuple(qkv.shape)}")
+    B, T, C, H, Dh = qkv.shape
+    if cos_sin is not None and tuple(cos_sin.shape) != (2, T, Dh // 2):
+        raise ValueError(f"rope needs angles of shape (T, Dh/2) = ({T}, {Dh // 2}), got {tuple(cos_sin.shape[1:])}")
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("rope applies QK-norm to both q and k: pass both q_norm_weight and k_norm_weight, or neither")
     for w in (q_norm_weight, k_norm_weight):
         if w is not None and tuple(w.shape) != (Dh,):
             raise ValueError(f"rope norm weights must have shape (Dh,) = ({Dh},), got {tuple(w.shape)}")
-    return B, T, H, Dh
+    return B, T, C, H, Dh
 
 
-def _blocks(T: int, Dh: int) -> dict:
-    """Tile sizes: BLOCK_HALF holds Dh/2, BLOCK_T tokens make ~1024 elements per half-tile."""
+def _blocks(n_rows: int, H: int, Dh: int, C: int, has_rope: bool, has_norm: bool) -> dict:
+    """BLOCK_HALF holds Dh/2; BLOCK_R rows make 2048 elements per half tile (Dh 72: 32 rows, Dh 64: 64)."""
     block_half = triton.next_power_of_2(Dh // 2)
-    block_t = tile_rows(block_half, T, elements=1024)
-    return dict(HALF=Dh // 2, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=row_num_warps(block_t * block_half))
+    block_r = tile_rows(block_half, n_rows, elements=2048)
+    return dict(H=H, HALF=Dh // 2, C=C, BLOCK_R=block_r, BLOCK_HALF=block_half, VEC=pow2_divisor(Dh // 2, cap=8),
+                HAS_ROPE=has_rope, HAS_NORM=has_norm, num_warps=4)
 
 
-def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor],
+             k_norm_weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (B, T, C, H, Dh), C = 2 or 3 -> q_out, k_out, v_out, each (B, H, T, Dh) contiguous (v_out empty if C = 2).
+    cos_sin: (2, T, Dh/2) fp32 cos | sin table, or None (no rotation)."""
+    B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
+    qkv = qkv.contiguous()
+    outs = [torch.empty((B, H, T, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(C)]
+    q_out, k_out, v_out = (*outs, qkv.new_empty(0)) if C == 2 else outs
+    n_rows = B * T * H
+    if n_rows:
+        blocks = _blocks(n_rows, H, Dh, C, cos_sin is not None, q_norm_weight is not None)
+        _rope_fwd_kernel[(triton.cdiv(n_rows, blocks["BLOCK_R"]),)](
+            qkv, cos_sin, q_norm_weight, k_norm_weight, q_out, k_out, v_out, T, n_rows, Dh // blocks["VEC"], eps,
+            **blocks)
+    return q_out, k_out, v_out
 
 
-def rope_fwd(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
-             k_norm_weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k (B, T, H, Dh) any strides -> rotated (and normed) q, k, each (B, H, T, Dh) contiguous."""
-    B, T, H, Dh = _check(q, k, angles, q_norm_weight, k_norm_weight)
-    q, k = _inner_contiguous(q), _inner_contiguous(k)
-    angles = angles.to(torch.float32).contiguous()
-    qo = torch.empty((B, H, T, Dh), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, H, T, Dh), dtype=q.dtype, device=q.device)
-    if q.numel() == 0:
-        return qo, ko
-    blocks = _blocks(T, Dh)
-    grid = (B * H * triton.cdiv(T, blocks["BLOCK_T"]),)
-    _rope_fwd_kernel[grid](q, k, angles, q_norm_weight, k_norm_weight, qo, ko, T, H,
-                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), eps,
-                           HAS_NORM=q_norm_weight is not None, **blocks)
-    return qo, ko
-
-
-def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, angles: torch.Tensor, q: Optional[torch.Tensor],
-             k: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq_out, dk_out (B, H, T, Dh) -> dq, dk (B, T, H, Dh) contiguous and dq_w, dk_w (Dh,) in the weights'
-    dtype. q, k (the forward inputs) are needed only with the norm; without it dq_w, dk_w are empty."""
+def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, dv_out: Optional[torch.Tensor], cos_sin: Optional[torch.Tensor],
+             qkv: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq_out, dk_out, dv_out (B, H, T, Dh), any strides (dv_out None when C = 2) -> d(qkv) (B, T, C, H, Dh)
+    contiguous, dq_w, dk_w (Dh,) in the weights' dtype (empty without the norm). qkv (the forward input) is
+    needed only with the norm."""
     B, H, T, Dh = dq_out.shape
-    gq, gk = _inner_contiguous(dq_out), _inner_contiguous(dk_out)
-    angles = angles.to(torch.float32).contiguous()
-    dq = torch.empty((B, T, H, Dh), dtype=gq.dtype, device=gq.device)
-    dk = torch.empty((B, T, H, Dh), dtype=gq.dtype, device=gq.device)
+    C = 2 if dv_out is None else 3
     has_norm = q_norm_weight is not None
-    blocks = _blocks(T, Dh)
-    n_tiles = B * H * triton.cdiv(T, blocks["BLOCK_T"])
-    n_prog = persistent_programs(n_tiles, gq.device) if has_norm else n_tiles
-    dw_part, xs = None, (0,) * 6
-    if has_norm:
-        q, k = _inner_contiguous(q), _inner_contiguous(k)
-        xs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-        dw_part = (torch.empty if n_tiles else torch.zeros)((2, n_prog, Dh), dtype=torch.float32, device=gq.device)
-        # the norm's backward holds ~2x the live fp32 tiles: more warps, fewer registers per thread
-        blocks["num_warps"] = row_loop_num_warps(blocks["BLOCK_T"] * blocks["BLOCK_HALF"])
-    if n_tiles > 0:
-        _rope_bwd_kernel[(n_prog,)](gq, gk, angles, q, k, q_norm_weight, k_norm_weight, dq, dk, dw_part, T, H, n_tiles,
-                                    gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
-                                    *xs, eps, HAS_NORM=has_norm, **blocks)
+    blocks = _blocks(B * T * H, H, Dh, C, cos_sin is not None, has_norm)
+    grads = [g if g.stride(-1) == 1 and pow2_divisor(*g.stride()[:3]) >= blocks["VEC"] else g.contiguous()
+             for g in (dq_out, dk_out, dv_out if C == 3 else dq_out)]  # strides the kernel may call multiples of VEC
+    dqkv = torch.empty((B, T, C, H, Dh), dtype=dq_out.dtype, device=dq_out.device)
+    n_prog = triton.cdiv(B * T * H, blocks["BLOCK_R"])
+    if has_norm:  # fp32 partials (n_prog, {q, k}, Dh): 1.6% of the bytes the kernel moves at Dh 72
+        qkv, dw_part = qkv.contiguous(), torch.empty((n_prog, 2, Dh), dtype=torch.float32, device=dq_out.device)
+    else:  # the kernel then reads no x and writes no partials: any pointer will do
+        qkv = dw_part = dqkv
+    if n_prog:
+        vec = blocks["VEC"]
+        _rope_bwd_kernel[(n_prog,)](*grads, cos_sin, qkv, q_norm_weight, k_norm_weight, dqkv, dw_part, T, B * T * H,
+                                    Dh // vec, eps, *[s // vec for g in grads for s in g.stride()[:3]], **blocks)
     if not has_norm:
-        return dq, dk, gq.new_empty(0), gq.new_empty(0)
-    # second stage: a fixed-order reduction over the programs' partials; two sums, so the outputs do not alias
-    return dq, dk, dw_part[0].sum(0).to(q_norm_weight.dtype), dw_part[1].sum(0).to(k_norm_weight.dtype)
+        return dqkv, dq_out.new_empty(0), dq_out.new_empty(0)
+    # second stage: a fixed-order sum over the programs' partials; two sums, so the outputs do not alias
+    return dqkv, dw_part[:, 0].sum(0).to(q_norm_weight.dtype), dw_part[:, 1].sum(0).to(k_norm_weight.dtype)
 
 
 # --------------------------------------------------------------------------- registration
 
-_rope_fwd_op = torch.library.custom_op("fae_fast::rope_fwd", rope_fwd, mutates_args=())
-_rope_bwd_op = torch.library.custom_op("fae_fast::rope_bwd", rope_bwd, mutates_args=())
+_rope_fwd_op = torch.library.custom_op("fae_fast::rope_qkv_fwd", rope_fwd, mutates_args=())
+_rope_bwd_op = torch.library.custom_op("fae_fast::rope_qkv_bwd", rope_bwd, mutates_args=())
 
 
 @_rope_fwd_op.register_fake
-def _(q, k, angles, q_norm_weight, k_norm_weight, eps):
-    B, T, H, Dh = _check(q, k, angles, q_norm_weight, k_norm_weight)
-    return (q.new_empty((B, H, T, Dh)), q.new_empty((B, H, T, Dh)))
+def _(qkv, cos_sin, q_norm_weight, k_norm_weight, eps):
+    B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
+    outs = [qkv.new_empty((B, H, T, Dh)) for _ in range(C)]
+    return (*outs, qkv.new_empty(0)) if C == 2 else tuple(outs)
 
 
 @_rope_bwd_op.register_fake
-def _(dq_out, dk_out, angles, q, k, q_norm_weight, k_norm_weight, eps):
+def _(dq_out, dk_out, dv_out, cos_sin, qkv, q_norm_weight, k_norm_weight, eps):
     B, H, T, Dh = dq_out.shape
-    dq, dk = dq_out.new_empty((B, T, H, Dh)), dq_out.new_empty((B, T, H, Dh))
+    dqkv = dq_out.new_empty((B, T, 2 if dv_out is None else 3, H, Dh))
     if q_norm_weight is None:
-        return dq, dk, dq_out.new_empty(0), dq_out.new_empty(0)
-    return dq, dk, q_norm_weight.new_empty((Dh,)), k_norm_weight.new_empty((Dh,))
+        return dqkv, dq_out.new_empty(0), dq_out.new_empty(0)
+    return dqkv, q_norm_weight.new_empty((Dh,)), k_norm_weight.new_empty((Dh,))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, angles, q_norm_weight, k_norm_weight, eps = inputs
-    ctx.eps = eps
-    if q_norm_weight is None:  # the rotation alone needs only the angles: keep q, k (and qkv) unsaved
-        q = k = None
-    ctx.save_for_backward(angles, q, k, q_norm_weight, k_norm_weight)
+    qkv, cos_sin, q_norm_weight, k_norm_weight, eps = inputs
+    ctx.eps, ctx.packs = eps, qkv.shape[2]
+    if q_norm_weight is None:  # the rotation alone needs only the table: keep qkv unsaved
+        qkv = None
+    ctx.save_for_backward(cos_sin, qkv, q_norm_weight, k_norm_weight)
 
 
-def _backward(ctx, dq_out, dk_out):
-    angles, q, k, q_norm_weight, k_norm_weight = ctx.saved_tensors
-    dq, dk, dq_w, dk_w = _rope_bwd_op(dq_out, dk_out, angles, q, k, q_norm_weight, k_norm_weight, ctx.eps)
+def _backward(ctx, dq_out, dk_out, dv_out):
+    cos_sin, qkv, q_norm_weight, k_norm_weight = ctx.saved_tensors
+    dv_out = dv_out if ctx.packs == 3 else None
+    dqkv, dq_w, dk_w = _rope_bwd_op(dq_out, dk_out, dv_out, cos_sin, qkv, q_norm_weight, k_norm_weight, ctx.eps)
     if q_norm_weight is None:
         dq_w = dk_w = None
-    return dq, dk, None, dq_w, dk_w, None  # no gradient for the angles
+    return dqkv, None, dq_w, dk_w, None  # no gradient for the angles
 
 
-torch.library.register_autograd("fae_fast::rope_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fae_fast::rope_qkv_fwd", _backward, setup_context=_setup_context)
 
 
-# --------------------------------------------------------------------------- public functional
+# --------------------------------------------------------------------------- public functionals
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor, q_norm_weight: Optional[torch.Tensor] = None,
-         k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q and k ("rotate half"), after QK RMSNorm when norm weights are given.
+def _cos_sin(angles: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(T, Dh/2) angles -> (2, T, Dh/2) fp32 cos | sin table (no gradient to the angles)."""
+    if angles is None:
+        return None
+    if angles.dim() != 2:
+        raise ValueError(f"rope needs angles of shape (T, Dh/2), got {tuple(angles.shape)}")
+    angles = angles.detach().float()
+    return torch.stack((angles.cos(), angles.sin()))
 
-    q, k: (B, T, H, Dh), one shape and dtype (fp32, bf16, fp16), last dim contiguous, any other strides
-        (typically `qkv.view(B, T, 3, H, Dh).unbind(2)`, read in place).
-    angles: (T, Dh/2) rotation angles (fp32); pair j of token t turns by angles[t, j]. No gradient.
+
+def rope_qkv(qkv: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor] = None,
+             k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6):
+    """q, k, v for SDPA from the packed qkv projection: rotary embedding ("rotate half") of q and k, after a QK
+    RMSNorm over Dh when norm weights are given; v transposed alike.
+
+    qkv: (B, T, 3, H, Dh) (fp32, bf16, fp16), typically `qkv_linear(x).view(B, T, 3, H, Dh)`; copied if not contiguous.
+    angles: (T, Dh/2) rotation angles (fp32); pair j of token t turns by angles[t, j]. None: no rotation
+        (QK-norm alone). No gradient.
     q_norm_weight, k_norm_weight: (Dh,) RMSNorm weights, both or neither; eps is the norm's epsilon.
-    Returns (q_out, k_out), each (B, H, T, Dh) contiguous in q's dtype: the layout SDPA takes.
-    The weight gradients are reduced over all (B, T, H) rows deterministically (fp32 partials, no atomics).
+    Returns (q, k, v), each (B, H, T, Dh) contiguous in qkv's dtype. The backward writes d(qkv) in one pass;
+    the weight gradients are reduced over all (B, T, H) rows deterministically (fp32 partials, no atomics).
     """
-    return _rope_fwd_op(q, k, angles, q_norm_weight, k_norm_weight, eps)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"rope_qkv needs qkv of shape (B, T, 3, H, Dh), got {tuple(qkv.shape)}")
+    return _rope_fwd_op(qkv, _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor] = None,
+         k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_qkv` for separate q, k (B, T, H, Dh) of one shape and dtype, any strides: stacked into one
+    (B, T, 2, H, Dh) tensor first (a copy; the model calls rope_qkv on its packed projection instead).
+    Returns (q_out, k_out), each (B, H, T, Dh) contiguous."""
+    if q.dim() != 4 or k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(f"rope needs q and k of one (B, T, H, Dh) shape and dtype, got {tuple(q.shape)} "
+                         f"{q.dtype} and {tuple(k.shape)} {k.dtype}")
+    q_out, k_out, _ = _rope_fwd_op(torch.stack((q, k), dim=2), _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
+    return q_out, k_out

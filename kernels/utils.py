@@ -1,6 +1,7 @@
 """Launch heuristics and small helpers shared by every kernel file (the one place they live)."""
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -77,6 +78,52 @@ def reduction_grid(n_groups: int, group_rows: int, device: torch.device, multipl
     return rows_per_program, triton.cdiv(group_rows, rows_per_program)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RowLoop:
+    """Launch of a kernel over (B, T, D) rows whose programs each walk a run of tokens of one sample, a
+    (rows, BLOCK) tile at a time (modulated_norm.py, gated_residual.py). An explicit launcher argument, so a
+    sweep (benchmarks/sweep_norms.py) can pass any and the best becomes the default here."""
+
+    rows: int
+    """Rows per tile: a power of two."""
+    num_warps: int
+    """Warps per program."""
+    rows_per_program: int
+    """Tokens of one sample a program walks (a multiple of rows); equal to rows: one tile per program."""
+    num_stages: int = 1
+    """Software-pipelining depth of the row loop: the next num_stages - 1 tiles' loads in flight (1: none)."""
+
+    def check(self) -> "RowLoop":
+        if self.rows < 1 or self.rows & (self.rows - 1) or self.rows_per_program < self.rows:
+            raise ValueError(f"{self}: rows must be a power of two and rows_per_program at least rows.")
+        return self
+
+
+def norm_tile_rows(block: int, group_rows: int, elements: int) -> int:
+    """Rows of a norm kernel's (rows, block) tile of about `elements` values; under the interpreter, whose
+    cost is per Triton op rather than per element, tiles hold 16384 values so CPU tests stay fast."""
+    return tile_rows(block, group_rows, elements=16384 if interpreting() else elements)
+
+
+def norm_fwd_launch(n_cols: int, group_rows: int) -> RowLoop:
+    """Default RowLoop of the norm forwards (modulated_norm, gated_residual[_modulated_norm]): tiles of about
+    4096 values, one tile per program (no loop), warps to stream the tile."""
+    block = row_block(n_cols)
+    rows = norm_tile_rows(block, group_rows, 4096)
+    return RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows)
+
+
+def norm_bwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:
+    """Default RowLoop of the norm backward: tiles of about 2048 values (the loop keeps ~6 fp32 tiles live),
+    chunks of each sample's tokens from reduction_grid (about 8 programs per SM), loads of the next two tiles
+    in flight."""
+    block = row_block(n_cols)
+    rows = norm_tile_rows(block, group_rows, 2048)
+    rows_per_program, _ = reduction_grid(n_groups, group_rows, device, multiple_of=rows)
+    return RowLoop(rows=rows, num_warps=row_loop_num_warps(rows * block), rows_per_program=rows_per_program,
+                   num_stages=3)
+
+
 import triton.language as tl  # noqa: E402  (for the jit helper below)
 
 _INTERPRETING = tl.constexpr(interpreting())
@@ -94,3 +141,12 @@ def cast_rtne(x, dtype: tl.constexpr):
             rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             return tl.where(x != x, x.to(dtype), rounded)  # NaN keeps its (truncated) bits
     return x.to(dtype)
+
+
+def pow2_divisor(*values: int, cap: int = 16) -> int:
+    """Largest power of two, at most `cap`, that divides every value (0 counts as divisible by anything):
+    what a kernel may promise with tl.multiple_of about offsets built from these strides."""
+    d = cap
+    while d > 1 and any(v % d for v in values):
+        d //= 2
+    return d

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -27,21 +29,25 @@ from fae_fast.data.backends import decode_reference
 from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.synthetic import jpeg_bytes, photo
 from fae_fast.encoders import FrozenEncoder
-from fae_fast.fae import FAEEncoder, FeatureDecoder
 from training import extract_latents
+from training.train_fae import FeatureAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(72, 96), (96, 80), (64, 64), (90, 120), (80, 70)]  # (h, w): all cropped to FAE-tiny's 64 px
 CLASSES, PER_CLASS = 3, 10
-# vit_tiny_patch16_224 is 192 wide; the registry's 'tiny' / 'FAE-tiny' feature_dim (48) is overridden.
-WIDTH = ["--encoder.feature_dim=192", "--fae.feature_dim=192"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
+def one_process_group():
+    """In-process runs join a one-process gloo group (init_distributed sets RANK etc.); undone afterwards.
+    One intra-op thread: tiny models on a busy shared CPU are faster without thread hand-offs."""
+    env, threads = dict(os.environ), torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
     torch.set_num_threads(threads)
 
 
@@ -57,20 +63,18 @@ def setup(tmp_path_factory):
             h, w = SIZES[(c + i) % len(SIZES)]
             (folder / f"img_{i:02d}.JPEG").write_bytes(jpeg_bytes(Image.fromarray(photo(h, w, rng))))
     torch.manual_seed(1)
-    encoder = FrozenEncoder(encoder_config("tiny", feature_dim=192))
+    encoder = FrozenEncoder(encoder_config("tiny"))
     save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(tmp / "encoder.safetensors"))
-    cfg = fae_config("FAE-tiny", feature_dim=192)
-    fae, decoder = FAEEncoder(cfg, "torch").eval(), FeatureDecoder(cfg, "torch")
+    pair = FeatureAutoencoder(fae_config("FAE-tiny"), "torch")  # what train_fae.py's feature stage exports
     with torch.no_grad():  # latents of a larger scale than the init's, as a trained FAE may have
-        fae.to_moments.weight.mul_(4)
-    state = {**{f"encoder.{k}": v for k, v in fae.state_dict().items()},
-             **{f"feature_decoder.{k}": v for k, v in decoder.state_dict().items()}}  # as a whole-FAE export
-    save_file(state, str(tmp / "fae.safetensors"))
-    args = ["--images", str(tmp / "images" / "train"), "--encoder", "tiny", *WIDTH,
+        pair.encoder.to_moments.weight.mul_(4)
+    save_file(pair.state_dict(), str(tmp / "fae.safetensors"))
+    args = ["--images", str(tmp / "images" / "train"), "--encoder", "tiny",
             f"--encoder.weights_path={tmp / 'encoder.safetensors'}", "--fae", str(tmp / "fae.safetensors"),
             "--batch", "4", "--shard-size", "8", "--workers", "0"]
     assert extract_latents.main([*args, "--out", str(tmp / "cache")])
-    return {"tmp": tmp, "args": args, "encoder": encoder, "fae": fae, "cache": tmp / "cache"}
+    return {"tmp": tmp, "args": args, "encoder": encoder, "fae": pair.encoder.eval(), "pair": pair,
+            "cache": tmp / "cache"}
 
 
 def files(folder: Path) -> list[Path]:
@@ -158,7 +162,7 @@ def test_resume_with_other_settings_names_the_setting(setup, tmp_path):
 # Bad input
 # ----------------------------------------------------------------------------------------------------
 def test_random_weights_must_be_asked_for(setup, tmp_path, capsys):
-    args = ["--images", str(setup["tmp"] / "images" / "train"), "--encoder", "tiny", *WIDTH, "--out", str(tmp_path)]
+    args = ["--images", str(setup["tmp"] / "images" / "train"), "--encoder", "tiny", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         extract_latents.main(args)
     assert "--random-weights" in capsys.readouterr().err
@@ -166,11 +170,19 @@ def test_random_weights_must_be_asked_for(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "index.json").read_text())["fae"] == "random (seed 0)"
 
 
-def test_fae_file_of_another_size_names_the_key(setup, tmp_path):
+def test_fae_weights_of_another_size_name_the_key(setup, tmp_path):
     args = [*setup["args"], "--out", str(tmp_path / "c"), "--fae.latent_dim=8"]
-    with pytest.raises(ValueError, match=r"encoder.to_moments.weight wants shape \(16, 192\), the file has shape "
-                                         r"\(8, 192\); pass the --fae-size"):
+    with pytest.raises(RuntimeError, match=r"encoder.to_moments.weight"):
         extract_latents.main(args)
+
+
+def test_fae_weights_from_a_checkpoint_folder(setup, tmp_path):
+    # a DCP step folder of train_fae.py holds the EMA under "ema", keyed by parameter name
+    folder = tmp_path / "step_00000100"
+    dcp.save({"ema": {k: v.detach().clone() for k, v in setup["pair"].named_parameters()}}, checkpoint_id=str(folder))
+    args = [a if a != str(setup["tmp"] / "fae.safetensors") else str(folder) for a in setup["args"]]
+    assert not extract_latents.main([*args, "--out", str(tmp_path / "c"), "--max-shards", "1"])
+    assert (tmp_path / "c" / "shard_00000.npy").read_bytes() == (setup["cache"] / "shard_00000.npy").read_bytes()
 
 
 def test_an_undecodable_image_stops_extraction_naming_it(setup, tmp_path):
@@ -207,7 +219,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_processes_write_the_same_cache_as_one(setup, tmp_path):
     # random weights: every rank must draw the same ones from --seed, or rank 1's shards would differ
-    args = ["--images", str(setup["tmp"] / "images" / "train"), "--encoder", "tiny", *WIDTH, "--random-weights",
+    args = ["--images", str(setup["tmp"] / "images" / "train"), "--encoder", "tiny", "--random-weights",
             "--seed", "3", "--batch", "4", "--shard-size", "8", "--workers", "0"]
     one, two = tmp_path / "one", tmp_path / "two"
     for nproc, out in ((1, one), (2, two)):

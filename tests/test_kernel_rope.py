@@ -1,10 +1,11 @@
-"""RoPE (+ QK-norm) kernel against its PyTorch reference: both outputs and every gradient (dq, dk and the
-two norm weights), every dtype, odd head dims, q and k as strided views of one qkv tensor; deterministic
-weight gradients; registration and torch.compile. CPU runs go through TRITON_INTERPRET=1."""
+"""RoPE (+ QK-norm) on the packed qkv projection against its PyTorch reference: the three outputs and every
+gradient (d(qkv), the two norm weights), every dtype, odd head dims and token counts, with and without the
+rotation; `rope(q, k)` (the wrapper for separate q, k); deterministic weight gradients; registration and
+torch.compile. CPU runs go through TRITON_INTERPRET=1."""
 import pytest
 import torch
 
-from fae_fast.kernels.rope import rope, rope_ref
+from fae_fast.kernels.rope import rope, rope_qkv, rope_qkv_ref, rope_ref
 
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -14,7 +15,7 @@ TOL = {
 # The CPU test compiles with aot_eager: it traces forward and backward through AOTAutograd and the fake
 # impls (what fullgraph needs), without Inductor's C++ build, which adds nothing around an opaque op.
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
-NAMES = ("q_out", "k_out", "dq", "dk", "dq_weight", "dk_weight")
+NAMES = ("q_out", "k_out", "v_out", "dqkv", "dq_weight", "dk_weight")
 
 
 def assert_matches(name, out, ref32, ref_lowp):
@@ -25,69 +26,93 @@ def assert_matches(name, out, ref32, ref_lowp):
         assert err <= 2 * err_torch + 1e-6, f"{name}: kernel error {err:.3g} > 2 x torch {out.dtype} error {err_torch:.3g}"
 
 
-def make_inputs(B, T, H, Dh, dtype, device, norm, seed=0):
-    """qkv (B, T, 3, H, Dh), angles (T, Dh/2) fp32, norm weights (2, Dh) or None, upstream grads (2, B, H, T, Dh)."""
+def make_inputs(B, T, H, Dh, dtype, device, norm, rotate=True, seed=0):
+    """qkv (B, T, 3, H, Dh), angles (T, Dh/2) fp32 or None, norm weights (2, Dh) or None, upstream grads
+    (3, B, H, T, Dh)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     qkv = torch.randn(B, T, 3, H, Dh, generator=g).to(device, dtype) * 2
-    angles = (torch.rand(T, Dh // 2, generator=g) * 20 - 10).to(device)
+    angles = (torch.rand(T, Dh // 2, generator=g) * 20 - 10).to(device) if rotate else None
     weights = (torch.randn(2, Dh, generator=g) * 0.5 + 1).to(device, dtype) if norm else None
-    grads = torch.randn(2, B, H, T, Dh, generator=g).to(device, dtype)
+    grads = torch.randn(3, B, H, T, Dh, generator=g).to(device, dtype)
     return qkv, angles, weights, grads
 
 
 def run(fn, qkv, angles, weights, grads, cast=None):
-    """fn on q, k = views of qkv -> (q_out, k_out, dq, dk[, dq_weight, dk_weight]); `cast` upcasts first."""
+    """fn(qkv, angles, *weights) -> (q_out, k_out, v_out, dqkv[, dq_weight, dk_weight]); `cast` upcasts first."""
     cast = cast or (lambda t: t)
     qkv = cast(qkv).detach().requires_grad_()
     ws = [cast(w).detach().requires_grad_() for w in weights] if weights is not None else [None, None]
-    q, k, _ = qkv.unbind(2)
-    outs = fn(q, k, angles, *ws)
+    outs = fn(qkv, angles, *ws)
     leaves = [qkv] + [w for w in ws if w is not None]
-    dqkv, *dws = torch.autograd.grad(outs, leaves, [cast(g) for g in grads])
-    return (*outs, dqkv[:, :, 0], dqkv[:, :, 1], *dws)
+    return (*outs, *torch.autograd.grad(outs, leaves, [cast(g) for g in grads]))
 
 
-def check_against_reference(qkv, angles, weights, grads):
-    got = run(rope, qkv, angles, weights, grads)
-    ref32 = run(rope_ref, qkv, angles, weights, grads, cast=lambda t: t.float())
-    ref_lowp = run(rope_ref, qkv, angles, weights, grads)
-    assert got[0].shape == got[1].shape == ref32[0].shape and got[0].is_contiguous()  # (B, H, T, Dh)
-    assert torch.count_nonzero(got[3][:, :, :, 0]) > 0  # the gradient really reached q and k
+def check_against_reference(qkv, angles, weights, grads, fn=rope_qkv, ref=rope_qkv_ref):
+    got = run(fn, qkv, angles, weights, grads)
+    ref32 = run(ref, qkv, angles, weights, grads, cast=lambda t: t.float())
+    ref_lowp = run(ref, qkv, angles, weights, grads)
+    assert all(o.shape == ref32[0].shape and o.is_contiguous() for o in got[:3])  # (B, H, T, Dh) for SDPA
+    assert got[3].shape == qkv.shape and got[3].is_contiguous()
+    assert torch.count_nonzero(got[3][..., 0]) > 0  # the gradient really reached qkv
     for name, g, r, rl in zip(NAMES, got, ref32, ref_lowp):
         assert_matches(name, g, r, rl)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 7, 3, 40), (2, 16, 2, 72), (1, 9, 2, 64)])
-@pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope+qknorm"])
+SHAPES = [(1, 1, 1, 8), (2, 7, 3, 72), (1, 256, 2, 72), (2, 9, 24, 64), (3, 5, 16, 40)]  # (B, T, H, Dh)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-H{}-Dh{}".format(*s))
+@pytest.mark.parametrize("norm, rotate", [(False, True), (True, True), (True, False)],
+                         ids=["rope", "rope+qknorm", "qknorm"])
 @pytest.mark.parametrize("dtype", list(TOL))
-def test_rope_matches_reference(shape, norm, dtype, device):
-    check_against_reference(*make_inputs(*shape, dtype, device, norm))
+def test_rope_qkv_matches_reference(shape, norm, rotate, dtype, device):
+    check_against_reference(*make_inputs(*shape, dtype, device, norm, rotate))
 
 
-def test_rope_fp32_weights_with_bf16_activations(device):
-    """Norm weights kept in fp32 (no mixed-precision cast) with bf16 q, k: the weight grads stay fp32."""
+def _rope_as_qkv(fn):
+    """`rope(q, k)` seen through the rope_qkv test harness: q, k as strided views of qkv; v passed through."""
+    def wrapped(qkv, angles, *ws):
+        q, k, v = qkv.unbind(2)
+        return (*fn(q, k, angles, *ws), v.transpose(1, 2).contiguous())
+    return wrapped
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 72), (1, 9, 2, 64)], ids=lambda s: "B{}-T{}-H{}-Dh{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_wrapper_matches_reference(shape, dtype, device):
+    """rope(q, k) for separate (here: strided) q, k goes through the same op and matches rope_ref."""
+    check_against_reference(*make_inputs(*shape, dtype, device, norm=True), fn=_rope_as_qkv(rope),
+                            ref=_rope_as_qkv(rope_ref))
+
+
+def test_rope_qkv_fp32_weights_with_bf16_activations(device):
+    """Norm weights kept in fp32 (no mixed-precision cast) with bf16 qkv: the weight grads stay fp32."""
     qkv, angles, weights, grads = make_inputs(2, 5, 2, 72, torch.bfloat16, device, norm=True)
     weights = weights.float()
-    got = run(rope, qkv, angles, weights, grads)
-    ref32 = run(rope_ref, qkv, angles, weights, grads, cast=lambda t: t.float())
+    got = run(rope_qkv, qkv, angles, weights, grads)
+    ref32 = run(rope_qkv_ref, qkv, angles, weights, grads, cast=lambda t: t.float())
     assert got[4].dtype == got[5].dtype == torch.float32
     for name, g, r in zip(NAMES, got, ref32):
         torch.testing.assert_close(g.float(), r, **TOL[torch.bfloat16], msg=lambda m: f"{name}: {m}")
 
 
-def test_rope_noncontiguous_upstream_grad(device):
-    """Upstream grads with transposed strides give the same gradients as contiguous ones."""
-    qkv, angles, weights, grads = make_inputs(2, 6, 3, 40, torch.float32, device, norm=True)
-    strided = grads.transpose(2, 3).contiguous().transpose(2, 3)  # same values, (B, T, H, Dh) memory order
-    for a, b in zip(run(rope, qkv, angles, weights, grads), run(rope, qkv, angles, weights, strided)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+def test_rope_qkv_strided_upstream_grads(device):
+    """Upstream grads in (B, T, H, Dh) memory order (transposed strides), or with strides no multiple of the
+    kernel's vector width, give the same gradients as contiguous ones."""
+    qkv, angles, weights, grads = make_inputs(2, 6, 3, 72, torch.float32, device, norm=True)
+    transposed = grads.transpose(2, 3).contiguous().transpose(2, 3)  # same values, (B, T, H, Dh) order
+    odd = torch.zeros(*grads.shape[:-1], 73, device=device)[..., :72].copy_(grads)  # row stride 73
+    want = run(rope_qkv, qkv, angles, weights, grads)
+    for strided in (transposed, odd):
+        for name, a, b in zip(NAMES, want, run(rope_qkv, qkv, angles, weights, strided)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_rope_weight_grads_are_deterministic(device):
-    """Weight grads are two-stage fp32 sums in a fixed order: bit-identical run to run. 36 tiles of 4 tokens:
-    more than the interpreter's 32 programs, so some programs accumulate two tiles."""
-    qkv, angles, weights, grads = make_inputs(4, 3, 9, 8, torch.float32, device, norm=True)
-    first, second = run(rope, qkv, angles, weights, grads), run(rope, qkv, angles, weights, grads)
+def test_rope_qkv_weight_grads_are_deterministic(device):
+    """Weight grads are two-stage fp32 sums in a fixed order: bit-identical run to run. 4 x 33 x 9 rows at
+    Dh 8: 3 programs of 512 rows (the last one partly masked), each with its partial row."""
+    inputs = make_inputs(4, 33, 9, 8, torch.float32, device, norm=True)
+    first, second = run(rope_qkv, *inputs), run(rope_qkv, *inputs)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
 
@@ -98,30 +123,33 @@ def test_rope_rejects_bad_arguments(device):
         rope(q, q, torch.zeros(4, 4, device=device), torch.ones(8, device=device))
     with pytest.raises(ValueError, match=r"angles of shape \(T, Dh/2\)"):
         rope(q, q, torch.zeros(4, 8, device=device))
+    with pytest.raises(ValueError, match=r"qkv of shape \(B, T, 3, H, Dh\)"):
+        rope_qkv(torch.randn(1, 4, 2, 2, 8, device=device), None)
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope+qknorm"])
-def test_rope_registration(norm, device):
+@pytest.mark.parametrize("norm, rotate", [(False, True), (True, True), (True, False)],
+                         ids=["rope", "rope+qknorm", "qknorm"])
+def test_rope_qkv_registration(norm, rotate, device):
     """torch.library.opcheck: schema (new outputs, no aliasing), fake impl, autograd registration."""
-    qkv, angles, weights, _ = make_inputs(2, 5, 2, 8, torch.float32, device, norm)
-    q, k, _ = qkv.requires_grad_().unbind(2)
+    qkv, angles, weights, _ = make_inputs(2, 5, 2, 8, torch.float32, device, norm, rotate)
+    cos_sin = torch.stack((angles.cos(), angles.sin())) if rotate else None
     ws = (weights[0].requires_grad_(), weights[1]) if norm else (None, None)
-    torch.library.opcheck(torch.ops.fae_fast.rope_fwd.default, (q, k, angles, *ws, 1e-6))
+    torch.library.opcheck(torch.ops.fae_fast.rope_qkv_fwd.default, (qkv.requires_grad_(), cos_sin, *ws, 1e-6))
 
 
-def test_rope_compiles_fullgraph(device):
-    qkv, angles, weights, grads = make_inputs(2, 7, 3, 40, torch.float32, device, norm=True)
-    compiled = torch.compile(rope, fullgraph=True, backend=COMPILE_BACKEND)
-    for name, a, b in zip(NAMES, run(compiled, qkv, angles, weights, grads), run(rope, qkv, angles, weights, grads)):
+def test_rope_qkv_compiles_fullgraph(device):
+    inputs = make_inputs(2, 7, 3, 72, torch.float32, device, norm=True)
+    compiled = torch.compile(rope_qkv, fullgraph=True, backend=COMPILE_BACKEND)
+    for name, a, b in zip(NAMES, run(compiled, *inputs), run(rope_qkv, *inputs)):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads, head_dim", [(16, 72), (24, 64)])  # generator XL, FAE feature decoder
 @pytest.mark.parametrize("norm", [False, True], ids=["rope", "rope+qknorm"])
-def test_rope_real_size_bf16(heads, head_dim, norm):
+def test_rope_qkv_real_size_bf16(heads, head_dim, norm):
     inputs = make_inputs(256, 256, heads, head_dim, torch.bfloat16, "cuda", norm)
     check_against_reference(*inputs)
     if norm:
-        first, second = run(rope, *inputs), run(rope, *inputs)
+        first, second = run(rope_qkv, *inputs), run(rope_qkv, *inputs)
         assert all(torch.equal(a, b) for a, b in zip(first, second)), "weight grads differ run to run"

@@ -1,10 +1,9 @@
 """Turn an image data set into the FAE latent cache that train_gen.py reads (format: fae_fast/data/latent_cache.py).
 
     torchrun --nproc_per_node=8 training/extract_latents.py --images /imagenet/train \\
-        --fae runs/fae/ema.safetensors --encoder DINOv2-g/14 --out /latents/train [--batch 256]
+        --fae runs/fae-dinov2-g-feature/ema.safetensors --encoder DINOv2-g/14 --out /latents/train
     # CPU smoke run with random weights (never implied: --random-weights must be said)
-    python training/extract_latents.py --images /tmp/imgs/train --encoder tiny --fae-size FAE-tiny \\
-        --random-weights --out /tmp/latents --encoder.feature_dim=192 --fae.feature_dim=192
+    python training/extract_latents.py --images /tmp/imgs/train --encoder tiny --random-weights --out /tmp/latents
 
 Each image's ADM centre crop (fae.image_size px) and its horizontal flip go through the frozen encoder
 (bf16 on CUDA, no_grad, torch.compile) and the FAE encoder; the latent mean mu (no sampling) of both is
@@ -31,7 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.config import EncoderConfig, FAEConfig, apply_overrides, encoder_config, fae_config  # noqa: E402
+from fae_fast.config import (EncoderConfig, FAEConfig, apply_overrides, encoder_config, fae_config,  # noqa: E402
+                             validate_encoder)
 from fae_fast.data import latent_cache as lc  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
@@ -59,7 +59,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Models]:
                                                    "with --file-list the folder its paths are relative to")
     p.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
     p.add_argument("--encoder", default="DINOv2-g/14", help="registered encoder (fae_fast.config.ENCODER_SIZES)")
-    p.add_argument("--fae", default="", help="FAE weights: a .safetensors file or a folder holding ema.safetensors")
+    p.add_argument("--fae", default="", help="FAE weights: the feature stage's ema.safetensors, its run folder, or "
+                                             "a DCP checkpoint folder")
     p.add_argument("--fae-size", default="", help="registered FAE size (default: the one of --encoder)")
     p.add_argument("--random-weights", action="store_true",
                    help="randomly initialised FAE (and encoder, unless it has weights_path): tests and speed runs")
@@ -85,45 +86,37 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Models]:
         p.error(f"--shard-size {args.shard_size} is not a multiple of --batch {args.batch}; batches must not "
                 f"straddle shards")
     if not args.fae and not args.random_weights:
-        p.error("no FAE weights given: pass --fae runs/fae/ema.safetensors (or its folder), or --random-weights "
-                "to extract with a randomly initialised FAE (tests and speed runs only)")
+        p.error("no FAE weights given: pass --fae runs/fae-dinov2-g-feature/ema.safetensors (or its folder), or "
+                "--random-weights to extract with a randomly initialised FAE (tests and speed runs only)")
+    validate_encoder(models.encoder, models.fae.grid)
+    if models.encoder.feature_dim != models.fae.feature_dim:
+        p.error(f"encoder.feature_dim={models.encoder.feature_dim} differs from fae.feature_dim="
+                f"{models.fae.feature_dim}; pass the --fae-size that belongs to --encoder {args.encoder}")
     return args, models
 
 
 # ----------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------
-def fae_file(path: str) -> Path:
-    """The safetensors file `--fae` names: the file itself, or a folder's ema.safetensors."""
+def fae_weights(path: str) -> Path:
+    """What `--fae` names: an exported .safetensors file (keys encoder.* and decoder.*, as train_fae.py's
+    feature stage writes), a run folder holding ema.safetensors, or a DCP checkpoint folder (its EMA)."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() and (p / "ema.safetensors").is_file():
         p = p / "ema.safetensors"
-    if not p.is_file() or p.suffix != ".safetensors":
-        raise FileNotFoundError(f"FAE weights {str(p)!r} do not exist; pass the ema.safetensors that train_fae.py "
-                                f"exports (or the folder holding it) as --fae")
+    if not (p.is_file() or (p / ".metadata").is_file()):
+        raise FileNotFoundError(f"FAE weights {str(p)!r} do not exist; pass the feature stage's ema.safetensors "
+                                f"(or its run folder, or a step_XXXXXXXX checkpoint folder) as --fae")
     return p
 
 
-def load_fae_encoder(path: str, cfg: FAEConfig, impl: str = "auto") -> FAEEncoder:
-    """The FAE encoder of a weights file holding it under any prefix ('', 'encoder.', 'fae.encoder.', ...)."""
-    from safetensors.torch import load_file
+def load_fae_encoder(path: str, cfg: FAEConfig) -> FAEEncoder:
+    """The FAE encoder of trained weights (train_fae.py's loader: one way to read FAE weights)."""
+    from training.train_fae import FeatureAutoencoder, load_weights
 
-    file = fae_file(path)
-    state = load_file(str(file))
-    tail = "to_moments.weight"
-    prefixes = sorted({k[:-len(tail)] for k in state if k.endswith(tail)})
-    if len(prefixes) != 1:
-        raise ValueError(f"{file} holds {len(prefixes)} FAE encoders (keys ending in {tail!r}: prefixes "
-                         f"{prefixes}); export one FAE per file")
-    model = FAEEncoder(cfg, impl)
-    sub = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
-    for key, own in model.state_dict().items():
-        if key not in sub or sub[key].shape != own.shape:
-            found = f"shape {tuple(sub[key].shape)}" if key in sub else "no such key"
-            raise ValueError(f"{file} does not fit the FAE config: {prefixes[0]}{key} wants shape {tuple(own.shape)}, "
-                             f"the file has {found}; pass the --fae-size (or --fae.field=value) it was trained with")
-    model.load_state_dict({k: sub[k] for k in model.state_dict()})
-    return model
+    pair = FeatureAutoencoder(cfg)
+    load_weights(pair, str(fae_weights(path)), "FAE")
+    return pair.encoder
 
 
 def build_models(args: argparse.Namespace, models: Models, device: torch.device) -> tuple[FrozenEncoder, FAEEncoder]:
@@ -134,11 +127,7 @@ def build_models(args: argparse.Namespace, models: Models, device: torch.device)
     if args.random_weights and not enc_cfg.weights_path:
         enc_cfg.pretrained = False
     with device:  # random init on the device: fast for a billion parameters
-        encoder = FrozenEncoder(enc_cfg, grid=models.fae.grid)
-        if encoder.feature_dim != models.fae.feature_dim:
-            raise ValueError(f"encoder {enc_cfg.timm_name} gives {encoder.feature_dim} channels but the FAE reads "
-                             f"{models.fae.feature_dim}; pass --fae.feature_dim={encoder.feature_dim} or the "
-                             f"matching --fae-size")
+        encoder = FrozenEncoder(enc_cfg, grid=models.fae.grid)  # checks the timm model against enc_cfg
         fae = load_fae_encoder(args.fae, models.fae) if args.fae else FAEEncoder(models.fae)
     fae.eval().requires_grad_(False)
     if device.type == "cuda":
@@ -176,8 +165,9 @@ def make_loader(args: argparse.Namespace, models: Models, device: torch.device):
 
 
 def _sha256_file(path: Path) -> str:
+    """sha256 of a weights file, or of a DCP checkpoint folder's .metadata."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path / ".metadata" if path.is_dir() else path, "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
@@ -194,8 +184,8 @@ def make_settings(args, models: Models, loader, kept: np.ndarray) -> dict:
         "tokens": models.fae.grid ** 2, "channels": models.fae.latent_dim, "dtype": "float16", "flips": True,
         "encoder": enc.timm_name, "encoder_weights": enc_weights, "encoder_size": enc.image_size,
         "image_size": models.fae.image_size,
-        "fae": str(fae_file(args.fae)) if args.fae else f"random (seed {args.seed})",
-        "fae_sha256": _sha256_file(fae_file(args.fae)) if args.fae else "",
+        "fae": str(fae_weights(args.fae)) if args.fae else f"random (seed {args.seed})",
+        "fae_sha256": _sha256_file(fae_weights(args.fae)) if args.fae else "",
         "images": loader.images.root, "images_sha256": listing.hexdigest(),
     }
 
