@@ -2,6 +2,8 @@
 FAE's shapes: providers torch (eager reference), torch.compile (of the reference) and fae_fast, modes
 fwd, bwd (the backward alone, from one saved forward) and full. Each result reports ms, GB/s over the
 minimal bytes the op must move, and the fraction of this GPU's copy bandwidth (benchmarks/conftest.py).
+SwiGLU and RoPE are measured in their packed forms, as the model calls them: every provider takes the
+Linear's output (h, qkv) as the leaf, so each backward has to produce d(h), d(qkv) as one tensor.
 
     pytest benchmarks/test_bench_elementwise.py --benchmark-json=elementwise.json
 """
@@ -9,8 +11,8 @@ import pytest
 import torch
 
 from fae_fast.kernels.reparameterize import reparameterize, reparameterize_ref
-from fae_fast.kernels.rope import rope, rope_ref
-from fae_fast.kernels.swiglu import swiglu, swiglu_ref
+from fae_fast.kernels.rope import rope_qkv, rope_qkv_ref
+from fae_fast.kernels.swiglu import swiglu_packed, swiglu_packed_ref
 
 BF16 = torch.bfloat16
 B, T = 256, 256  # batch 256 of 16 x 16 latent tokens
@@ -21,23 +23,24 @@ def _randn(*shape, grad=False):
 
 
 def swiglu_case(hidden: int) -> dict:
-    """a, b: halves of one (B*T, 2H) tensor. Bytes: fwd reads a, b, writes out; bwd reads dout, a, b, writes da, db."""
-    a, b = _randn(B * T, 2 * hidden, grad=True).chunk(2, dim=-1)
+    """h (B*T, 2H), the fc1 output. Bytes: fwd reads h, writes out (H wide); bwd reads dout, h, writes dh."""
+    h = _randn(B * T, 2 * hidden, grad=True)
     one = B * T * hidden * 2
-    return dict(impls={"torch": swiglu_ref, "fae_fast": swiglu}, args=(a, b), leaves=(a, b),
+    return dict(impls={"torch": swiglu_packed_ref, "fae_fast": swiglu_packed}, args=(h,), leaves=(h,),
                 grads=(_randn(B * T, hidden),), bytes={"fwd": 3 * one, "bwd": 5 * one})
 
 
 def rope_case(heads: int, head_dim: int, norm: bool) -> dict:
-    """q, k: views of qkv (B, T, 3, H, Dh). Bytes: fwd reads q, k, writes both outputs; bwd reads both
-    upstream grads (and q, k with the norm), writes dq, dk. Angles and weights are noise."""
-    q, k, _ = _randn(B, T, 3, heads, head_dim, grad=True).unbind(2)
+    """qkv (B, T, 3, H, Dh) -> q, k, v (B, H, T, Dh). Bytes (one = one of q, k, v): fwd reads qkv, writes
+    q, k, v; bwd reads dq, dk, dv (and q, k with the norm), writes d(qkv). Angles and weights are noise."""
+    qkv = _randn(B, T, 3, heads, head_dim, grad=True)
     angles = torch.rand(T, head_dim // 2, device="cuda") * 16
     weights = tuple(_randn(head_dim, grad=True) for _ in range(2)) if norm else (None, None)
     one = B * T * heads * head_dim * 2
-    return dict(impls={"torch": rope_ref, "fae_fast": rope}, args=(q, k, angles, *weights),
-                leaves=(q, k, *weights) if norm else (q, k), grads=(_randn(B, heads, T, head_dim),) * 2,
-                bytes={"fwd": 4 * one, "bwd": (6 if norm else 4) * one})
+    grads = tuple(_randn(B, heads, T, head_dim) for _ in range(3))
+    return dict(impls={"torch": rope_qkv_ref, "fae_fast": rope_qkv}, args=(qkv, angles, *weights),
+                leaves=(qkv, *weights) if norm else (qkv,), grads=grads,
+                bytes={"fwd": 6 * one, "bwd": (8 if norm else 6) * one})
 
 
 def _reparameterize_eager(moments):
@@ -55,11 +58,12 @@ def reparameterize_case(channels: int) -> dict:
 
 
 CASES = {
-    "swiglu-H3072": lambda: swiglu_case(3072),  # LightningDiT-XL SwiGLU hidden
-    "swiglu-H4096": lambda: swiglu_case(4096),  # FAE feature decoder
-    "rope-H16-Dh72": lambda: rope_case(16, 72, norm=False),  # generator XL
-    "rope+qknorm-H16-Dh72": lambda: rope_case(16, 72, norm=True),  # LightningDiT-XL
-    "rope-H24-Dh64": lambda: rope_case(24, 64, norm=False),  # FAE feature decoder
+    "swiglu_packed-H3072": lambda: swiglu_case(3072),  # LightningDiT-XL SwiGLU hidden
+    "swiglu_packed-H4096": lambda: swiglu_case(4096),  # FAE feature decoder
+    "rope_qkv-H16-Dh72": lambda: rope_case(16, 72, norm=False),  # generator XL
+    "rope_qkv+qknorm-H16-Dh72": lambda: rope_case(16, 72, norm=True),  # LightningDiT-XL
+    "rope_qkv-H24-Dh64": lambda: rope_case(24, 64, norm=False),  # FAE feature decoder
+    "rope_qkv+qknorm-H24-Dh64": lambda: rope_case(24, 64, norm=True),  # FAE feature decoder with QK-norm
     "reparameterize-C32": lambda: reparameterize_case(32),  # FAE encoder, 64 = mu | logvar
 }
 

@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from .modulated_norm import (
-    _load_row, _load_tile, _mod_tile, _norm_modulate, _program_span, _store_norm, check_modulation, check_norm,
-    lastdim_contiguous, mod_strides, modulated_norm_ref, norm_residual_bwd, per_token, program_grid,
+    SHAPE_INTS, _load_row, _load_tile, _mod_tile, _modulation, _norm_modulate, _program_span, _store_norm,
+    _weight_and_scale, check_modulation, check_norm, lastdim_contiguous, mod_strides, modulated_norm_ref,
+    norm_residual_bwd, per_token, program_grid,
 )
 from .utils import RowLoop, cast_rtne, norm_fwd_launch, row_block, rows_2d
 
@@ -41,7 +42,7 @@ def gated_residual_modulated_norm_ref(x, gate, y, scale, shift, weight=None, *, 
     return h, modulated_norm_ref(h, scale, shift, weight, norm=norm, eps=eps, upcast=upcast)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_INTS)
 def _gated_residual_fwd_kernel(
     X, GATE, Y, H, SCALE, SHIFT, W, N, MEAN, RSTD,
     stride_x, stride_y, stride_gb, stride_gt, stride_sb, stride_st, stride_hb, stride_ht,
@@ -56,31 +57,26 @@ def _gated_residual_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
     r0 = b * T  # sample b's first row
-    X, Y, H, N, MEAN, RSTD = X + r0 * stride_x, Y + r0 * stride_y, H + r0 * n_cols, N + r0 * n_cols, MEAN + r0, RSTD + r0
+    X, Y, H, N = X + r0 * stride_x, Y + r0 * stride_y, H + r0 * n_cols, N + r0 * n_cols
+    MEAN, RSTD = MEAN + r0, RSTD + r0
     GATE, SCALE, SHIFT = GATE + b * stride_gb, SCALE + b * stride_sb, SHIFT + b * stride_hb
-    w, g_row, s_row, h_row = 1.0, 0.0, 0.0, 0.0
-    if NORM and HAS_WEIGHT:
-        w = _load_row(W, cols, col_ok)
-    if not PER_TOKEN:
-        g_row = _load_row(GATE, cols, col_ok)
-        if NORM:
-            s_row, h_row = _load_row(SCALE, cols, col_ok), _load_row(SHIFT, cols, col_ok)
+    g_row = 0.0 if PER_TOKEN else _load_row(GATE, cols, col_ok)
+    w, a_row, h_row = 1.0, 0.0, 0.0
+    if NORM:
+        w, a_row = _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
+        h_row = 0.0 if PER_TOKEN else _load_row(SHIFT, cols, col_ok)
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
         toks = start + tl.arange(0, ROWS)
         tok_ok = toks < t_end
         mask = tok_ok[:, None] & col_ok[None, :]
-        x = _load_tile(X, toks, stride_x, cols, mask)
-        yv = _load_tile(Y, toks, stride_y, cols, mask)
         g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
-        if NORM:
-            s = _mod_tile(SCALE, toks, stride_st, cols, mask, s_row, PER_TOKEN)
-            sh = _mod_tile(SHIFT, toks, stride_ht, cols, mask, h_row, PER_TOKEN)
-        h = cast_rtne(x + g * yv, H.dtype.element_ty)
+        h = _load_tile(X, toks, stride_x, cols, mask) + g * _load_tile(Y, toks, stride_y, cols, mask)
+        h = cast_rtne(h, H.dtype.element_ty)
         tl.store(H + toks[:, None] * n_cols + cols[None, :], h, mask=mask)
         if NORM:
-            n, mean, rstd = _norm_modulate(h.to(tl.float32), s, sh, w, mask, n_cols, eps, IS_RMS)
+            a, sh = _modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
+            n, mean, rstd = _norm_modulate(h.to(tl.float32), a, sh, mask, n_cols, eps, IS_RMS)
             _store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
-
 
 def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Optional[str] = None,
                        eps: float = 1e-6, *, launch: Optional[RowLoop] = None):
@@ -96,7 +92,7 @@ def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Op
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
         return h, n, mean, rstd
-    launch = launch or norm_fwd_launch(D, T)
+    launch = launch or norm_fwd_launch(D, B, T, x.device)
     strides = (*mod_strides(gate), *mod_strides(scale), *mod_strides(shift))
     programs, n_chunks = program_grid(T, B, launch, x2.stride(0), y2.stride(0), D, *strides[1::2])
     ptr = lambda t: h if t is None else t  # noqa: E731  (absent tensors: never touched)

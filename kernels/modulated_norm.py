@@ -10,8 +10,14 @@ gradient reaching xhat,
     dscale  = dy * xhat * w,   dshift = dy,   dweight = sum over rows of dy * (1 + scale) * xhat
 Per-sample dscale/dshift sum over the T tokens of each sample, and dweight over all rows, in fp32 and
 deterministically: programs over (sample, chunk of tokens) sum their rows in registers and write fp32
-partials (B, n_chunks, D); a fixed-order torch sum over the chunks finishes (`finish`). No atomics, so
-the same inputs give bit-identical gradients on every run. gated_residual.py reuses these pieces.
+partials (B, n_chunks, D), all in one buffer; one fixed-order torch sum over the chunks finishes them. With a
+per-sample scale, dscale and dweight come from one sum, A = sum over the sample's tokens of dy * xhat:
+dscale = w * A and the sample's share of dweight = (1 + scale) * A. No atomics, so the same inputs give
+bit-identical gradients on every run. gated_residual.py reuses these pieces.
+
+Launch (kernels/utils.py, RowLoop): programs walk runs of one sample's tokens a (rows, BLOCK) tile at a
+time; the row loop's num_stages software-pipelines the loads through shared memory, which keeps more bytes
+in flight per SM than registers allow (these kernels are bound by memory bandwidth).
 """
 from typing import Optional
 
@@ -77,16 +83,38 @@ def _mod_tile(PTR, toks, stride_t, cols, mask, row, PER_TOKEN: tl.constexpr):
 
 
 @triton.jit
-def _norm_modulate(x, s, h, w, mask, n_cols, eps, IS_RMS: tl.constexpr):
-    """Forward of a tile x (ROWS, BLOCK) fp32, zero where masked: (y = xhat * w * (1 + s) + h, mean, rstd),
-    mean and rstd (ROWS,) (mean 0.0 for RMSNorm)."""
+def _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """(w, a_row), loaded once per program: the weight as a (1, BLOCK) row (1.0 without one) and, for a
+    per-sample scale, a = w * (1 + scale) as a row (0.0 per token: its tiles come with each tile)."""
+    w, a_row = 1.0, 0.0
+    if HAS_WEIGHT:
+        w = _load_row(W, cols, col_ok)
+    if not PER_TOKEN:
+        a_row = w * (1.0 + _load_row(SCALE, cols, col_ok))
+    return w, a_row
+
+
+@triton.jit
+def _modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN: tl.constexpr):
+    """(a = w * (1 + scale), shift) of tokens `toks`: per sample the rows computed once, per token their tiles."""
+    a, h = a_row, h_row
+    if PER_TOKEN:
+        a = w * (1.0 + _load_tile(SCALE, toks, stride_st, cols, mask))
+        h = _load_tile(SHIFT, toks, stride_ht, cols, mask)
+    return a, h
+
+
+@triton.jit
+def _norm_modulate(x, a, h, mask, n_cols, eps, IS_RMS: tl.constexpr):
+    """Forward of a tile x (ROWS, BLOCK) fp32, zero where masked: (y = xhat * a + h, mean, rstd) with
+    a = w * (1 + scale); mean and rstd (ROWS,) (mean 0.0 for RMSNorm)."""
     mean = 0.0
     xc = x
     if not IS_RMS:
         mean = tl.sum(x, axis=1) / n_cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-    return xc * rstd[:, None] * w * (1.0 + s) + h, mean, rstd
+    return xc * rstd[:, None] * a + h, mean, rstd
 
 
 @triton.jit
@@ -99,41 +127,34 @@ def _store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, 
 
 
 @triton.jit
-def _norm_bwd_tile(dy, x, s, w, mean, rstd, mask, n_cols, IS_RMS: tl.constexpr):
-    """Gradients of a tile, fp32 (ROWS, BLOCK): (dx, dscale = dy * xhat * w, dweight = dy * (1 + s) * xhat).
-    mean, rstd: (ROWS, 1) columns (mean 0.0 for RMSNorm); masked entries of dy and x are zero."""
+def _norm_bwd_tile(dy, x, a, mean, rstd, mask, n_cols, IS_RMS: tl.constexpr):
+    """(dx, xhat) of a tile, fp32 (ROWS, BLOCK), with a = w * (1 + scale). mean, rstd: (ROWS, 1) columns (mean
+    0.0 for RMSNorm); masked entries of dy and x are zero."""
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    ds = dy * (1.0 + s)
-    g = ds * w  # dL/dxhat
+    g = dy * a  # dL/dxhat
     c1 = tl.sum(g * xhat, axis=1)[:, None] / n_cols
     if IS_RMS:
         dx = (g - xhat * c1) * rstd
     else:
         dx = (g - tl.sum(g, axis=1)[:, None] / n_cols - xhat * c1) * rstd
-    return dx, dy * xhat * w, ds * xhat
+    return dx, xhat
 
 
 @triton.jit
-def _reduce_or_store(acc, val, ptrs, mask, PER_TOKEN: tl.constexpr):
-    """Per-token modulation: the tile's gradient is the gradient, store it. Per sample: add it to the
-    program's fp32 (ROWS, BLOCK) accumulator."""
-    if PER_TOKEN:
-        tl.store(ptrs, cast_rtne(val, ptrs.dtype.element_ty), mask=mask)
-    else:
-        acc += val
-    return acc
-
-
-@triton.jit
-def _store_partial(acc, P, cols, n_cols):
-    """Sum the program's accumulator over its ROWS rows into row i (this program) of partials P (B * n_chunks, D)."""
-    tl.store(P + tl.program_id(0).to(tl.int64) * n_cols + cols, tl.sum(acc, axis=0), mask=cols < n_cols)
+def _store_partial(row, P, cols, n_cols):
+    """Store a (1, BLOCK) or (BLOCK,) fp32 row into row i (this program) of partials P (B * n_chunks, D)."""
+    ptrs = P + tl.program_id(0).to(tl.int64) * n_cols + cols
+    tl.store(ptrs, tl.reshape(row, cols.shape), mask=cols < n_cols)
 
 
 # --- Triton: kernels ---------------------------------------------------------------------------------
 
+# Shape ints the kernels gain nothing from knowing the divisibility of (offsets are built from specialised
+# strides): one compiled kernel serves every T and chunking.
+SHAPE_INTS = ["T", "n_chunks", "rows_per_program"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=SHAPE_INTS)
 def _modulated_norm_fwd_kernel(
     X, Y, SCALE, SHIFT, W, MEAN, RSTD,
     stride_x, stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, n_chunks, rows_per_program, eps,
@@ -146,23 +167,19 @@ def _modulated_norm_fwd_kernel(
     col_ok = cols < n_cols
     X, Y, MEAN, RSTD = X + b * T * stride_x, Y + b * T * n_cols, MEAN + b * T, RSTD + b * T
     SCALE, SHIFT = SCALE + b * stride_sb, SHIFT + b * stride_hb
-    w, s_row, h_row = 1.0, 0.0, 0.0
-    if HAS_WEIGHT:
-        w = _load_row(W, cols, col_ok)
-    if not PER_TOKEN:
-        s_row, h_row = _load_row(SCALE, cols, col_ok), _load_row(SHIFT, cols, col_ok)
+    w, a_row = _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
+    h_row = 0.0 if PER_TOKEN else _load_row(SHIFT, cols, col_ok)
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
         toks = start + tl.arange(0, ROWS)
         tok_ok = toks < t_end
         mask = tok_ok[:, None] & col_ok[None, :]
         x = _load_tile(X, toks, stride_x, cols, mask)
-        s = _mod_tile(SCALE, toks, stride_st, cols, mask, s_row, PER_TOKEN)
-        h = _mod_tile(SHIFT, toks, stride_ht, cols, mask, h_row, PER_TOKEN)
-        y, mean, rstd = _norm_modulate(x, s, h, w, mask, n_cols, eps, IS_RMS)
+        a, h = _modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
+        y, mean, rstd = _norm_modulate(x, a, h, mask, n_cols, eps, IS_RMS)
         _store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, IS_RMS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_INTS)
 def _modulated_norm_bwd_kernel(
     DN, X, SCALE, W, MEAN, RSTD, DH, GATE, Y,
     DX, DSCALE, DY, DGATE, DSCALE_P, DSHIFT_P, DW_P, DGATE_P,
@@ -177,7 +194,7 @@ def _modulated_norm_bwd_kernel(
     + shift) gives the norm gradients. HAS_DH: dh, the grad reaching x directly (the fused pair's residual
     output), adds to dx. GATED: x = x0 + gate * y, so dy = dx * gate and dgate = dx * y. Row outputs dx (with
     HAS_DN), dy, and per-token dscale/dgate are stored; per-sample dscale, dshift, dgate and dweight leave as
-    fp32 partial sums, one row per program (B * n_chunks, D). All loads of a tile are issued before its math.
+    fp32 partial sums, one row per program (B * n_chunks, D).
     """
     b, t0, t_end = _program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
@@ -186,17 +203,15 @@ def _modulated_norm_bwd_kernel(
     DN, X, DH, Y = DN + r0 * stride_dn, X + r0 * stride_x, DH + r0 * stride_dh, Y + r0 * stride_y
     DX, DY, DSCALE, DGATE = DX + r0 * n_cols, DY + r0 * n_cols, DSCALE + r0 * n_cols, DGATE + r0 * n_cols
     MEAN, RSTD, SCALE, GATE = MEAN + r0, RSTD + r0, SCALE + b * stride_sb, GATE + b * stride_gb
-    w, s_row, g_row = 1.0, 0.0, 0.0
-    if HAS_DN and HAS_WEIGHT:
-        w = _load_row(W, cols, col_ok)
-    if HAS_DN and not PER_TOKEN:
-        s_row = _load_row(SCALE, cols, col_ok)
+    w, a_row, g_row = 1.0, 0.0, 0.0
+    if HAS_DN:
+        w, a_row = _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
     if GATED and not PER_TOKEN:
         g_row = _load_row(GATE, cols, col_ok)
-    acc_s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    acc_h = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    acc_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    acc_g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    # per sample, one sum serves dscale and dweight: sum_t dy * xhat, times w (dscale) or (1 + scale) (dweight)
+    acc_a = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # per sample: sum dy * xhat; per token: dweight
+    acc_h = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # dshift
+    acc_g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # dgate
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
         toks = start + tl.arange(0, ROWS)
         tok_ok = toks < t_end
@@ -205,36 +220,47 @@ def _modulated_norm_bwd_kernel(
         d = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         if HAS_DN:
             dn = _load_tile(DN, toks, stride_dn, cols, mask)
-            x = _load_tile(X, toks, stride_x, cols, mask)
-            s = _mod_tile(SCALE, toks, stride_st, cols, mask, s_row, PER_TOKEN)
+            a = a_row
+            if PER_TOKEN:
+                s = _load_tile(SCALE, toks, stride_st, cols, mask)
+                a = w * (1.0 + s)
             mean = 0.0
             if not IS_RMS:
                 mean = tl.load(MEAN + toks, mask=tok_ok, other=0.0)[:, None]
             rstd = tl.load(RSTD + toks, mask=tok_ok, other=0.0)[:, None]
-        if HAS_DH:
-            d = _load_tile(DH, toks, stride_dh, cols, mask)
-        if GATED:
-            g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
-            yv = _load_tile(Y, toks, stride_y, cols, mask)
-        if HAS_DN:
-            dx, ds, dw = _norm_bwd_tile(dn, x, s, w, mean, rstd, mask, n_cols, IS_RMS)
-            d += dx
-            acc_s = _reduce_or_store(acc_s, ds, DSCALE + out, mask, PER_TOKEN)
-            if not PER_TOKEN:
+            d, xhat = _norm_bwd_tile(dn, _load_tile(X, toks, stride_x, cols, mask), a, mean, rstd, mask, n_cols,
+                                     IS_RMS)
+            if PER_TOKEN:
+                tl.store(DSCALE + out, cast_rtne(dn * xhat * w, DSCALE.dtype.element_ty), mask=mask)
+                if HAS_WEIGHT:
+                    acc_a += dn * (1.0 + s) * xhat
+            else:
+                acc_a += dn * xhat
                 acc_h += dn
-            if HAS_WEIGHT:
-                acc_w += dw
+        if HAS_DH:  # loaded after the norm's math: fewer registers live across its reductions
+            d += _load_tile(DH, toks, stride_dh, cols, mask)
+        if HAS_DN:
             tl.store(DX + out, cast_rtne(d, DX.dtype.element_ty), mask=mask)
         if GATED:
+            g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
             tl.store(DY + out, cast_rtne(d * g, DY.dtype.element_ty), mask=mask)
-            acc_g = _reduce_or_store(acc_g, d * yv, DGATE + out, mask, PER_TOKEN)
-    if HAS_DN and not PER_TOKEN:
-        _store_partial(acc_s, DSCALE_P, cols, n_cols)
-        _store_partial(acc_h, DSHIFT_P, cols, n_cols)
-    if HAS_DN and HAS_WEIGHT:
-        _store_partial(acc_w, DW_P, cols, n_cols)
+            dg = d * _load_tile(Y, toks, stride_y, cols, mask)
+            if PER_TOKEN:
+                tl.store(DGATE + out, cast_rtne(dg, DGATE.dtype.element_ty), mask=mask)
+            else:
+                acc_g += dg
+    if HAS_DN and not PER_TOKEN:  # w and scale reloaded: not kept live through the loop
+        sums = tl.sum(acc_a, axis=0)[None, :]
+        w = 1.0
+        if HAS_WEIGHT:
+            w = _load_row(W, cols, col_ok)
+            _store_partial(sums * (1.0 + _load_row(SCALE, cols, col_ok)), DW_P, cols, n_cols)
+        _store_partial(sums * w, DSCALE_P, cols, n_cols)
+        _store_partial(tl.sum(acc_h, axis=0), DSHIFT_P, cols, n_cols)
+    if HAS_DN and HAS_WEIGHT and PER_TOKEN:
+        _store_partial(tl.sum(acc_a, axis=0), DW_P, cols, n_cols)
     if GATED and not PER_TOKEN:
-        _store_partial(acc_g, DGATE_P, cols, n_cols)
+        _store_partial(tl.sum(acc_g, axis=0), DGATE_P, cols, n_cols)
 
 
 # --- launchers -------------------------------------------------------------------------------------------
@@ -278,7 +304,7 @@ def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
         return y, mean, rstd
-    launch = launch or norm_fwd_launch(D, T)
+    launch = launch or norm_fwd_launch(D, B, T, x.device)
     (s_b, s_t), (h_b, h_t) = mod_strides(scale), mod_strides(shift)
     programs, n_chunks = program_grid(T, B, launch, x2.stride(0), D, s_t, h_t)
     _modulated_norm_fwd_kernel[(programs,)](
@@ -293,6 +319,16 @@ def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch
 def _rows_or_empty(like: torch.Tensor, dtype: torch.dtype, needed: bool) -> torch.Tensor:
     """A fresh (B, T, D) row output, or an empty placeholder for a pointer the kernel will not touch."""
     return torch.empty(like.shape if needed else (0,), dtype=dtype, device=like.device)
+
+
+def _partials(like: torch.Tensor, n_chunks: int, names: list[str]):
+    """fp32 partial sums of the per-sample grads and dweight: one (B, n_chunks, D) slab per name, all in one
+    buffer so that one fixed-order sum over the chunks finishes them. -> (buffer, slab(name) -> its slab or
+    an empty placeholder)."""
+    B, _, D = like.shape
+    parts = like.new_empty((len(names), B, n_chunks, D), dtype=torch.float32)
+    none = like.new_empty((0,), dtype=torch.float32)
+    return parts, lambda name: parts[names.index(name)] if name in names else none
 
 
 def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype,
@@ -318,33 +354,29 @@ def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: 
     strides = (*(row_stride(t) for t in (dn2, x2, dh2, y2)), *mod_strides(scale), *mod_strides(gate))
     programs, n_chunks = program_grid(T, B, launch, D, *strides[:4], strides[5], strides[7])
     dtype_of = lambda t: like.dtype if t is None else t.dtype  # noqa: E731
-    dx = _rows_or_empty(like, dtype_of(x), has_dn)
+    dx, dy = _rows_or_empty(like, dtype_of(x), has_dn), _rows_or_empty(like, dtype_of(y), gated)
     dscale = _rows_or_empty(like, dtype_of(scale), has_dn and tok)
-    dgate, dy = _rows_or_empty(like, dtype_of(gate), gated and tok), _rows_or_empty(like, dtype_of(y), gated)
-    # fp32 partials of the per-sample grads and dweight, one (B, n_chunks, D) slab each in one buffer, so that
-    # one fixed-order sum over the chunks finishes them all
-    slabs = [k for k, needed in (("dscale", has_dn and not tok), ("dshift", has_dn and not tok), ("dweight", has_w),
-                                 ("dgate", gated and not tok)) if needed]
-    parts = like.new_empty((len(slabs), B, n_chunks, D), dtype=torch.float32)
-    none = like.new_empty((0,))  # stands in for absent tensors; the kernel never touches them
-    slab = lambda k: parts[slabs.index(k)] if k in slabs else none  # noqa: E731
+    dgate = _rows_or_empty(like, dtype_of(gate), gated and tok)
+    names = ["dscale", "dshift"] * (has_dn and not tok) + ["dweight"] * has_w + ["dgate"] * (gated and not tok)
+    parts, slab = _partials(like, n_chunks, names)
     if B * T > 0:
+        none = like.new_empty((0,))  # stands in for absent tensors; the kernel never touches them
         ptr = lambda t: none if t is None else t  # noqa: E731
         _modulated_norm_bwd_kernel[(programs,)](
             ptr(dn2), ptr(x2), ptr(scale), ptr(weight), ptr(mean if norm == "layer" else None), ptr(rstd),
-            ptr(dh2), ptr(gate), ptr(y2), dx, dscale, dy, dgate, *(slab(k) for k in ("dscale", "dshift", "dweight", "dgate")),
+            ptr(dh2), ptr(gate), ptr(y2), dx, dscale, dy, dgate, *map(slab, ("dscale", "dshift", "dweight", "dgate")),
             *strides, T, D, n_chunks, launch.rows_per_program,
             IS_RMS=norm == "rms", HAS_WEIGHT=has_w, PER_TOKEN=tok, HAS_DN=has_dn, HAS_DH=dh is not None,
             GATED=gated, ROWS=launch.rows, BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
         )
-    sums = parts.sum(2)  # (slabs, B, D), fp32
-    done = lambda k, dtype, shape: sums[slabs.index(k)].to(dtype, copy=True).reshape(shape)  # noqa: E731
+    sums = dict(zip(names, parts.sum(2)))  # (B, D) fp32 each, summed over the chunks in a fixed order
+    done = lambda name, dtype, shape: sums[name].to(dtype, copy=True).reshape(shape)  # noqa: E731
     dshift = like.new_empty((0,), dtype=shift_dtype)
     if has_dn and not tok:
         dscale, dshift = done("dscale", scale.dtype, scale.shape), done("dshift", shift_dtype, scale.shape)
     if gated and not tok:
         dgate = done("dgate", gate.dtype, gate.shape)
-    dweight = sums[slabs.index("dweight")].sum(0).to(weight.dtype) if has_w else like.new_empty((0,))
+    dweight = sums["dweight"].sum(0).to(weight.dtype) if has_w else like.new_empty((0,))
     return dx, dscale, dshift, dweight, dgate, dy
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, pow2_divisor, row_num_warps, tile_rows
+from .utils import cast_rtne, pow2_divisor, tile_rows
 
 
 def _rope_ref_one(x, w, cos, sin, eps):
@@ -40,8 +40,9 @@ def _rope_ref_one(x, w, cos, sin, eps):
     return x.to(dtype).transpose(1, 2).contiguous()
 
 
-def rope_ref(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor] = None,
-             k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_ref(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor],
+             q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None, *,
+             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of `rope` (same signature and output layout)."""
     cos = sin = None
     if angles is not None:
@@ -59,12 +60,15 @@ def rope_qkv_ref(qkv: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weigh
 # --------------------------------------------------------------------------- Triton kernels
 # A program owns BLOCK_R consecutive rows r = (b * T + t) * H + h (a row: one head vector of q, k or v).
 # q and k rows are two (BLOCK_R, BLOCK_HALF) tiles, the halves paired by the rotation, carried as a tuple
-# (x1, x2); v rows are copied whole. Vector width: the second halves start Dh/2 in, so at Dh 72 they are
-# only 4-element aligned. All q and k offsets are built as VEC * (runtime units), VEC the power of two
-# dividing Dh/2 (4 at Dh 72), so that the compiler sees one alignment on every q, k tile (first halves
-# too) and gives them all one register layout: no shared-memory layout conversion between loads,
-# arithmetic and stores. (A tl.multiple_of hint would do the same, but the compiler drops it when it
-# rematerialises the offsets in another layout.) v rows keep their own, wider, vectors.
+# (x1, x2); v rows are copied whole. At Dh 72 a half fills 36 of a tile's 64 lanes; cutting it into 32 + 4
+# column slabs would idle no lane but mixes two register layouts (shared-memory conversions in every row
+# reduction) and compiled to about as many instructions.
+# Vector width: the second halves start Dh/2 in, so at Dh 72 they are only 4-element aligned. All q and k
+# offsets are built as VEC * (runtime units), VEC the power of two dividing Dh/2 (4 at Dh 72), so that the
+# compiler sees one alignment on every q, k tile (first halves and the fp32 cos | sin table too) and gives
+# them all one register layout: no shared-memory layout conversion between loads, arithmetic and stores.
+# (A tl.multiple_of hint would do the same, but the compiler drops it when it rematerialises the offsets
+# in another layout.) The v rows of qkv and d(qkv) keep 16-byte vectors.
 
 
 @triton.jit
@@ -170,7 +174,7 @@ def _rope_bwd_one(g_ptr, g_off, x_ptr, w_ptr, dx_ptr, x_off, dw_ptr, j, mask, cs
         xh = (x[0] * rstd, x[1] * rstd)  # masked rows: x = 0 -> xh = 0, no contribution
         jj = tl.arange(0, j.shape[1])
         tl.store(dw_ptr + jj, tl.sum(g[0] * xh[0], 0), mask=jj < HALF)
-        tl.store(dw_ptr + HALF + jj, tl.sum(g[1] * xh[0], 0), mask=jj < HALF)
+        tl.store(dw_ptr + HALF + jj, tl.sum(g[1] * xh[1], 0), mask=jj < HALF)
         g = _rope_mul_weight(g, w_ptr, j, HALF)
         c = _rope_row_mean(g, xh, HALF)
         g = (rstd * (g[0] - xh[0] * c), rstd * (g[1] - xh[1] * c))
@@ -222,6 +226,10 @@ def _check(qkv, cos_sin, q_norm_weight, k_norm_weight):
     return B, T, C, H, Dh
 
 
+def _table(cos_sin: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if cos_sin is None else cos_sin.to(torch.float32).contiguous()
+
+
 def _blocks(n_rows: int, H: int, Dh: int, C: int, has_rope: bool, has_norm: bool) -> dict:
     """BLOCK_HALF holds Dh/2; BLOCK_R rows make 2048 elements per half tile (Dh 72: 32 rows, Dh 64: 64)."""
     block_half = triton.next_power_of_2(Dh // 2)
@@ -235,7 +243,7 @@ def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: 
     """qkv (B, T, C, H, Dh), C = 2 or 3 -> q_out, k_out, v_out, each (B, H, T, Dh) contiguous (v_out empty if C = 2).
     cos_sin: (2, T, Dh/2) fp32 cos | sin table, or None (no rotation)."""
     B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
-    qkv = qkv.contiguous()
+    qkv, cos_sin = qkv.contiguous(), _table(cos_sin)
     outs = [torch.empty((B, H, T, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(C)]
     q_out, k_out, v_out = (*outs, qkv.new_empty(0)) if C == 2 else outs
     n_rows = B * T * H
@@ -247,15 +255,15 @@ def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: 
     return q_out, k_out, v_out
 
 
-def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, dv_out: Optional[torch.Tensor], cos_sin: Optional[torch.Tensor],
-             qkv: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, dv_out: Optional[torch.Tensor],
+             cos_sin: Optional[torch.Tensor], qkv: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor],
+             k_norm_weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq_out, dk_out, dv_out (B, H, T, Dh), any strides (dv_out None when C = 2) -> d(qkv) (B, T, C, H, Dh)
     contiguous, dq_w, dk_w (Dh,) in the weights' dtype (empty without the norm). qkv (the forward input) is
     needed only with the norm."""
     B, H, T, Dh = dq_out.shape
     C = 2 if dv_out is None else 3
-    has_norm = q_norm_weight is not None
+    has_norm, cos_sin = q_norm_weight is not None, _table(cos_sin)
     blocks = _blocks(B * T * H, H, Dh, C, cos_sin is not None, has_norm)
     grads = [g if g.stride(-1) == 1 and pow2_divisor(*g.stride()[:3]) >= blocks["VEC"] else g.contiguous()
              for g in (dq_out, dk_out, dv_out if C == 3 else dq_out)]  # strides the kernel may call multiples of VEC

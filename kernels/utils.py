@@ -46,6 +46,10 @@ def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    return multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
+
+
 def tile_rows(block_cols: int, n_rows: int, elements: int = 4096) -> int:
     """Rows per program for a (rows, block_cols) tile of about `elements` values (a power of two,
     at least 1, no more than the rows there are): small rows are batched so every program streams enough."""
@@ -105,23 +109,28 @@ def norm_tile_rows(block: int, group_rows: int, elements: int) -> int:
     return tile_rows(block, group_rows, elements=16384 if interpreting() else elements)
 
 
-def norm_fwd_launch(n_cols: int, group_rows: int) -> RowLoop:
+def norm_fwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:
     """Default RowLoop of the norm forwards (modulated_norm, gated_residual[_modulated_norm]): tiles of about
-    4096 values, one tile per program (no loop), warps to stream the tile."""
+    4096 values; each program walks up to 16 tiles of one sample (fewer while that leaves under 8 programs per
+    SM), the next two tiles' loads in flight through shared memory: registers cap how many rows each SM holds
+    in one-tile programs, the pipeline does not. A per-sample modulation row is loaded once per program."""
     block = row_block(n_cols)
     rows = norm_tile_rows(block, group_rows, 4096)
-    return RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows)
+    rows_per_program = 16 * rows
+    while rows_per_program > rows and n_groups * triton.cdiv(group_rows, rows_per_program) < 8 * _sms(device):
+        rows_per_program //= 2
+    return RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows_per_program, num_stages=3)
 
 
 def norm_bwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:
     """Default RowLoop of the norm backward: tiles of about 2048 values (the loop keeps ~6 fp32 tiles live),
-    chunks of each sample's tokens from reduction_grid (about 8 programs per SM), loads of the next two tiles
-    in flight."""
+    chunks of each sample's tokens from reduction_grid (about 8 programs per SM), loads of the next three
+    tiles in flight through shared memory."""
     block = row_block(n_cols)
     rows = norm_tile_rows(block, group_rows, 2048)
     rows_per_program, _ = reduction_grid(n_groups, group_rows, device, multiple_of=rows)
     return RowLoop(rows=rows, num_warps=row_loop_num_warps(rows * block), rows_per_program=rows_per_program,
-                   num_stages=3)
+                   num_stages=4)
 
 
 import triton.language as tl  # noqa: E402  (for the jit helper below)
