@@ -9,7 +9,7 @@ op must move, and the fraction of this GPU's copy bandwidth (benchmarks/conftest
 import pytest
 import torch
 
-from benchmarks.test_bench_elementwise import _timed  # the one fwd / bwd / full timing recipe
+from benchmarks.test_bench_elementwise import LAUNCHES_PER_CALL, _timed  # the one timing recipe
 from fae_fast.kernels.gated_residual import (
     gated_residual, gated_residual_modulated_norm, gated_residual_modulated_norm_ref, gated_residual_ref,
 )
@@ -82,7 +82,7 @@ def _bench(benchmark, report, name: str, case: dict, provider: str, mode: str):
     benchmark.group = f"{name} {mode}"
     benchmark.pedantic(timed, rounds=20, iterations=5, warmup_rounds=2)
     moved = case["bytes"]["fwd"] + case["bytes"]["bwd"] if mode == "full" else case["bytes"][mode]
-    report(bytes_moved=moved, op=name, provider=provider, mode=mode)
+    report(bytes_moved=moved, launches_per_call=LAUNCHES_PER_CALL, op=name, provider=provider, mode=mode)
 
 
 def _grid(test):
