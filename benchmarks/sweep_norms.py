@@ -1,6 +1,6 @@
 """Launch-configuration sweep of the norm kernels (modulated_norm, gated_residual, the fused pair) on one GPU.
 
-    python benchmarks/sweep_norms.py [--quick] [--widths 1152 1536] [--no-compile] [--budget 250]
+    python benchmarks/sweep_norms.py [--quick] [--widths 1152 1536] [--no-compile] [--budget 230]
 
 bf16, x (256, 256, D), per-sample modulation taken as chunks of one adaLN output (as in the blocks), norms
 "layer" (LayerNorm, no weight) and "rms_w" (RMSNorm with weight). For each op it times the raw launchers
@@ -14,14 +14,19 @@ fraction of the bandwidth of a 2 GiB device-to-device copy measured here (bytes 
 Prints one line per timing as it goes, then a summary table and, per kernel kind, the configurations ranked
 by their geometric-mean slowdown against the best one of each case (what to make the default); writes every
 number to $OUT/sweep_norms.json when OUT is set. --budget (seconds) skips what is left once spent, so one run
-fits a time limit; the summary still prints.
+fits a time limit; the summary still prints. Where the checkout has git history, the kernels of
+BASELINE_COMMIT (before the launch rework) are timed beside the current ones, and checked against them.
 """
 import argparse
 import functools
+import importlib.util
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +34,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: fae_fast.kernels -> kernels/
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout: fae_fast.kernels -> kernels/
 
 from fae_fast.kernels.gated_residual import (  # noqa: E402
     gated_residual, gated_residual_fwd, gated_residual_modulated_norm, gated_residual_modulated_norm_ref,
@@ -41,19 +47,25 @@ from fae_fast.kernels.modulated_norm import (  # noqa: E402
 from fae_fast.kernels.utils import RowLoop, norm_bwd_launch, norm_fwd_launch  # noqa: E402
 
 B, T = 256, 256
+DEVICE = "cuda"
 BF16 = torch.bfloat16
 EPS = 1e-6
 NORMS = {"layer": ("layer", False), "rms_w": ("rms", True)}
 # Forward: (rows, num_warps, rows_per_program, num_stages); rows_per_program == rows is one tile per program
-# (the old one-shot grid), larger walks that many tokens of a sample with the next tiles' loads in flight.
-FWD = [(1, 4, 1, 1), (1, 8, 1, 1), (2, 8, 2, 1), (4, 8, 4, 1), (8, 16, 8, 1),
-       (1, 8, 16, 3), (2, 8, 16, 3), (2, 8, 32, 3), (2, 8, 32, 4), (2, 8, 64, 3), (2, 4, 32, 3), (4, 8, 32, 3)]
+# (the old one-shot grid; (2, 8, 2, 1) has the old default's tile), larger walks that many tokens of a sample
+# with the next num_stages - 1 tiles' loads in flight.
+FWD = [(1, 4, 1, 1), (1, 8, 1, 1), (2, 8, 2, 1), (4, 8, 4, 1),
+       (1, 8, 16, 4), (2, 8, 16, 4), (2, 8, 32, 3), (2, 8, 32, 4), (2, 8, 32, 6), (2, 8, 64, 4), (2, 4, 32, 4),
+       (4, 8, 32, 3)]
 # Backward: (rows, num_warps, chunks per sample, num_stages); each program sums its chunk of a sample's
-# tokens into one fp32 partial row.
+# tokens into one fp32 partial row. 5 chunks is what reduction_grid picks on 132 SMs at B = 256.
 BWD = [(1, 8, 5, 1), (1, 8, 5, 3), (1, 8, 5, 4), (1, 8, 5, 6), (1, 16, 5, 4), (1, 16, 5, 6), (2, 8, 5, 3),
-       (2, 16, 5, 4), (1, 8, 2, 4), (1, 8, 8, 4), (1, 8, 16, 4), (1, 4, 5, 3)]
-QUICK_FWD = [(2, 8, 2, 1), (2, 8, 32, 3), (1, 8, 16, 3), (4, 8, 32, 3)]
-QUICK_BWD = [(1, 8, 5, 1), (1, 8, 5, 4), (1, 16, 5, 6), (1, 8, 8, 4)]
+       (1, 4, 5, 3), (1, 8, 2, 4), (1, 8, 8, 4), (1, 8, 16, 4), (1, 8, 8, 6)]
+# The kernels before this sweep's changes (commit "Modulated norm and gated residual kernels"), timed beside
+# the current ones when the checkout has its history.
+BASELINE_COMMIT = "3b1e5df"
+QUICK_FWD = [(2, 8, 2, 1), (2, 8, 32, 3), (2, 8, 32, 6), (4, 8, 32, 3)]
+QUICK_BWD = [(1, 8, 5, 1), (1, 8, 5, 6), (1, 16, 5, 6), (1, 8, 8, 4)]
 
 
 def fwd_launch(rows, warps, rows_per_program, stages) -> RowLoop:
@@ -72,7 +84,41 @@ def label(launch) -> str:
 
 
 def randn(*shape, grad=False):
-    return torch.randn(*shape, device="cuda", dtype=BF16, requires_grad=grad)
+    return torch.randn(*shape, device=DEVICE, dtype=BF16, requires_grad=grad)
+
+
+def norm_weight(D, with_weight):
+    """A norm weight (D,) around 1, or None."""
+    return (torch.rand(D, device=DEVICE, dtype=BF16) + 0.5).requires_grad_() if with_weight else None
+
+
+def load_baseline():
+    """(modulated_norm, gated_residual) modules of BASELINE_COMMIT without their torch.library registrations
+    (they would clash with the current ones), importing the current utils; (None, None) without git or that
+    commit."""
+    sources = {}
+    for name in ("modulated_norm", "gated_residual"):
+        try:
+            sources[name] = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:kernels/{name}.py"], cwd=ROOT,
+                                           check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None, None
+    folder, modules = tempfile.mkdtemp(), []
+    for name, src in sources.items():
+        head, rest = src.split("# --- torch.library registration", 1)
+        src = (head + rest[rest.index("# --- public functional"):]).replace(
+            "from .modulated_norm import", "from ._baseline_modulated_norm import")
+        path = Path(folder) / f"_baseline_{name}.py"  # a file: @triton.jit reads its functions' source
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"fae_fast.kernels._baseline_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return tuple(modules)
+
+
+BASE_MN, BASE_GR = None, None
 
 
 # --- cases: launchers to sweep, reference and public op to compare, minimal bytes ---------------------------
@@ -83,14 +129,16 @@ def modulated_norm_case(D, norm, with_weight):
     dweight (saved row statistics not counted)."""
     x = randn(B, T, D, grad=True)
     shift, scale = randn(B, 2 * D, grad=True).chunk(2, dim=-1)
-    weight = (torch.rand(D, device="cuda", dtype=BF16) + 0.5).requires_grad_() if with_weight else None
+    weight = norm_weight(D, with_weight)
     dy = randn(B, T, D)
     xd, sd, hd, wd = (None if t is None else t.detach() for t in (x, scale, shift, weight))
     fwd = lambda launch: modulated_norm_fwd(xd, sd, hd, wd, norm, EPS, launch=launch)  # noqa: E731
     _, mean, rstd = fwd(None)
     bwd = lambda launch: modulated_norm_bwd(dy, xd, sd, wd, mean, rstd, norm, BF16, launch=launch)  # noqa: E731
+    base = BASE_MN and dict(fwd=lambda: BASE_MN.modulated_norm_fwd(xd, sd, hd, wd, norm, EPS),
+                            bwd=lambda: BASE_MN.modulated_norm_bwd(dy, xd, sd, wd, mean, rstd, norm, BF16))
     n, m, w = B * T * D * 2, B * D * 2, (D * 2 if with_weight else 0)
-    return dict(fwd=fwd, bwd=bwd, ref=functools.partial(modulated_norm_ref, norm=norm),
+    return dict(fwd=fwd, bwd=bwd, base=base, ref=functools.partial(modulated_norm_ref, norm=norm),
                 op=functools.partial(modulated_norm, norm=norm), args=(x, scale, shift, weight),
                 leaves=tuple(t for t in (x, scale, shift, weight) if t is not None), grads=(dy,),
                 bytes={"fwd": 2 * n + 2 * m + w, "bwd": 3 * n + 3 * m + 2 * w})
@@ -104,9 +152,12 @@ def gated_residual_case(D, norm=None, with_weight=False):
     fwd = lambda launch: gated_residual_fwd(xd, gd, yd, launch=launch)[:1]  # noqa: E731
     bwd = lambda launch: norm_residual_bwd(None, None, None, None, None, None, "layer", BF16, dh, gd, yd,  # noqa: E731
                                            launch=launch)
+    base = BASE_GR and dict(
+        fwd=lambda: BASE_GR.gated_residual_fwd(xd, gd, yd)[:1],
+        bwd=lambda: BASE_MN.norm_residual_bwd(None, None, None, None, None, None, "layer", BF16, dh, gd, yd))
     n, m = B * T * D * 2, B * D * 2
-    return dict(fwd=fwd, bwd=bwd, ref=gated_residual_ref, op=gated_residual, args=(x, gate, y), leaves=(x, gate, y),
-                grads=(dh,), bytes={"fwd": 3 * n + m, "bwd": 3 * n + 2 * m})
+    return dict(fwd=fwd, bwd=bwd, base=base, ref=gated_residual_ref, op=gated_residual, args=(x, gate, y),
+                leaves=(x, gate, y), grads=(dh,), bytes={"fwd": 3 * n + m, "bwd": 3 * n + 2 * m})
 
 
 def fused_case(D, norm, with_weight):
@@ -114,15 +165,18 @@ def fused_case(D, norm, with_weight):
     reads dh, dn, h, y, gate, scale, weight, writes dx, dy, dgate, dscale, dshift, dweight."""
     x, y = randn(B, T, D, grad=True), randn(B, T, D, grad=True)
     gate, scale, shift = randn(B, 3 * D, grad=True).chunk(3, dim=-1)
-    weight = (torch.rand(D, device="cuda", dtype=BF16) + 0.5).requires_grad_() if with_weight else None
+    weight = norm_weight(D, with_weight)
     dh, dn = randn(B, T, D), randn(B, T, D)
     xd, gd, yd, sd, hd, wd = (None if t is None else t.detach() for t in (x, gate, y, scale, shift, weight))
     fwd = lambda launch: gated_residual_fwd(xd, gd, yd, sd, hd, wd, norm, EPS, launch=launch)  # noqa: E731
     h, _, mean, rstd = fwd(None)
     bwd = lambda launch: norm_residual_bwd(dn, h, sd, wd, mean, rstd, norm, BF16, dh, gd, yd,  # noqa: E731
                                            launch=launch)
+    base = BASE_GR and dict(
+        fwd=lambda: BASE_GR.gated_residual_fwd(xd, gd, yd, sd, hd, wd, norm, EPS),
+        bwd=lambda: BASE_MN.norm_residual_bwd(dn, h, sd, wd, mean, rstd, norm, BF16, dh, gd, yd))
     n, m, w = B * T * D * 2, B * D * 2, (D * 2 if with_weight else 0)
-    return dict(fwd=fwd, bwd=bwd, ref=functools.partial(gated_residual_modulated_norm_ref, norm=norm),
+    return dict(fwd=fwd, bwd=bwd, base=base, ref=functools.partial(gated_residual_modulated_norm_ref, norm=norm),
                 op=functools.partial(gated_residual_modulated_norm, norm=norm),
                 args=(x, gate, y, scale, shift, weight),
                 leaves=tuple(t for t in (x, gate, y, scale, shift, weight) if t is not None), grads=(dh, dn),
@@ -171,7 +225,7 @@ def agreement(got: list, want: list) -> str:
 
 def copy_ms(args) -> float:
     """Median time of a 2 GiB bf16 device-to-device copy."""
-    src = torch.randn(1 << 30, device="cuda", dtype=BF16)
+    src = torch.randn(1 << 30, device=DEVICE, dtype=BF16)
     dst = torch.empty_like(src)
     return bench(lambda: dst.copy_(src), args)
 
@@ -198,6 +252,15 @@ class Sweep:
         print(f"[{time.time() - self.start:5.0f}s] {op:29s} {norm:5s} {D:5d} {mode:4s} {provider:13s} {config:14s} "
               f"{ms:7.4f} ms {gbps:7.0f} GB/s {row['frac_copy']:5.2f} {check}", flush=True)
 
+    def save(self):
+        """Every number so far to $OUT/sweep_norms.json (after each case, so a run cut short keeps them)."""
+        if not os.environ.get("OUT"):
+            return
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    copy_bytes_per_s=self.copy_bps, B=B, T=T, args=vars(self.args))
+        path = Path(os.environ["OUT"]) / "sweep_norms.json"
+        path.write_text(json.dumps(dict(meta=meta, results=self.results), indent=1))
+
     def measure_copy(self):
         ms = copy_ms(self.args)
         self.copy_bps = 2 * (2 << 30) / (ms * 1e-3)
@@ -207,27 +270,35 @@ class Sweep:
 
     def sweep_mode(self, case, op, norm, D, mode, launches):
         """The default configuration first (timed again at the end: the spread of two timings of one version),
-        then every variant whose outputs agree with the default's."""
+        the baseline kernels, then every variant; each checked against the default's outputs."""
         fn = case[mode]
-        default = (norm_fwd_launch if mode == "fwd" else norm_bwd_launch)(D, B, T, torch.device("cuda"))
+        default = (norm_fwd_launch if mode == "fwd" else norm_bwd_launch)(D, B, T, torch.device(DEVICE))
         print(f"{op} {norm} {D} {mode}: default = {label(default)}", flush=True)
         want = [t.clone() for t in outputs(fn(None))]
-        self.record(case, op, norm, D, mode, "fae_fast", "default", bench(lambda: fn(None), self.args))
+        key = (case, op, norm, D, mode)
+        self.record(*key, "fae_fast", "default", bench(lambda: fn(None), self.args))
+        if case["base"]:
+            self.variant(key, "baseline", BASELINE_COMMIT, case["base"][mode], want)
         for launch in launches:
             if self.out_of_time():
                 print(f"budget spent: skipping the rest of {op} {norm} {D} {mode}", flush=True)
                 break
-            poison_cache(want)
-            try:
-                check = agreement(outputs(fn(launch)), want)
-            except Exception as e:  # a variant that fails to compile or disagrees is reported, not timed
-                print(f"  {label(launch)}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-                self.results.append(dict(op=op, norm=norm, D=D, mode=mode, provider="fae_fast",
-                                         config=label(launch), error=f"{type(e).__name__}: {e}"[:500]))
-                continue
-            self.record(case, op, norm, D, mode, "fae_fast", label(launch),
-                        bench(lambda: fn(launch), self.args), check)
-        self.record(case, op, norm, D, mode, "fae_fast", "default#2", bench(lambda: fn(None), self.args))
+            self.variant(key, "fae_fast", label(launch), functools.partial(fn, launch), want)
+        self.record(*key, "fae_fast", "default#2", bench(lambda: fn(None), self.args))
+
+    def variant(self, key, provider, config, call, want):
+        """Check call()'s outputs against the default's (poisoned memory first), then time it; a variant that
+        fails to compile or disagrees is reported, not timed."""
+        poison_cache(want)
+        try:
+            check = agreement(outputs(call()), want)
+        except Exception as e:
+            print(f"  {provider} {config}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            _, op, norm, D, mode = key
+            self.results.append(dict(op=op, norm=norm, D=D, mode=mode, provider=provider, config=config,
+                                     error=f"{type(e).__name__}: {e}"[:500]))
+            return
+        self.record(*key, provider, config, bench(call, self.args), check)
 
     def compare_full(self, case, op, norm, D):
         """The public op (default configurations, through autograd) and the torch.compile'd reference."""
@@ -266,39 +337,46 @@ class Sweep:
                     self.compare_full(case, op, norm_key, D)
                     del case
                     torch.cuda.empty_cache()
+                    self.save()
 
 
 # --- summary ----------------------------------------------------------------------------------------------
 
 
 def summarize(results, copy_bps):
+    """Per case and mode: baseline (before this change), default, best configuration, torch.compile; ms and
+    fraction of the copy bandwidth; last, the default's speed-up over the baseline and over torch.compile.
+    'full' rows time the public op (default launches, through autograd) against the compiled reference."""
     ok = [r for r in results if "ms" in r]
-    cases = sorted({(r["op"], r["norm"], r["D"]) for r in ok}, key=str)
-    print(f"\n=== summary (ms, fraction of the {copy_bps / 1e12:.2f} TB/s copy) ===")
-    print(f"{'op':29s} {'norm':5s} {'D':>5s} {'mode':4s} | {'default':>15s} {'again':>7s} | "
-          f"{'best config':14s} {'ms':>7s} {'frac':>5s} | {'compile':>15s} | {'x vs compile':>12s}")
-    for op, norm, D in cases:
-        rows = [r for r in ok if (r["op"], r["norm"], r["D"]) == (op, norm, D)]
-        get = lambda mode, prov, cfg=None: [r for r in rows if r["mode"] == mode and r["provider"] == prov  # noqa: E731
-                                            and (cfg is None or r["config"] == cfg)]
+    print(f"\n=== summary: ms and fraction of the {copy_bps / 1e12:.2f} TB/s copy; 'again' is the default timed "
+          "a second time ===")
+    print(f"{'op':22s} {'norm':5s} {'D':>4s} {'mode':4s} | {'baseline':>13s} | {'default':>13s} {'again':>6s} | "
+          f"{'best config':13s} {'ms':>6s} {'frac':>4s} | {'compile':>13s} | {'x base':>6s} {'x comp':>6s}")
+    cell = lambda r: f"{r['ms']:7.4f} {r['frac_copy']:5.2f}" if r else f"{'-':>13s}"  # noqa: E731
+    ratio = lambda a, b: f"{a['ms'] / b['ms']:6.2f}" if a and b else f"{'-':>6s}"  # noqa: E731
+    for op, norm, D in sorted({(r["op"], r["norm"], r["D"]) for r in ok}, key=str):
+        def get(mode, provider, config=None):
+            found = [r for r in ok if (r["op"], r["norm"], r["D"], r["mode"], r["provider"]) == (op, norm, D, mode,
+                     provider) and config in (None, r["config"])]
+            return found[0] if found else None
+
+        name = op.replace("gated_residual", "gr")
         for mode in ("fwd", "bwd"):
-            mine = get(mode, "fae_fast")
+            mine = [r for r in ok if (r["op"], r["norm"], r["D"], r["mode"], r["provider"]) == (op, norm, D, mode,
+                    "fae_fast") and r["config"] != "default#2"]
             if not mine:
                 continue
             best = min(mine, key=lambda r: r["ms"])
-            d, d2 = get(mode, "fae_fast", "default"), get(mode, "fae_fast", "default#2")
-            c = get(mode, "torch.compile")
-            cs = f"{c[0]['ms']:7.4f} {c[0]['frac_copy']:5.2f}" if c else f"{'-':>13s}"
-            ratio = f"{c[0]['ms'] / d[0]['ms']:12.2f}" if c and d else f"{'-':>12s}"
-            print(f"{op:29s} {norm:5s} {D:5d} {mode:4s} | {d[0]['ms']:7.4f} {d[0]['frac_copy']:5.2f}  "
-                  f"{d2[0]['ms'] if d2 else float('nan'):7.4f} | {best['config']:14s} {best['ms']:7.4f} "
-                  f"{best['frac_copy']:5.2f} | {cs}  | {ratio}")
-        full, cfull = get("full", "fae_fast_op"), get("full", "torch.compile")
+            base, d, again = get(mode, "baseline"), get(mode, "fae_fast", "default"), get(mode, "fae_fast", "default#2")
+            comp = get(mode, "torch.compile")
+            again = f"{again['ms']:6.4f}" if again else f"{'-':>6s}"
+            print(f"{name:22s} {norm:5s} {D:4d} {mode:4s} | {cell(base)} | {cell(d)} {again} | "
+                  f"{best['config']:13s} {best['ms']:6.4f} {best['frac_copy']:4.2f} | {cell(comp)} | "
+                  f"{ratio(base, d)} {ratio(comp, d)}")
+        full, comp = get("full", "fae_fast_op"), get("full", "torch.compile")
         if full:
-            cs = f"{cfull[0]['ms']:7.4f} {cfull[0]['frac_copy']:5.2f}" if cfull else f"{'-':>13s}"
-            ratio = f"{cfull[0]['ms'] / full[0]['ms']:12.2f}" if cfull else f"{'-':>12s}"
-            print(f"{op:29s} {norm:5s} {D:5d} full | {full[0]['ms']:7.4f} {full[0]['frac_copy']:5.2f}  "
-                  f"{'':7s} | {'(public op)':14s} {'':7s} {'':5s} | {cs}  | {ratio}")
+            print(f"{name:22s} {norm:5s} {D:4d} full | {'':13s} | {cell(full)} {'':6s} | {'(public op)':13s} "
+                  f"{'':6s} {'':4s} | {cell(comp)} | {'':6s} {ratio(comp, full)}")
     for mode in ("fwd", "bwd"):
         rank_configs(ok, mode)
 
@@ -359,25 +437,23 @@ def main():
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--quick", action="store_true", help="four configurations per kernel kind")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd references")
-    parser.add_argument("--budget", type=float, default=250, help="seconds; what is left after is skipped")
+    parser.add_argument("--budget", type=float, default=230, help="seconds; what is left after is skipped")
     parser.add_argument("--warmup", type=float, default=5, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=float, default=40, help="do_bench repetition time, ms")
     args = parser.parse_args()
     torch.manual_seed(0)
+    global BASE_MN, BASE_GR
+    BASE_MN, BASE_GR = load_baseline()
+    print(f"baseline kernels ({BASELINE_COMMIT}): {'timed beside' if BASE_MN else 'not available (no git history)'}")
     sweep = Sweep(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # a time limit still gets the summary
     try:
         sweep.run()
         breakdowns(args)
     finally:
         summarize(sweep.results, sweep.copy_bps or float("nan"))
-        if os.environ.get("OUT"):
-            path = Path(os.environ["OUT"]) / "sweep_norms.json"
-            meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                        copy_bytes_per_s=sweep.copy_bps, B=B, T=T, args=vars(args))
-            path.write_text(json.dumps(dict(meta=meta, results=sweep.results), indent=1))
-            print(f"wrote {path}")
+        sweep.save()
         print(f"total {time.time() - sweep.start:.0f} s")
-
 
 if __name__ == "__main__":
     main()

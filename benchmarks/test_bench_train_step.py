@@ -16,16 +16,16 @@ BATCH = 128
 
 
 @pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
-@pytest.mark.parametrize("provider", ["torch", "torch.compile", "fae_fast"])
+@pytest.mark.parametrize("provider", ["torch", "torch.compile", "fae_fast", "fae_fast.fsdp"])
 def test_train_step(benchmark, report, provider, size):
     d = init_distributed()
     torch.cuda.empty_cache()
-    cfg, model, opt = build(provider, size, d.device)
+    cfg, model, opt, sharded = build(provider, size, d.device)
     T = cfg.grid * cfg.grid
     choose_backend(BATCH, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, d.device)
     x1 = torch.randn(BATCH, T, cfg.in_channels, device=d.device)
     y = torch.randint(0, cfg.num_classes, (BATCH,), device=d.device)
-    step = make_step(provider, model, opt, x1, y)
+    step = make_step(sharded, model, opt, x1, y)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     step()

@@ -7,7 +7,9 @@ torchrun for the multi-GPU scaling figure:
 Providers:
   torch          plain PyTorch reference of the same model (impl='torch'), bf16 autocast, fused AdamW, eager
   torch.compile  the same, each block under torch.compile
-  fae_fast       fused Triton kernels + per-block torch.compile + FSDP2 (bf16 params, fp32 reduce) + fused AdamW
+  fae_fast       what train_gen.py runs: fused Triton kernels + per-block torch.compile + fused AdamW, with
+                 FSDP2 (bf16 params, fp32 reduce) on several GPUs and bf16 autocast on one (run.fsdp=auto)
+  fae_fast.fsdp  the same with FSDP2 also on one GPU
 """
 import argparse
 import json
@@ -33,18 +35,19 @@ def build(provider: str, size: str, device):
     cfg = generator_config(size)
     torch.manual_seed(0)
     with device:
-        model = Generator(cfg, impl="torch" if provider != "fae_fast" else "triton")
+        model = Generator(cfg, impl="triton" if provider.startswith("fae_fast") else "torch")
     if provider == "torch.compile":
         for block in model.blocks:
             block.compile()
-    if provider == "fae_fast":
-        parallelize(model, model.blocks, precision="bf16", compile=True)
+    sharded = provider == "fae_fast.fsdp" or (provider == "fae_fast" and dist.get_world_size() > 1)
+    if provider.startswith("fae_fast"):
+        parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    return cfg, model, opt
+    return cfg, model, opt, sharded
 
 
-def make_step(provider: str, model, opt, x1, y):
-    autocast = provider != "fae_fast"  # FSDP2's MixedPrecisionPolicy gives bf16 compute there
+def make_step(sharded: bool, model, opt, x1, y):
+    autocast = not sharded  # FSDP2's MixedPrecisionPolicy gives bf16 compute there
 
     def step():
         t = sample_t(x1.shape[0], device=x1.device)
@@ -63,23 +66,24 @@ def profile(step, path: str, steps: int = 3) -> None:
     """Write the CUDA kernels of a few steps, by total time, to `path` (a text table)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    averages = prof.key_averages()
     with open(path, "w") as f:
-        f.write(table)
+        f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
 
 
 def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profile_path: str = "") -> dict:
     d = init_distributed()
-    cfg, model, opt = build(provider, size, d.device)
+    cfg, model, opt, sharded = build(provider, size, d.device)
     T = cfg.grid * cfg.grid
     choose_backend(batch, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, d.device)
     x1 = torch.randn(batch, T, cfg.in_channels, device=d.device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=d.device)
-    step = make_step(provider, model, opt, x1, y)
+    step = make_step(sharded, model, opt, x1, y)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
@@ -110,7 +114,8 @@ def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profi
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--provider", default="fae_fast", choices=["torch", "torch.compile", "fae_fast"])
+    parser.add_argument("--provider", default="fae_fast",
+                        choices=["torch", "torch.compile", "fae_fast", "fae_fast.fsdp"])
     parser.add_argument("--size", default="LightningDiT-XL/1")
     parser.add_argument("--batch", type=int, default=128, help="per GPU")
     parser.add_argument("--steps", type=int, default=20)

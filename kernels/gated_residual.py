@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .modulated_norm import (
-    SHAPE_INTS, _load_row, _load_tile, _mod_tile, _modulation, _norm_modulate, _program_span, _store_norm,
-    _weight_and_scale, check_modulation, check_norm, lastdim_contiguous, mod_strides, modulated_norm_ref,
+    SHAPE_INTS, _load_row, _load_tile, _mod_tile, _modulation, _modulation_rows, _norm_modulate, _program_span,
+    _store_norm, _tile, check_modulation, check_norm, lastdim_contiguous, mod_strides, modulated_norm_ref,
     norm_residual_bwd, per_token, program_grid,
 )
 from .utils import RowLoop, cast_rtne, norm_fwd_launch, row_block, rows_2d
@@ -63,12 +63,9 @@ def _gated_residual_fwd_kernel(
     g_row = 0.0 if PER_TOKEN else _load_row(GATE, cols, col_ok)
     w, a_row, h_row = 1.0, 0.0, 0.0
     if NORM:
-        w, a_row = _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
-        h_row = 0.0 if PER_TOKEN else _load_row(SHIFT, cols, col_ok)
+        w, a_row, h_row = _modulation_rows(W, SCALE, SHIFT, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
-        toks = start + tl.arange(0, ROWS)
-        tok_ok = toks < t_end
-        mask = tok_ok[:, None] & col_ok[None, :]
+        toks, tok_ok, mask = _tile(start, t_end, col_ok, ROWS)
         g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
         h = _load_tile(X, toks, stride_x, cols, mask) + g * _load_tile(Y, toks, stride_y, cols, mask)
         h = cast_rtne(h, H.dtype.element_ty)
@@ -77,6 +74,7 @@ def _gated_residual_fwd_kernel(
             a, sh = _modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
             n, mean, rstd = _norm_modulate(h.to(tl.float32), a, sh, mask, n_cols, eps, IS_RMS)
             _store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
+
 
 def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Optional[str] = None,
                        eps: float = 1e-6, *, launch: Optional[RowLoop] = None):

@@ -62,6 +62,14 @@ def _program_span(T, n_chunks, rows_per_program):
 
 
 @triton.jit
+def _tile(start, t_end, col_ok, ROWS: tl.constexpr):
+    """(toks, tok_ok, mask) of the tile of ROWS tokens from `start`, masked from t_end and past D."""
+    toks = start + tl.arange(0, ROWS)
+    tok_ok = toks < t_end
+    return toks, tok_ok, tok_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _load_tile(PTR, toks, stride, cols, mask):
     """(ROWS, BLOCK) fp32 tile of rows `toks` of a row-major tensor with row stride `stride`."""
     return tl.load(PTR + toks[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -92,6 +100,15 @@ def _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT: tl.constexpr, PER_TOKE
     if not PER_TOKEN:
         a_row = w * (1.0 + _load_row(SCALE, cols, col_ok))
     return w, a_row
+
+
+@triton.jit
+def _modulation_rows(W, SCALE, SHIFT, cols, col_ok, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """(w, a_row, h_row) of a forward, loaded once per program: _weight_and_scale's rows and, for a per-sample
+    modulation, the shift row."""
+    w, a_row = _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
+    h_row = 0.0 if PER_TOKEN else _load_row(SHIFT, cols, col_ok)
+    return w, a_row, h_row
 
 
 @triton.jit
@@ -167,12 +184,9 @@ def _modulated_norm_fwd_kernel(
     col_ok = cols < n_cols
     X, Y, MEAN, RSTD = X + b * T * stride_x, Y + b * T * n_cols, MEAN + b * T, RSTD + b * T
     SCALE, SHIFT = SCALE + b * stride_sb, SHIFT + b * stride_hb
-    w, a_row = _weight_and_scale(W, SCALE, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
-    h_row = 0.0 if PER_TOKEN else _load_row(SHIFT, cols, col_ok)
+    w, a_row, h_row = _modulation_rows(W, SCALE, SHIFT, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
-        toks = start + tl.arange(0, ROWS)
-        tok_ok = toks < t_end
-        mask = tok_ok[:, None] & col_ok[None, :]
+        toks, tok_ok, mask = _tile(start, t_end, col_ok, ROWS)
         x = _load_tile(X, toks, stride_x, cols, mask)
         a, h = _modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
         y, mean, rstd = _norm_modulate(x, a, h, mask, n_cols, eps, IS_RMS)
@@ -213,9 +227,7 @@ def _modulated_norm_bwd_kernel(
     acc_h = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # dshift
     acc_g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # dgate
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
-        toks = start + tl.arange(0, ROWS)
-        tok_ok = toks < t_end
-        mask = tok_ok[:, None] & col_ok[None, :]
+        toks, tok_ok, mask = _tile(start, t_end, col_ok, ROWS)
         out = toks[:, None] * n_cols + cols[None, :]  # row outputs are contiguous (B * T, D)
         d = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         if HAS_DN:

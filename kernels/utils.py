@@ -112,14 +112,14 @@ def norm_tile_rows(block: int, group_rows: int, elements: int) -> int:
 def norm_fwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:
     """Default RowLoop of the norm forwards (modulated_norm, gated_residual[_modulated_norm]): tiles of about
     4096 values; each program walks up to 16 tiles of one sample (fewer while that leaves under 8 programs per
-    SM), the next two tiles' loads in flight through shared memory: registers cap how many rows each SM holds
-    in one-tile programs, the pipeline does not. A per-sample modulation row is loaded once per program."""
+    SM), the next three tiles' loads in flight through shared memory: registers cap how many rows each SM
+    holds in one-tile programs, the pipeline does not. A per-sample modulation row is loaded once per program."""
     block = row_block(n_cols)
     rows = norm_tile_rows(block, group_rows, 4096)
     rows_per_program = 16 * rows
     while rows_per_program > rows and n_groups * triton.cdiv(group_rows, rows_per_program) < 8 * _sms(device):
         rows_per_program //= 2
-    return RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows_per_program, num_stages=3)
+    return RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows_per_program, num_stages=4)
 
 
 def norm_bwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:

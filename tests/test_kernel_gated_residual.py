@@ -4,14 +4,15 @@ determinism; mixed dtypes; registration and torch.compile. CPU runs go through T
 import pytest
 import torch
 from test_kernel_modulated_norm import (
-    COMPILE_BACKEND, SHAPES, TOL, assert_deterministic, check_against_reference, modulation, norm_inputs, norm_matrix,
-    run, upcast,
+    COMPILE_BACKEND, LAUNCHES, SHAPES, TOL, assert_deterministic, assert_launches_agree, check_against_reference,
+    launch_id, modulation, norm_inputs, norm_matrix, run, upcast,
 )
 
 from fae_fast.kernels.gated_residual import (
-    gated_residual, gated_residual_modulated_norm, gated_residual_modulated_norm_ref, gated_residual_ref,
+    gated_residual, gated_residual_fwd, gated_residual_modulated_norm, gated_residual_modulated_norm_ref,
+    gated_residual_ref,
 )
-from fae_fast.kernels.modulated_norm import modulated_norm_ref
+from fae_fast.kernels.modulated_norm import modulated_norm_ref, norm_residual_bwd
 
 FUSED_NAMES = ("h", "n", "dx", "dgate", "dy", "dscale", "dshift")
 
@@ -112,6 +113,26 @@ def test_gated_residual_modulated_norm_deterministic(per_token, device):
     torch.manual_seed(5)
     assert_deterministic(gated_residual_modulated_norm, fused_inputs, FUSED_NAMES + ("dweight",), per_token, device)
 
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=launch_id)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_gated_residual_launches_agree(per_token, launch, device):
+    """The fused pair and the plain gated residual, forward and backward, under another launch configuration:
+    the same results as the default launch's (up to fp32 rounding of the sums over tokens)."""
+    torch.manual_seed(9)
+    (x, gate, y, scale, shift, weight), (dh, dn) = fused_inputs(3, 37, 72, True, per_token, device, torch.float32)
+    want = gated_residual_fwd(x, gate, y, scale, shift, weight, "rms", 1e-6)
+    assert_launches_agree(gated_residual_fwd(x, gate, y, scale, shift, weight, "rms", 1e-6, launch=launch), want)
+    h, _, mean, rstd = want
+
+    def bwd(dn, h, scale, weight, mean, rstd, **launch):
+        return norm_residual_bwd(dn, h, scale, weight, mean, rstd, "rms", shift.dtype, dh, gate, y, **launch)
+
+    fused = (dn, h, scale, weight, mean, rstd)
+    assert_launches_agree(bwd(*fused, launch=launch), bwd(*fused))
+    assert_launches_agree(gated_residual_fwd(x, gate, y, launch=launch), gated_residual_fwd(x, gate, y))
+    plain = (None,) * 6  # no norm: the gated residual's own backward
+    assert_launches_agree(bwd(*plain, launch=launch), bwd(*plain))
 
 def test_gated_residual_rejects_bad_inputs(device):
     x = torch.randn(2, 7, 72, device=device)

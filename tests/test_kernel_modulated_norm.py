@@ -5,7 +5,8 @@ torch.compile. CPU runs go through TRITON_INTERPRET=1."""
 import pytest
 import torch
 
-from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_ref
+from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_bwd, modulated_norm_fwd, modulated_norm_ref
+from fae_fast.kernels.utils import RowLoop
 
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -20,6 +21,27 @@ NORMS = [("layer", False), ("layer", True), ("rms", False), ("rms", True)]  # (n
 # (B, T, D): tokens 1, 7, 37 (a last chunk shorter than the others), 256; widths 72, 1152, 1536. 256 tokens
 # at width 1152 run in test_modulated_norm_long_rows only: the interpreter is slow there.
 SHAPES = [(2, 1, 72), (2, 7, 1152), (3, 37, 72), (2, 7, 1536), (2, 256, 72)]
+
+
+# Launches other than the default (kernels/utils.py): one row per program; tiles of 4 walking runs of 12
+# tokens (a run ends inside a tile) with pipelined loads; tiles of 8 walking 64 tokens (one run per sample
+# at T = 37).
+LAUNCHES = [RowLoop(rows=1, num_warps=4, rows_per_program=1),
+            RowLoop(rows=4, num_warps=4, rows_per_program=12, num_stages=3),
+            RowLoop(rows=8, num_warps=8, rows_per_program=64, num_stages=2)]
+
+
+def launch_id(launch):
+    return f"rows{launch.rows}-run{launch.rows_per_program}-stages{launch.num_stages}"
+
+
+def assert_launches_agree(got, want):
+    """Outputs of one op under two launches: every row's math is the same, sums over tokens are cut into other
+    chunks; so equal up to fp32 rounding. Empty placeholders must match too."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}: {g.shape} {g.dtype} != {w.shape} {w.dtype}"
+        torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m: f"output {i}: {m}")
 
 
 def assert_matches(name, out, ref, ref_lowp):
@@ -148,6 +170,29 @@ def test_modulated_norm_deterministic(per_token, device):
     """fp32 partial sums in a fixed order, no atomics."""
     torch.manual_seed(3)
     assert_deterministic(modulated_norm, norm_inputs, grad_names(True), per_token, device)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=launch_id)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("norm, with_weight", [("layer", False), ("rms", True)], ids=["layer", "rms_w"])
+def test_modulated_norm_launches_agree(norm, with_weight, per_token, launch, device):
+    """The launch configuration (an explicit launcher argument, swept by benchmarks/sweep_norms.py) changes how
+    the work is cut, never the result: forward and backward match the default launch's."""
+    torch.manual_seed(9)
+    (x, scale, shift, weight), (dy,) = norm_inputs(3, 37, 72, with_weight, per_token, device, torch.float32)
+    want = modulated_norm_fwd(x, scale, shift, weight, norm, 1e-6)
+    assert_launches_agree(modulated_norm_fwd(x, scale, shift, weight, norm, 1e-6, launch=launch), want)
+    stats = want[1:]
+    assert_launches_agree(modulated_norm_bwd(dy, x, scale, weight, *stats, norm, shift.dtype, launch=launch),
+                          modulated_norm_bwd(dy, x, scale, weight, *stats, norm, shift.dtype))
+
+
+def test_modulated_norm_rejects_bad_launch(device):
+    x, s = torch.randn(2, 7, 72, device=device), torch.randn(2, 72, device=device)
+    with pytest.raises(ValueError, match="power of two"):
+        modulated_norm_fwd(x, s, s, None, "layer", 1e-6, launch=RowLoop(rows=3, num_warps=4, rows_per_program=3))
+    with pytest.raises(ValueError, match="rows_per_program at least rows"):
+        modulated_norm_fwd(x, s, s, None, "layer", 1e-6, launch=RowLoop(rows=4, num_warps=4, rows_per_program=2))
 
 
 def test_modulated_norm_rejects_bad_inputs(device):

@@ -20,8 +20,12 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
 
 
 def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf16", compile: bool = True,
-                activation_checkpointing: bool = False) -> nn.Module:
+                activation_checkpointing: bool = False, shard: bool = True) -> nn.Module:
     """Checkpoint, compile and shard each module of `blocks` (a ModuleList of `model`), then the root.
+
+    shard=False skips FSDP2 (checkpointing and compile still apply): the caller then runs the forward
+    under bf16 autocast. On one GPU that is ~10% faster than FSDP2 with its one-rank collectives and
+    per-block hooks (LightningDiT-XL/1 step at batch 128 on an H100: 567 vs 515 images/s).
 
     The root keeps its forward inputs as given (cast_forward_inputs=False): the model casts what it
     feeds its first layer, and t and other fp32 inputs stay fp32 where precision matters.
@@ -38,7 +42,11 @@ def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf
             blocks[i] = block
         if compile:
             block.compile()  # in place: parameter names stay as they are
+        if not shard:
+            continue
         fully_shard(block, reshard_after_forward=reshard, **({} if mp is None else {"mp_policy": mp}))
+    if not shard:
+        return model
     root_mp = None if mp is None else MixedPrecisionPolicy(
         param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
     fully_shard(model, reshard_after_forward=reshard, **({} if root_mp is None else {"mp_policy": root_mp}))

@@ -75,7 +75,8 @@ def sample_share(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int)
     g = torch.Generator(device=d.device).manual_seed(seed + d.rank)
     T = cfg.model.grid * cfg.model.grid
     noise = torch.randn(mine.shape[0], T, cfg.model.in_channels, device=d.device, generator=g)
-    out = sample_latents(model, mine, noise, cfg.sampler, generator=g)
+    with autocast(cfg, d, use_fsdp(cfg, d)):
+        out = sample_latents(model, mine, noise, cfg.sampler, generator=g)
     return gather_cat(out.float()), gather_cat(mine)
 
 
@@ -108,12 +109,26 @@ def save_sample_grid(model, cfg: GenTrainConfig, d, path: Path) -> None:
         save_grid(latents_to_images(samples, cfg.model.grid), path, nrow=8)
 
 
+def use_fsdp(cfg: GenTrainConfig, d) -> bool:
+    if cfg.run.fsdp not in ("auto", "on", "off"):
+        raise ValueError(f"run.fsdp={cfg.run.fsdp!r} is not 'auto', 'on' or 'off'")
+    if cfg.run.fsdp == "off" and d.world > 1:
+        raise ValueError(f"run.fsdp=off needs one rank, but {d.world} were started; use run.fsdp=auto")
+    return cfg.run.fsdp == "on" or (cfg.run.fsdp == "auto" and d.world > 1)
+
+
+def autocast(cfg: GenTrainConfig, d, sharded: bool):
+    """bf16 autocast where FSDP2's mixed-precision policy does not already give bf16 compute."""
+    enabled = cfg.run.precision == "bf16" and not sharded
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def build(cfg: GenTrainConfig, d):
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank before sharding
     with d.device:
         model = Generator(cfg.model, impl=cfg.run.impl)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
-                activation_checkpointing=cfg.run.activation_checkpointing)
+                activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
     fused = d.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay, fused=fused, foreach=not fused)
@@ -171,7 +186,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=3 * forward_flops_per_sample(cfg.model),
                         peak_flops=measured_bf16_peak(d.device), device=d.device)
-    guard = NonFiniteGuard(d.device)
+    guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
     loss_sum, last_ckpt = torch.zeros((), device=d.device), ckpts.latest()
     t0 = time.perf_counter()
     for step in range(start, run.steps):
@@ -179,7 +194,8 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, total=run.steps, warmup=cfg.optim.warmup_steps,
                                                    schedule=cfg.optim.schedule)
-        loss = train_step(model, x1, y, cfg, step_generator(d.device, run.seed, step, d.rank))
+        with autocast(cfg, d, sharded):
+            loss = train_step(model, x1, y, cfg, step_generator(d.device, run.seed, step, d.rank))
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
