@@ -1,14 +1,11 @@
 """One LightningDiT-XL/1 / SiT-XL/1 training step at batch 128 on one GPU: fae_fast (fused kernels +
-per-block compile + FSDP2) against the plain PyTorch reference of the same model, eager and compiled,
+per-block compile; also with FSDP2 on the one GPU) against the plain PyTorch reference of the same model, eager and compiled,
 in the same run. Reports images/s, MFU (fraction of the bf16 peak measured in this run), peak memory
 and the first (compiling) step's time."""
-import time
-
 import pytest
 import torch
 
-from benchmarks.train_step import build, make_step
-from fae_fast.attention import choose_backend
+from benchmarks.train_step import prepare
 from fae_fast.generators import forward_flops_per_sample
 from training.runtime import init_distributed
 
@@ -20,24 +17,13 @@ BATCH = 128
 def test_train_step(benchmark, report, provider, size):
     d = init_distributed()
     torch.cuda.empty_cache()
-    cfg, model, opt, sharded = build(provider, size, d.device)
-    T = cfg.grid * cfg.grid
-    choose_backend(BATCH, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, d.device)
-    x1 = torch.randn(BATCH, T, cfg.in_channels, device=d.device)
-    y = torch.randint(0, cfg.num_classes, (BATCH,), device=d.device)
-    step = make_step(sharded, model, opt, x1, y)
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    first_step_s = time.perf_counter() - start
+    cfg, step, first_step_s = prepare(provider, size, BATCH, d.device)
 
     def timed():
         step()
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=15, warmup_rounds=3)
-    info = report(flops=BATCH * 3 * forward_flops_per_sample(cfg), provider=provider, size=size)
+    report(flops=BATCH * 3 * forward_flops_per_sample(cfg), provider=provider, size=size)
     benchmark.extra_info.update(images_per_s=BATCH / benchmark.stats.stats.median,
                                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_step_s)
-    del model, opt

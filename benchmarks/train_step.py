@@ -76,19 +76,25 @@ def profile(step, path: str, steps: int = 3) -> None:
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
 
 
-def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profile_path: str = "") -> dict:
-    d = init_distributed()
-    cfg, model, opt, sharded = build(provider, size, d.device)
+def prepare(provider: str, size: str, batch: int, device):
+    """(config, one-step callable, seconds of the first step): the model built, the attention backend
+    chosen for the shape, random latents and labels on the device, and the first (compiling) step run."""
+    cfg, model, opt, sharded = build(provider, size, device)
     T = cfg.grid * cfg.grid
-    choose_backend(batch, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, d.device)
-    x1 = torch.randn(batch, T, cfg.in_channels, device=d.device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=d.device)
+    choose_backend(batch, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, device)
+    x1 = torch.randn(batch, T, cfg.in_channels, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
     step = make_step(sharded, model, opt, x1, y)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
-    first = time.perf_counter() - t0
+    return cfg, step, time.perf_counter() - t0
+
+
+def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profile_path: str = "") -> dict:
+    d = init_distributed()
+    cfg, step, first = prepare(provider, size, batch, d.device)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()

@@ -409,6 +409,20 @@ def _parse_value(text: str, annotation):
     raise ValueError(f"cannot parse a value of type {annotation}")
 
 
+def split_named_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Take the options named in `defaults` (`--name VALUE` or `--name=VALUE`, e.g. --recipe, --preset) out
+    of argv: returns their values (defaults where absent) and the remaining arguments (the overrides)."""
+    picked, rest = dict(defaults), []
+    it = iter(argv)
+    for arg in it:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key in picked:
+            picked[key] = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+        else:
+            rest.append(arg)
+    return picked, rest
+
+
 def apply_overrides(cfg, overrides: list[str]):
     """Apply ['--model.depth=4', '--run.compile=false', ...] to a nested dataclass config, in place."""
     for item in overrides:

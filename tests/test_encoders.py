@@ -12,13 +12,7 @@ from fae_fast.encoders import FrozenEncoder
 TINY = dict(feature_dim=192)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread, else a busy shared CPU spends most of the time in thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encoder(seed: int = 0, **overrides) -> FrozenEncoder:

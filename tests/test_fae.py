@@ -9,13 +9,7 @@ from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify, rep
 IMPLS = ["torch", "triton"]  # triton runs through the interpreter on CPU (conftest.py)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread, else a busy shared CPU spends most of the time in thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny():

@@ -8,15 +8,7 @@ import torch
 from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_bwd, modulated_norm_fwd, modulated_norm_ref
 from fae_fast.kernels.utils import RowLoop
 
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),
-}
-# The CPU tests compile with aot_eager: it traces forward and backward through AOTAutograd and the fake
-# impls (what fullgraph needs) without Inductor's C++ build (~20 s here), which adds nothing around an
-# opaque custom op.
-COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+from kernel_testing import COMPILE_BACKEND, TOL  # noqa: E402 (tests/ is on sys.path)
 NORMS = [("layer", False), ("layer", True), ("rms", False), ("rms", True)]  # (norm, with weight)
 # (B, T, D): tokens 1, 7, 37 (a last chunk shorter than the others), 256; widths 72, 1152, 1536. 256 tokens
 # at width 1152 run in test_modulated_norm_long_rows only: the interpreter is slow there.

@@ -7,14 +7,7 @@ import torch
 
 from fae_fast.kernels.rope import rope, rope_qkv, rope_qkv_ref, rope_ref
 
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),
-}
-# The CPU test compiles with aot_eager: it traces forward and backward through AOTAutograd and the fake
-# impls (what fullgraph needs), without Inductor's C++ build, which adds nothing around an opaque op.
-COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+from kernel_testing import COMPILE_BACKEND, TOL  # noqa: E402 (tests/ is on sys.path)
 NAMES = ("q_out", "k_out", "v_out", "dqkv", "dq_weight", "dk_weight")
 
 

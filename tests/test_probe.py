@@ -5,7 +5,6 @@ same on a latent cache read from disk.
 Bounds: 1000 held-out images of 10 classes; chance is 0.1 with a standard deviation of 0.0095, so the
 random-label accuracy must lie within 0.05 (five standard deviations) of it.
 """
-import numpy as np
 import pytest
 import torch
 
@@ -15,13 +14,7 @@ from fae_fast.eval.probe import holdout_split, linear_probe, pool_features, prob
 K, T, C = 10, 16, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one intra-op thread, else a busy shared CPU spends the time in thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(n: int, seed: int):

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fae_fast.attention import choose_backend  # noqa: E402
-from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config  # noqa: E402
+from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config, split_named_options  # noqa: E402
 from fae_fast.eval.npz import (check_coverage, list_chunks, pending_ranges, remove_partial_chunks,  # noqa: E402
                                write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
@@ -106,15 +106,8 @@ PRESETS = {
 
 def parse_args(argv: list[str]) -> SampleConfig:
     """`--preset NAME` (default paper-cfg), then `--field=value` / `--sampler.field=value` overrides."""
-    name, rest = "paper-cfg", []
-    it = iter(argv)
-    for arg in it:
-        if arg == "--preset":
-            name = next(it, "")
-        elif arg.startswith("--preset="):
-            name = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
+    picked, rest = split_named_options(argv, {"preset": "paper-cfg"})
+    name = picked["preset"]
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return apply_overrides(SampleConfig(sampler=PRESETS[name]()), rest)

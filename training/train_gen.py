@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.config import GenTrainConfig, apply_overrides, recipe, to_dict  # noqa: E402
+from fae_fast.config import GenTrainConfig, apply_overrides, recipe, split_named_options, to_dict  # noqa: E402
 from fae_fast.data.latents import make_source  # noqa: E402
 from fae_fast.data.toy import ToyLatents  # noqa: E402
 from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
@@ -34,16 +34,8 @@ from training.runtime import (EMA, NonFiniteGuard, Progress, init_distributed, l
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
     """`--recipe NAME` (default: demo) then `--section.field=value` overrides."""
-    name, rest = "demo", []
-    it = iter(argv)
-    for arg in it:
-        if arg == "--recipe":
-            name = next(it, "")
-        elif arg.startswith("--recipe="):
-            name = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return apply_overrides(recipe(name), rest)
+    picked, rest = split_named_options(argv, {"recipe": "demo"})
+    return apply_overrides(recipe(picked["recipe"]), rest)
 
 
 def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
@@ -182,7 +174,7 @@ def report_toy(before: dict, after: dict, floor: float) -> None:
 
 
 def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int) -> list:
-    run, T = cfg.run, cfg.model.grid ** 2
+    run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=3 * forward_flops_per_sample(cfg.model),
                         peak_flops=measured_bf16_peak(d.device), device=d.device)
