@@ -162,16 +162,21 @@ class Progress:
     """One line per log interval: a bar, step, loss terms, images/s, MFU, memory and ETA."""
 
     def __init__(self, *, total_steps: int, start_step: int, global_batch: int, flops_per_image: float,
-                 peak_flops: float, device: torch.device):
+                 peak_flops: float, device: torch.device, tensorboard_dir: str | None = None):
         self.total, self.batch, self.flops, self.peak, self.device = total_steps, global_batch, flops_per_image, peak_flops, device
         self.last_step, self.last_time = start_step, time.perf_counter()
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.writer = _tensorboard(tensorboard_dir)
 
     def line(self, step: int, terms: dict[str, float]) -> str:
         now = time.perf_counter()
         rate = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
         self.history.append((step, terms))
+        if self.writer is not None:
+            for key, value in {**terms, "images_per_s": rate}.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
         eta = datetime.timedelta(seconds=int((self.total - step) * self.batch / max(rate, 1e-9)))
         filled = int(20 * step / self.total)
         parts = [f"[{'#' * filled}{'.' * (20 - filled)}] step {step}/{self.total}"]
@@ -183,6 +188,17 @@ class Progress:
             parts.append(f"mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
+
+
+def _tensorboard(log_dir: str | None):
+    """A SummaryWriter on rank 0 when tensorboard is installed and a folder is given, else None."""
+    if not log_dir or (dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: the log lines and loss.png carry the same numbers
+        return None
+    return SummaryWriter(log_dir)
 
 
 def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: str) -> None:

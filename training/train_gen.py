@@ -177,7 +177,8 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=3 * forward_flops_per_sample(cfg.model),
-                        peak_flops=measured_bf16_peak(d.device), device=d.device)
+                        peak_flops=measured_bf16_peak(d.device), device=d.device,
+                        tensorboard_dir=str(Path(run.out_dir) / "tensorboard"))
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
     loss_sum, last_ckpt = torch.zeros((), device=d.device), ckpts.latest()
     t0 = time.perf_counter()
