@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from fae_fast.config import apply_overrides, to_dict  # noqa: E402
+from fae_fast.config import apply_overrides, split_named_options, to_dict  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
 from fae_fast.eval.recon import mean_psnr, psnr, rfid, to_uint8  # noqa: E402
@@ -55,14 +55,7 @@ RFID_MIN_IMAGES = 2048  # the Inception feature dimension: fewer images give a r
 
 def parse_args(argv: list[str]) -> FAETrainConfig:
     """`--recipe NAME` (default tiny) and `--stage STAGE` (default feature), then `--section.field=value`."""
-    picked, rest = {"recipe": "tiny", "stage": "feature"}, []
-    it = iter(argv)
-    for arg in it:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if key in picked:
-            picked[key] = arg.split("=", 1)[1] if "=" in arg else next(it, "")
-        else:
-            rest.append(arg)
+    picked, rest = split_named_options(argv, {"recipe": "tiny", "stage": "feature"})
     cfg = apply_overrides(fae_recipe(picked["recipe"], picked["stage"]), rest)
     validate(cfg)
     return cfg
