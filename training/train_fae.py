@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -313,6 +314,18 @@ class LayerInput:
         self.value = args[0].detach()
 
 
+def last_layer_balance(grad_rec, grad_gan, layer_input, patch: int, *, max_weight: float) -> torch.Tensor:
+    """VQGAN's adaptive weight on the pixel decoder's last linear layer W, from the gradients of R and G at
+    the image (B, 3, S, S) and that layer's input (B, T, D): patchify maps image gradients to the layer's
+    output tokens, linear_weight_grad makes dR/dW and dG/dW, averaged over ranks (one lambda for the
+    global batch). No second backward through the sharded decoder is needed."""
+    grads = torch.stack([linear_weight_grad(patchify(g, patch), layer_input) for g in (grad_rec, grad_gan)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grads)
+        grads /= dist.get_world_size()
+    return adaptive_weight(grads[0].norm(), grads[1].norm(), max_weight=max_weight)
+
+
 class PixelStage:
     """Pixel decoder on noisy features (pixel) or on a trained FAE's reconstructions (pixel-finetune), with
     L1, perceptual and hinge-GAN losses; the discriminator is a plain replicated module with its own AdamW."""
@@ -347,8 +360,6 @@ class PixelStage:
     def _perceptual(self):
         if self.cfg.loss.perceptual_weight <= 0:
             return None
-        import warnings
-
         with warnings.catch_warnings():
             if not self.d.is_main:  # one warning per job, not per rank
                 warnings.simplefilter("ignore")
@@ -399,15 +410,8 @@ class PixelStage:
         return rec, terms
 
     def balance(self, grad_rec, grad_gan) -> torch.Tensor:
-        """VQGAN's adaptive weight on the decoder's last linear layer W. Its gradients are formed from the
-        gradients at the image (patchify maps them to the layer's output tokens) and the layer's input,
-        then averaged over ranks: one lambda for the global batch."""
-        patch, h = self.model.patch, self.last_input.value  # h (B, T, D)
-        grads = torch.stack([linear_weight_grad(patchify(g, patch), h) for g in (grad_rec, grad_gan)])
-        if self.d.world > 1:
-            dist.all_reduce(grads)
-            grads /= self.d.world
-        return adaptive_weight(grads[0].norm(), grads[1].norm(), max_weight=self.cfg.loss.adaptive_weight_max)
+        return last_layer_balance(grad_rec, grad_gan, self.last_input.value, self.model.patch,
+                                  max_weight=self.cfg.loss.adaptive_weight_max)
 
     def step(self, step: int, pixels, encoder_pixels) -> dict[str, torch.Tensor]:
         """Decoder forward; loss gradients taken at the image, so the decoder runs one backward with
@@ -595,6 +599,8 @@ def save_history(history: list, cfg: FAETrainConfig, out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     cfg = parse_args(argv)
+    # a linear layer's 3-D output is a view; FSDP2 warns about in-place ops on it, and none are made here
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     d = init_distributed()
     out = Path(cfg.run.out_dir)
     source = make_image_source(cfg, d)

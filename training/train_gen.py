@@ -160,7 +160,10 @@ def main(argv: list[str]) -> dict:
         plot_curves(history, str(out / "loss.png"), f"train_gen: {cfg.model.depth}x{cfg.model.width}")
         print0(f"wrote {out / 'ema.safetensors'}, {out / 'loss.png'} and {out / 'samples_final.png'}")
     if before is not None:
-        report_toy(before, after, toy_floor(cfg))
+        floor = toy_floor(cfg)
+        report_toy(before, after, floor)
+        if d.is_main:
+            (out / "frechet.json").write_text(json.dumps({"before": before, "after": after, "floor": floor}))
     return {"before": before, "after": after, "history": history}
 
 
