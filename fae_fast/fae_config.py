@@ -93,7 +93,8 @@ class FAETrainConfig:
 def validate(cfg: FAETrainConfig) -> None:
     """Configs that cannot work fail here with one sentence."""
     if cfg.stage not in STAGES:
-        raise ValueError(f"stage {cfg.stage!r} is not one of {', '.join(STAGES)}; pass --stage feature|pixel|pixel-finetune")
+        raise ValueError(f"stage {cfg.stage!r} is not one of {', '.join(STAGES)}; "
+                         f"pass --stage feature|pixel|pixel-finetune")
     validate_fae(cfg.fae)
     validate_encoder(cfg.encoder, cfg.fae.grid)
     if cfg.encoder.feature_dim != cfg.fae.feature_dim:
@@ -121,9 +122,9 @@ def tiny(stage: str = "feature") -> FAETrainConfig:
         encoder=encoder_config("tiny", feature_dim=192),  # vit_tiny_patch16_224 is 192 wide
         fae=fae_config("FAE-tiny", feature_dim=192),
         optim=OptimConfig(lr=2e-3 if not pixel else 1e-3, schedule="cosine", warmup_steps=10, grad_clip=1.0,
-                          ema_decay=0.99),
+                          ema_decay=0.98),
         data=ImageSourceConfig(source="synthetic", global_batch=16, synthetic_images=48, workers=0),
-        loss=FAELossConfig(disc_start=100, disc_lr=2e-4),
+        loss=FAELossConfig(disc_start=100, disc_lr=2e-4, disc_channels=16),  # a 64-px image needs no wider D
         run=RunConfig(steps=200, out_dir=f"runs/fae-tiny-{stage}", log_every=20, ckpt_every=100, sample_every=0,
                       compile=False, precision="fp32", eval_samples=32),
         fae_weights="runs/fae-tiny-feature/ema.safetensors" if stage == "pixel-finetune" else "",
@@ -178,5 +179,6 @@ def fae_recipe(name: str, stage: str) -> FAETrainConfig:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}")
     if stage not in STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}; pass --stage feature|pixel|pixel-finetune")
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}; "
+                         f"pass --stage feature|pixel|pixel-finetune")
     return RECIPES[name](stage)

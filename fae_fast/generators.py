@@ -5,7 +5,6 @@ SiT = LayerNorm + GELU + absolute positions; LightningDiT = RMSNorm + SwiGLU + 2
 Latents are tokens: (B, T, C) with T = grid * grid, C = in_channels (16 x 16 x 32 in the paper).
 With patch size p > 1 (only to load the published SiT-XL/2), p x p cells form one token.
 """
-import torch
 import torch.nn as nn
 
 from fae_fast.config import GeneratorConfig, validate_generator

@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 _NAME = re.compile(r"^step_(\d{8})$")
 _MARKER = "COMPLETE"
+FAE_CONFIG_NAME = "fae_config.json"
+"""Written by train_fae.py beside the whole-FAE weights file (fae.safetensors): its FAEConfig fields."""
 
 
 class ModelAndOptimizer(Stateful):
@@ -108,3 +110,53 @@ def export_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | No
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(full, str(path))
     dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading weights back into plain (unsharded) modules: sampling, extraction, the next FAE stage
+# ----------------------------------------------------------------------------------------------------
+def read_dcp_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """Full EMA weights of a DCP checkpoint folder (keys 'ema.<param>'), read by this process alone."""
+    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    entries = {k[len("ema."):]: v for k, v in meta.items() if k.startswith("ema.")}
+    if not entries:
+        raise ValueError(f"checkpoint {folder} holds no EMA weights ('ema.*'); pass a step_XXXXXXXX checkpoint "
+                         f"folder of train_gen.py or train_fae.py, or its exported ema.safetensors")
+    state = {"ema": {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return state["ema"]
+
+
+def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of an exported safetensors file, or the EMA of a DCP checkpoint folder."""
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return read_dcp_ema(p)
+    if p.is_file():
+        return load_file(str(p))
+    raise FileNotFoundError(f"{what} weights {str(p)!r} do not exist; train that stage first or fix the path")
+
+
+def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, hint: str,
+                prefix: str = "") -> None:
+    """Strict load with one error naming what does not fit: missing or unexpected names, or the first
+    tensor of another shape (wrapper prefixes of FSDP/compile removed). `prefix`: the names' prefix in
+    the file, for the message."""
+    tensors = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in tensors.items()}
+    own = module.state_dict()
+    for name, mine in own.items():  # in the module's order: the first misfit is the one to name
+        if name in tensors and tuple(tensors[name].shape) != tuple(mine.shape):
+            raise ValueError(f"weights in {source} do not fit the {type(module).__name__} config: {prefix}{name} is "
+                             f"{tuple(tensors[name].shape)} there but {tuple(mine.shape)} here; {hint}")
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights in {source} do not fit the {type(module).__name__} config (missing "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}); {hint}")
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, with it removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -36,7 +36,8 @@ from fae_fast.data import latent_cache as lc  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
 from fae_fast.fae import FAEEncoder  # noqa: E402
-from training.runtime import init_distributed, print0  # noqa: E402
+from training.checkpoint import load_strict, read_weights, with_prefix  # noqa: E402
+from training.runtime import finish_distributed, init_distributed, print0  # noqa: E402
 
 # The FAE size that belongs to each registered encoder (the FAE reads that encoder's features).
 ENCODER_FAE = {"DINOv2-g/14": "FAE-DINOv2-g", "DINOv2-B/14": "FAE-DINOv2-B",
@@ -99,8 +100,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Models]:
 # Models
 # ----------------------------------------------------------------------------------------------------
 def fae_weights(path: str) -> Path:
-    """What `--fae` names: an exported .safetensors file (keys encoder.* and decoder.*, as train_fae.py's
-    feature stage writes), a run folder holding ema.safetensors, or a DCP checkpoint folder (its EMA)."""
+    """What `--fae` names: an exported .safetensors file with encoder.* keys (the feature stage's
+    ema.safetensors, or the whole fae.safetensors of the pixel-finetune stage), a run folder holding
+    ema.safetensors, or a DCP checkpoint folder (its EMA)."""
     p = Path(path).expanduser()
     if p.is_dir() and (p / "ema.safetensors").is_file():
         p = p / "ema.safetensors"
@@ -111,12 +113,12 @@ def fae_weights(path: str) -> Path:
 
 
 def load_fae_encoder(path: str, cfg: FAEConfig) -> FAEEncoder:
-    """The FAE encoder of trained weights (train_fae.py's loader: one way to read FAE weights)."""
-    from training.train_fae import FeatureAutoencoder, load_weights
-
-    pair = FeatureAutoencoder(cfg)
-    load_weights(pair, str(fae_weights(path)), "FAE")
-    return pair.encoder
+    """The FAE encoder of trained weights: the encoder.* tensors of the file or checkpoint."""
+    p = fae_weights(path)
+    encoder = FAEEncoder(cfg)
+    load_strict(encoder, with_prefix(read_weights(p, "FAE"), "encoder."), str(p),
+                "pass the --fae_size the FAE was trained with (its encoder.* weights are read)", prefix="encoder.")
+    return encoder
 
 
 def build_models(args: argparse.Namespace, models: Models, device: torch.device) -> tuple[FrozenEncoder, FAEEncoder]:
@@ -364,4 +366,4 @@ def main(argv: list[str], built: tuple | None = None) -> bool:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    dist.destroy_process_group()
+    finish_distributed()

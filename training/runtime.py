@@ -52,6 +52,14 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def finish_distributed() -> None:
+    """All ranks meet, then leave the process group together. Without this a rank that exits while a
+    peer is still busy (rank 0 writing plots) closes gloo's sockets under the peer, which then aborts."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def print0(*args) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
@@ -226,8 +234,7 @@ def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: s
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step pieces shared by the training programs (added with train_fae.py; train_gen.py has its own copies
-# of step_generator and of the AdamW/lr lines, which these equal)
+# Step pieces shared by the training programs (train_gen.py, train_fae.py)
 # ----------------------------------------------------------------------------------------------------
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Integer seed of (run seed, step, rank): a step draws the same noise whether or not the run resumed."""

@@ -39,7 +39,8 @@ from fae_fast.generators import Generator  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
 from fae_fast.transport import cfg_scale, guided_velocity, timesteps, validate_cfg_intervals  # noqa: E402
 from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
-from training.runtime import init_distributed, print0  # noqa: E402
+from training.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix  # noqa: E402
+from training.runtime import finish_distributed, init_distributed, print0  # noqa: E402
 
 # DiT's sample classes: macaw, valley, golden retriever, otter, lesser panda, geyser, balloon, arctic fox
 GRID_CLASSES = [88, 979, 207, 360, 387, 974, 417, 279]
@@ -56,9 +57,10 @@ class SampleConfig:
     fae: str = ""
     """safetensors holding `feature_decoder.*` and `pixel_decoder.*` weights; empty writes latents only."""
     fae_size: str = "FAE-DINOv2-g"
-    """FAE size in the registry, used unless fae_config is given."""
+    """FAE size in the registry, used when neither fae_config nor a fae_config.json beside --fae exists."""
     fae_config: str = ""
-    """A JSON file with the FAEConfig fields (top level or under 'fae' or 'model')."""
+    """A JSON file with the FAEConfig fields (top level or under 'fae' or 'model'); by default the
+    fae_config.json that train_fae.py writes beside fae.safetensors."""
     stats: str = ""
     """Per-channel 'mean' and 'std' of the latent cache (JSON or safetensors): z = z_norm * std + mean;
     'identity' when the generator was trained on unnormalised latents."""
@@ -142,30 +144,6 @@ def generator_config_path(cfg: SampleConfig) -> Path:
                             f"pass --model_config=PATH to a train_gen config.json")
 
 
-def read_dcp_ema(folder: Path) -> dict[str, torch.Tensor]:
-    """Full EMA weights of a train_gen DCP checkpoint (keys 'ema.<param>'), read by this process alone."""
-    import torch.distributed.checkpoint as dcp
-
-    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    entries = {k[len("ema."):]: v for k, v in meta.items() if k.startswith("ema.")}
-    if not entries:
-        raise ValueError(f"checkpoint {folder} holds no EMA weights ('ema.*'); pass a train_gen checkpoint folder "
-                         f"or its exported ema.safetensors")
-    state = {"ema": {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()}}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
-    return state["ema"]
-
-
-def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, hint: str) -> None:
-    """Strict load with one error listing what does not fit (wrapper prefixes of FSDP/compile removed)."""
-    tensors = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in tensors.items()}
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights in {source} do not fit the {type(module).__name__} config (missing "
-                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                         f"{'...' if len(unexpected) > 3 else ''}); {hint}")
-
-
 def cast_params(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Parameters to dtype, buffers kept (RoPE angles stay fp32), as FSDP2's mixed precision does in training."""
     for p in module.parameters():
@@ -190,12 +168,7 @@ def load_generator(cfg: SampleConfig, device: torch.device, dtype: torch.dtype) 
                                 f"ema.safetensors or a checkpoints/step_XXXXXXXX folder")
     config_path = generator_config_path(cfg)
     model = Generator(config_from_json(config_path, GeneratorConfig, ("model",)), impl=cfg.impl)
-    if ckpt.is_dir():
-        tensors = read_dcp_ema(ckpt)
-    else:
-        from safetensors.torch import load_file
-        tensors = load_file(str(ckpt))
-    load_weights(model, tensors, str(ckpt), f"pass --model_config= the config.json of the run that wrote it "
+    load_strict(model, read_weights(ckpt, "generator"), str(ckpt), f"pass --model_config= the config.json of the run that wrote it "
                                             f"(used: {config_path})")
     return cast_params(model.to(device).eval().requires_grad_(False), dtype)
 
@@ -218,32 +191,42 @@ def load_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     return saved["mean"].float(), saved["std"].float()
 
 
+def fae_config_for(cfg: SampleConfig) -> FAEConfig:
+    """--fae_config when given, else the fae_config.json train_fae.py wrote beside --fae, else --fae_size."""
+    beside = Path(cfg.fae).with_name(FAE_CONFIG_NAME)
+    if cfg.fae_config:
+        return config_from_json(Path(cfg.fae_config), FAEConfig, ("fae", "model"))
+    if beside.is_file():
+        print0(f"FAE config from {beside}")
+        return config_from_json(beside, FAEConfig, ("fae", "model"))
+    return fae_config(cfg.fae_size)
+
+
 class Decoder:
     """Normalised latents (B, T, C) -> de-normalise -> feature decoder -> pixel decoder -> uint8 (B, S, S, 3)."""
 
     def __init__(self, cfg: SampleConfig, gcfg: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        from safetensors.torch import load_file
-
         from fae_fast.fae import FeatureDecoder, PixelDecoder
 
         if not cfg.stats:
             raise ValueError("--stats is needed with --fae: the generator samples normalised latents; pass the "
                              "latent cache's stats file, or --stats=identity for unnormalised latents")
-        fcfg = config_from_json(Path(cfg.fae_config), FAEConfig, ("fae", "model")) if cfg.fae_config \
-            else fae_config(cfg.fae_size)
+        fcfg = fae_config_for(cfg)
         if (fcfg.latent_dim, fcfg.grid) != (gcfg.in_channels, gcfg.grid):
             raise ValueError(f"the FAE decodes {fcfg.grid}x{fcfg.grid}x{fcfg.latent_dim} latents but the generator "
                              f"makes {gcfg.grid}x{gcfg.grid}x{gcfg.in_channels}; pass the matching --fae_size or "
                              f"--fae_config")
         if not Path(cfg.fae).is_file():
-            raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the safetensors file "
-                                    f"with feature_decoder.* and pixel_decoder.* weights")
-        tensors = load_file(cfg.fae)
+            raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the fae.safetensors "
+                                    f"that train_fae.py --stage=pixel-finetune wrote (feature_decoder.* and "
+                                    f"pixel_decoder.* weights)")
+        tensors = read_weights(cfg.fae, "FAE")
         self.parts = []
         for prefix, cls in (("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):
             part = cls(fcfg, impl=cfg.impl)
-            load_weights(part, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, cfg.fae,
-                         f"pass the --fae_size or --fae_config it was trained with (keys need the prefix {prefix!r})")
+            load_strict(part, with_prefix(tensors, prefix), cfg.fae,
+                        f"pass the --fae_size or --fae_config it was trained with (keys need the prefix {prefix!r})",
+                        prefix=prefix)
             self.parts.append(cast_params(part.to(device).eval().requires_grad_(False), dtype))
             cast_block_inputs(part.layers, dtype)
         self.mean, self.std = (t.to(device) for t in load_stats(cfg.stats, gcfg.in_channels))
@@ -513,5 +496,4 @@ def main(argv: list[str]) -> Path:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_distributed()

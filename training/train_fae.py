@@ -23,6 +23,7 @@ and started again with the same command continues from its last complete checkpo
 uninterrupted run would (noise from (run.seed, step, rank), the data position in the checkpoint). The EMA
 weights end in <out_dir>/ema.safetensors: the next stage's input and what latent extraction loads.
 """
+import dataclasses
 import json
 import math
 import sys
@@ -36,20 +37,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fae_fast.config import apply_overrides, split_named_options, to_dict  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
-from fae_fast.eval.recon import mean_psnr, psnr, rfid, to_uint8  # noqa: E402
+from fae_fast.eval.recon import mean_psnr, psnr, reconstruction_features, rfid_from_features, to_uint8  # noqa: E402
 from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify  # noqa: E402
 from fae_fast.fae_config import FAETrainConfig, fae_recipe, validate  # noqa: E402
 from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,  # noqa: E402
                              hinge_g_loss, linear_weight_grad, load_perceptual_loss)
 from fae_fast.viz import save_grid  # noqa: E402
-from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
+from training.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOptimizer, export_weights,  # noqa: E402
+                                 load_strict, read_weights)
 from training.parallelize import parallelize  # noqa: E402
-from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, init_distributed, make_adamw,  # noqa: E402
-                              measured_bf16_peak, plot_curves, print0, set_lr, step_generator, step_seed)
+from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
+                              init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0, set_lr,
+                              step_generator, step_seed)
 
 RFID_MIN_IMAGES = 2048  # the Inception feature dimension: fewer images give a rank-deficient covariance
 
@@ -77,13 +81,15 @@ class SyntheticImages:
         self.phase = (2 * math.pi * torch.rand(n, waves, generator=g)).to(device)
         self.amp = (0.05 + 0.15 * torch.rand(n, waves, 3, generator=g)).to(device)
         self.data, self.rank, self.device = data, rank, device
-        self.size, self.encoder_size, self.local_batch = cfg.fae.image_size, cfg.encoder.image_size, data.global_batch // world
+        self.size, self.encoder_size = cfg.fae.image_size, cfg.encoder.image_size
+        self.local_batch = data.global_batch // world
 
     def render(self, idx: torch.Tensor) -> torch.Tensor:
         """Images `idx` (B,) -> uint8 (B, 3, S, S), quantised like decoded files."""
         pos = torch.arange(self.size, device=self.device) / self.size
         f, ph = self.freq[idx], self.phase[idx]  # (B, K, 2), (B, K)
-        arg = 2 * math.pi * (f[..., 0, None, None] * pos[None, :] + f[..., 1, None, None] * pos[:, None]) + ph[..., None, None]
+        cycles = f[..., 0, None, None] * pos[None, :] + f[..., 1, None, None] * pos[:, None]  # (B, K, S, S)
+        arg = 2 * math.pi * cycles + ph[..., None, None]
         img = 0.5 + torch.einsum("bkc,bkhw->bchw", self.amp[idx], torch.sin(arg))  # (B, 3, S, S)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -155,13 +161,8 @@ class FeatureAutoencoder(nn.Module):
         self.encoder, self.decoder = FAEEncoder(cfg, impl), FeatureDecoder(cfg, impl)
 
     def forward(self, x, seed: int | None = None, sample: bool = True):
-        dtype = self.decoder.embed.weight.dtype  # the compute dtype: bf16 inside an FSDP2 mixed-precision forward
-        z, _, kl = self.encoder.encode(x.to(dtype), sample=sample, seed=seed)
-        return self.decoder(z.to(dtype)), kl
-
-
-def compute_dtype(cfg: FAETrainConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+        z, _, kl = self.encoder.encode(x, sample=sample, seed=seed)  # both cast inputs to their weights' dtype
+        return self.decoder(z), kl
 
 
 def autocast(device: torch.device):
@@ -189,30 +190,21 @@ def encode_features(encoder: FrozenEncoder, images: torch.Tensor) -> torch.Tenso
 
 
 def load_weights(module: nn.Module, path: str, what: str) -> None:
-    """Strictly load an exported safetensors file, or the EMA weights of a DCP checkpoint folder, into
-    `module` (a plain, unsharded module)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        import torch.distributed.checkpoint as dcp
+    """Strictly load an exported safetensors file, or the EMA of a DCP checkpoint folder, into a plain module."""
+    load_strict(module, read_weights(path, what), str(path), "use the same --fae.* sizes as the run that wrote them")
 
-        state = {"ema": {k: v.detach().clone() for k, v in module.named_parameters()}}
-        try:
-            dcp.load(state, checkpoint_id=str(p))
-        except Exception as err:  # noqa: BLE001 - DCP's errors name storage keys, not the cause
-            raise RuntimeError(f"checkpoint folder {p} holds no EMA of the {what} ({type(err).__name__}); pass a "
-                               f"step_XXXXXXXX folder of that stage's run, or its ema.safetensors") from None
-        tensors = state["ema"]
-    elif p.is_file():
-        from safetensors.torch import load_file
 
-        tensors = load_file(str(p))
-    else:
-        raise FileNotFoundError(f"{what} weights {str(p)!r} do not exist; train that stage first or fix the path")
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        key = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise RuntimeError(f"{what} weights {str(p)!r} do not fit this config ({key}; {len(missing)} missing, "
-                           f"{len(unexpected)} unexpected); use the same --fae.* sizes as the run that wrote them")
+def export_fae(fae: "FeatureAutoencoder", pixel_weights: Path, path: Path, fae_cfg) -> None:
+    """One file with the whole FAE, as training/sample.py (--fae) and latent extraction read it:
+    encoder.*, feature_decoder.* and pixel_decoder.*, and beside it fae_config.json with the FAEConfig
+    it was built with (sample.py reads it from there). Rank 0 writes."""
+    if dist.get_rank() != 0:
+        return
+    tensors = {f"encoder.{k}": v for k, v in fae.encoder.state_dict().items()}
+    tensors |= {f"feature_decoder.{k}": v for k, v in fae.decoder.state_dict().items()}
+    tensors |= {f"pixel_decoder.{k}": v for k, v in load_file(str(pixel_weights)).items()}
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    path.with_name(FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fae_cfg), indent=1))
 
 
 def choose_attention(cfg: FAETrainConfig, device: torch.device, shapes: list[tuple[int, int]]) -> None:
@@ -222,8 +214,9 @@ def choose_attention(cfg: FAETrainConfig, device: torch.device, shapes: list[tup
     from fae_fast.attention import choose_backend
 
     local = cfg.data.global_batch // dist.get_world_size()
+    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     for heads, head_dim in shapes:
-        choose_backend(local, heads, cfg.fae.grid ** 2, head_dim, compute_dtype(cfg), device)
+        choose_backend(local, heads, cfg.fae.grid ** 2, head_dim, dtype, device)
 
 
 def forward_flops(make, *shapes) -> float:
@@ -284,7 +277,8 @@ class FeatureStage:
     @torch.no_grad()
     def evaluate(self, source, n: int, out: Path, first_step: int) -> dict[str, float]:
         """Feature reconstruction with z = mu on n images: mean squared error and error relative to |x|^2."""
-        sq, ref, seen, step = torch.zeros((), device=self.d.device), torch.zeros((), device=self.d.device), 0, first_step
+        sq, ref = torch.zeros((), device=self.d.device), torch.zeros((), device=self.d.device)
+        seen, step = 0, first_step
         while seen < n:
             x = encode_features(self.encoder, source.batch(step)[1])
             x_hat, _ = self.model(x, sample=False)
@@ -417,7 +411,7 @@ class PixelStage:
         """Decoder forward; loss gradients taken at the image, so the decoder runs one backward with
         dL/dimage = dR + adv_weight * lambda * dG; then one discriminator step on the same batch."""
         target = pixels * 2 - 1  # (B, 3, S, S) in [-1, 1]
-        image = self.model(self.inputs(step, encoder_pixels).to(compute_dtype(self.cfg)))
+        image = self.model(self.inputs(step, encoder_pixels))  # (B, 3, S, S)
         leaf = image.detach().float().requires_grad_()
         rec, terms = self.reconstruction_loss(leaf, target)
         zero = torch.zeros((), device=self.dev)
@@ -450,7 +444,7 @@ class PixelStage:
     @torch.no_grad()
     def reconstruct(self, encoder_pixels) -> torch.Tensor:
         """Images in [-1, 1] from clean inputs (no added noise)."""
-        return self.model(self.inputs(0, encoder_pixels, noise=False).to(compute_dtype(self.cfg))).float()
+        return self.model(self.inputs(0, encoder_pixels, noise=False)).float()
 
     def save_grid(self, path: Path) -> None:
         """Originals over their reconstructions, for the 8 images of the first step (all ranks call this)."""
@@ -465,35 +459,45 @@ class PixelStage:
     def evaluate(self, source, n: int, out: Path, first_step: int) -> dict[str, float]:
         """PSNR (uint8) of n reconstructions; rFID too when n is at least 2048 and Inception weights exist."""
         self.save_grid(out / "recon_final.png")
-        values, pairs, step = [], [], first_step
+        extractor = self._extractor(n)
+        values, feats, step = [], [], first_step
         while len(values) * self.d.world < n:
             pixels, enc = source.batch(step)
             real, fake = to_uint8(pixels, (0.0, 1.0)), to_uint8(self.reconstruct(enc))
             values += psnr(real, fake).tolist()
-            pairs.append((real.cpu(), fake.cpu()))
+            if extractor is not None:
+                feats.append(reconstruction_features(real, fake, extractor))
             step += 1
-        gathered = [None] * self.d.world
-        dist.all_gather_object(gathered, values)
-        scores = {"psnr": mean_psnr(torch.tensor(sum(gathered, [])))}
-        print0(f"reconstruction PSNR (EMA, uint8) on {len(sum(gathered, []))} images: {scores['psnr']:.2f} dB")
-        if n >= RFID_MIN_IMAGES:
-            scores.update(self._rfid(pairs))
-        elif n > 0:
-            print0(f"rFID skipped: run.eval_samples={n} < {RFID_MIN_IMAGES} images (a 2048-d covariance needs more)")
+        values = sum(gather_objects(values), [])
+        scores = {"psnr": mean_psnr(torch.tensor(values))}
+        print0(f"reconstruction PSNR (EMA, uint8) on {len(values)} images: {scores['psnr']:.2f} dB")
+        if extractor is not None:
+            feats = sum(gather_objects(feats), [])
+            scores["rfid"] = rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats]))
+            print0(f"rFID (EMA) on {len(values)} images: {scores['rfid']:.3f}")
         return scores
 
-    def _rfid(self, pairs) -> dict[str, float]:
-        gathered = [None] * self.d.world
-        dist.all_gather_object(gathered, pairs)
-        if not self.d.is_main:
-            return {}
+    def _extractor(self, n: int):
+        """The Inception extractor for rFID, or None with the reason printed."""
+        if n < RFID_MIN_IMAGES:
+            if n > 0:
+                print0(f"rFID skipped: run.eval_samples={n} < {RFID_MIN_IMAGES} images "
+                       f"(a 2048-d covariance needs more)")
+            return None
+        from fae_fast.eval.fid import InceptionExtractor
+
         try:
-            value = rfid(sum(gathered, []), device=self.dev)
-        except FileNotFoundError as err:  # no Inception weights offline: say so, keep the PSNR
+            return InceptionExtractor(self.dev)
+        except (FileNotFoundError, ImportError) as err:  # offline, or no torch-fidelity: keep the PSNR
             print0(f"rFID skipped: {err}")
-            return {}
-        print0(f"rFID (EMA) on {sum(len(p[0]) for p in sum(gathered, []))} images: {value:.3f}")
-        return {"rfid": value}
+            return None
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _vgg_like() -> nn.Sequential:
@@ -551,19 +555,24 @@ def optimizer_step(stage, ema: EMA, cfg: FAETrainConfig) -> None:
     ema.update()
 
 
+def report_feature_norm(encoder: FrozenEncoder, encoder_pixels, cfg: FAETrainConfig) -> None:
+    """The encoder's mean per-token feature norm: what encoder.noise_sigma is scaled by (module docstring)."""
+    norm = float(encode_features(encoder, encoder_pixels).norm(dim=-1).mean())
+    print0(f"encoder features: mean per-token norm {norm:.3f} "
+           f"(encoder.noise_sigma={cfg.encoder.noise_sigma} is relative to this)")
+
+
 def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, start: int) -> list:
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=stage.flops_per_image(start), peak_flops=measured_bf16_peak(d.device),
-                        device=d.device)
+                        device=d.device, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"))
     guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
     for step in range(start, run.steps):
         pixels, encoder_pixels = source.batch(step)
         if step == start:
-            x = encode_features(stage.encoder, encoder_pixels)
-            print0(f"encoder features: mean per-token norm {float(x.norm(dim=-1).mean()):.3f} "
-                   f"(noise_sigma {cfg.encoder.noise_sigma} is relative to this)")
+            report_feature_norm(stage.encoder, encoder_pixels, cfg)
         set_lr(stage.optimizer, cfg.optim, step, run.steps)
         terms = stage.step(step, pixels, encoder_pixels)
         optimizer_step(stage, ema, cfg)
@@ -616,6 +625,8 @@ def main(argv: list[str]) -> dict:
         with ema.applied():
             scores = stage.evaluate(source, cfg.run.eval_samples, out, first_step=cfg.run.steps)
     export_weights(stage.model, ema.state_dict(), out / "ema.safetensors")
+    if cfg.stage == "pixel-finetune":
+        export_fae(stage.fae, out / "ema.safetensors", out / "fae.safetensors", cfg.fae)
     if d.is_main:
         save_history(history, cfg, out)
         print0(f"wrote {out / 'ema.safetensors'} and {out / 'loss.png'}")
@@ -624,3 +635,4 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    finish_distributed()

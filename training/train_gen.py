@@ -28,18 +28,15 @@ from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
 from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
-from training.runtime import (EMA, NonFiniteGuard, Progress, init_distributed, lr_factor,  # noqa: E402
-                              measured_bf16_peak, plot_curves, print0)
+from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
+                              init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0, set_lr,
+                              step_generator)
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
     """`--recipe NAME` (default: demo) then `--section.field=value` overrides."""
     picked, rest = split_named_options(argv, {"recipe": "demo"})
     return apply_overrides(recipe(picked["recipe"]), rest)
-
-
-def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rank + 7)
 
 
 def train_step(model: Generator, x1, y, cfg: GenTrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -121,10 +118,7 @@ def build(cfg: GenTrainConfig, d):
         model = Generator(cfg.model, impl=cfg.run.impl)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
-    fused = d.device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay, fused=fused, foreach=not fused)
-    return model, optimizer
+    return model, make_adamw(model.parameters(), cfg.optim, d.device)
 
 
 def main(argv: list[str]) -> dict:
@@ -183,13 +177,11 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
                         peak_flops=measured_bf16_peak(d.device), device=d.device,
                         tensorboard_dir=str(Path(run.out_dir) / "tensorboard"))
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
-    loss_sum, last_ckpt = torch.zeros((), device=d.device), ckpts.latest()
+    meter, last_ckpt = TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
     for step in range(start, run.steps):
         x1, y = source.batch(step)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * lr_factor(step, total=run.steps, warmup=cfg.optim.warmup_steps,
-                                                   schedule=cfg.optim.schedule)
+        set_lr(optimizer, cfg.optim, step, run.steps)
         with autocast(cfg, d, sharded):
             loss = train_step(model, x1, y, cfg, step_generator(d.device, run.seed, step, d.rank))
         loss.backward()
@@ -199,17 +191,14 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         optimizer.zero_grad(set_to_none=True)
         ema.update()
         guard.observe(step, loss)
-        loss_sum += loss.detach()
+        meter.add({"loss": loss})
         done = step + 1
         if step == start:
             print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
         if done % run.log_every == 0 or done == run.steps:
-            mean = loss_sum / (done - progress.last_step)
-            dist.all_reduce(mean)
-            terms = {"loss": float(mean) / d.world}
+            terms = meter.means()  # over the steps since the last line and over ranks
             guard.check(terms, str(last_ckpt) if last_ckpt else None)
             print0(progress.line(done, terms))
-            loss_sum.zero_()
         if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
             guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None)
             state["progress"]["step"] = done
@@ -222,3 +211,4 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    finish_distributed()

@@ -11,7 +11,6 @@ between the features of the reconstructions and those of the original images; th
 """
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 
 from fae_fast.eval.fid import Extractor, extract_features
@@ -39,8 +38,22 @@ def mean_psnr(per_image: torch.Tensor) -> float:
     return float(per_image.clamp(max=100.0).mean())
 
 
-def _hwc(images: torch.Tensor) -> np.ndarray:
+def _hwc(images: torch.Tensor):
+    """(B, 3, H, W) -> numpy (B, H, W, 3), the layout fid.extract_features reads."""
     return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def reconstruction_features(original: torch.Tensor, recon: torch.Tensor,
+                            extractor: Extractor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extractor features (float64, CPU) of uint8 originals and reconstructions (B, 3, H, W): what rFID
+    keeps of a batch, so that 50k images never sit in memory at once."""
+    return (extract_features([_hwc(original)], extractor).features,
+            extract_features([_hwc(recon)], extractor).features)
+
+
+def rfid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID of reconstruction features (N, d) against original-image features (N, d)."""
+    return frechet_distance(*moments(fake), *moments(real))
 
 
 def rfid(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], extractor: Extractor | None = None,
@@ -51,10 +64,7 @@ def rfid(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], extractor: Extracto
     if extractor is None:
         from fae_fast.eval.fid import InceptionExtractor
         extractor = InceptionExtractor(torch.device(device))
-    real, fake = [], []
-    for original, recon in pairs:  # features batch by batch: 50k images never sit in memory at once
-        real.append(extract_features([_hwc(original)], extractor).features)
-        fake.append(extract_features([_hwc(recon)], extractor).features)
-    if not real:
+    feats = [reconstruction_features(original, recon, extractor) for original, recon in pairs]
+    if not feats:
         raise ValueError("rfid got no images; check the loader that feeds it")
-    return frechet_distance(*moments(torch.cat(fake)), *moments(torch.cat(real)))
+    return rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats]))
