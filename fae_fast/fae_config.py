@@ -85,7 +85,8 @@ class FAETrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run length and switches (eval_samples: images whose reconstruction is scored at the end)."""
     fae_weights: str = ""
-    """pixel-finetune: the trained FAE (the feature stage's ema.safetensors, or a checkpoint folder)."""
+    """pixel-finetune: the trained FAE (the feature stage's ema.safetensors, or a checkpoint folder);
+    'random' for a randomly initialised FAE (speed runs only: the benchmark recipe)."""
     pixel_init: str = ""
     """pixel-finetune: pixel-decoder weights to start from (the pixel stage's ema.safetensors)."""
 
@@ -162,7 +163,8 @@ def dinov2_g_benchmark(stage: str = "feature") -> FAETrainConfig:
     cfg.loss.disc_start = 0
     cfg.loss.perceptual_weight = 0.0
     cfg.run.steps, cfg.run.log_every, cfg.run.ckpt_every, cfg.run.sample_every, cfg.run.eval_samples = 30, 10, 0, 0, 0
-    cfg.fae_weights = cfg.pixel_init = ""
+    cfg.fae_weights = "random" if stage == "pixel-finetune" else ""
+    cfg.pixel_init = ""
     cfg.run.out_dir = f"runs/fae-benchmark-{stage}"
     return cfg
 

@@ -255,6 +255,19 @@ def test_missing_fae_weights_file_names_the_path(images, tmp_path):
             "--loss.perceptual_weight=0")
 
 
+def test_benchmark_recipe_runs_pixel_finetune_on_a_random_fae(capsys):
+    """The full-size speed run of stage II needs no trained FAE (fae_weights=random, said aloud); the
+    same path at the tiny size takes a step here."""
+    assert train_fae.parse_args(["--recipe=dinov2-g-benchmark", "--stage=pixel-finetune"]).fae_weights == "random"
+    cfg = train_fae.parse_args(["--recipe=tiny", "--stage=pixel-finetune", "--fae_weights=random", "--pixel_init=",
+                                "--loss.perceptual_weight=0"])
+    stage = train_fae.PixelStage(cfg, train_fae.init_distributed())
+    assert "fae_weights=random" in capsys.readouterr().out
+    pixels, encoder_pixels = train_fae.make_image_source(cfg, train_fae.init_distributed()).batch(0)
+    terms = stage.step(0, pixels, encoder_pixels)
+    assert math.isfinite(float(terms["loss"]))
+
+
 def test_history_and_plot_are_written(stages):
     out = stages["out"] / "feature"
     steps = [s for s, _ in json.loads((out / "history.json").read_text())]

@@ -348,7 +348,10 @@ class PixelStage:
     def _frozen_fae(self) -> FeatureAutoencoder:
         with self.dev:
             fae = FeatureAutoencoder(self.cfg.fae, impl=self.cfg.run.impl)
-        load_weights(fae, self.cfg.fae_weights, "FAE (encoder + feature decoder)")
+        if self.cfg.fae_weights == "random":
+            print0("WARNING: fae_weights=random: the pixel decoder learns on a randomly initialised FAE (speed runs)")
+        else:
+            load_weights(fae, self.cfg.fae_weights, "FAE (encoder + feature decoder)")
         return fae.requires_grad_(False).eval()
 
     def _perceptual(self):
