@@ -221,6 +221,10 @@ class GenTrainConfig:
     """Training data."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run length and switches."""
+    fae_decoder: str = ""
+    """The whole-FAE file (fae.safetensors of train_fae.py --stage=pixel-finetune, its fae_config.json
+    beside it): sample grids are decoded to images with it, de-normalised with the latent cache's
+    stats.json (data.source='cache' only). Empty: grids show the first three latent channels."""
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Caches here are written from random arrays with write_cache (the extraction itse
 test_extract_latents.py). Normalised latents are compared bit for bit with the same float32 formula;
 the only tolerance is for the stats, which are float64 reductions in another order (1e-12 relative).
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fae_fast.config import DataConfig, generator_config
 from fae_fast.data import latent_cache as lc
@@ -207,6 +209,12 @@ def test_missing_stats_unknown_dtype_and_wrong_shard_are_refused(cache, tmp_path
         source(folder2)
 
 
+def test_labels_beyond_the_generators_classes_name_the_fix(cache):
+    with pytest.raises(ValueError, match=r"labels 0-9 but the generator has 4 classes; set --model.num_classes=10"):
+        make_source(DataConfig(source="cache", path=str(cache), global_batch=12),
+                    generator_config("SiT-tiny/1", grid=4, in_channels=C, num_classes=4), rank=0, world=1, device="cpu")
+
+
 def test_batch_larger_than_the_cache(cache):
     with pytest.raises(ValueError, match="larger than the 60 images"):
         source(cache, batch=64)
@@ -238,3 +246,37 @@ def test_cuda_batches_come_through_pinned_memory(cache, arrays):
     torch.testing.assert_close(x.cpu(), cpu.batch(5)[0], rtol=0, atol=0)
     host, _ = src._host_batch(6)
     assert host.is_pinned()
+
+
+@pytest.mark.slow
+def test_train_gen_decodes_its_sample_grids_with_the_fae(cache, tmp_path):
+    """--fae_decoder: the grid holds 64-px images decoded by the FAE (random FAE-tiny weights written as
+    train_fae.py writes them), not 8-px-per-token latent pictures; without a cache it is refused."""
+    from safetensors.torch import save_file
+
+    from fae_fast.config import fae_config
+    from fae_fast.fae import FeatureDecoder, PixelDecoder
+    from training.checkpoint import FAE_CONFIG_NAME
+
+    fcfg = fae_config("FAE-tiny")
+    torch.manual_seed(0)
+    tensors = {f"feature_decoder.{k}": v for k, v in FeatureDecoder(fcfg, impl="torch").state_dict().items()}
+    tensors |= {f"pixel_decoder.{k}": v for k, v in PixelDecoder(fcfg, impl="torch").state_dict().items()}
+    save_file(tensors, str(tmp_path / "fae.safetensors"))
+    (tmp_path / FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fcfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    common = [sys.executable, str(ROOT / "training" / "train_gen.py"), "--model.grid=4", "--model.in_channels=4",
+              "--model.num_classes=10",
+              "--run.compile=false", "--data.global_batch=12", "--run.steps=4", "--run.ckpt_every=0",
+              "--sampler.steps=4", f"--fae_decoder={tmp_path / 'fae.safetensors'}"]
+    res = subprocess.run([*common, "--data.source=cache", f"--data.path={cache}", f"--run.out_dir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    grid = Image.open(tmp_path / "run" / "samples_final.png")
+    assert grid.size == (8 * (64 + 2) + 2, 8 * (64 + 2) + 2)  # 8 x 8 images of 64 px, 2 px apart
+    assert np.asarray(grid).std() > 0
+    res = subprocess.run([*common, f"--run.out_dir={tmp_path / 'toy'}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and "only latents of a latent cache" in res.stderr.strip().splitlines()[-1]

@@ -89,13 +89,36 @@ def toy_floor(cfg: GenTrainConfig) -> float:
     return frechet_distance(*moments(x), *toy.mixture_moments())
 
 
-def save_sample_grid(model, cfg: GenTrainConfig, d, path: Path) -> None:
-    """A grid of samples (8 classes x 8 seeds), latent channels shown as colour."""
+def grid_decoder(cfg: GenTrainConfig, d):
+    """sample.py's Decoder of cfg.fae_decoder on rank 0 (bf16 on CUDA), or None: grids then show latents.
+    Built at the start, so that a wrong file fails before training, not at the first grid."""
+    if not cfg.fae_decoder:
+        return None
+    if cfg.data.source != "cache":
+        raise ValueError(f"fae_decoder is set but data.source={cfg.data.source!r}: only latents of a latent cache "
+                         f"(data.source=cache) decode to images; pass --fae_decoder= (empty) or train on a cache")
+    if not d.is_main:
+        return None
+    from training.sample import Decoder, SampleConfig
+
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    sample_cfg = SampleConfig(fae=cfg.fae_decoder, stats=str(Path(cfg.data.path) / "stats.json"), impl=cfg.run.impl)
+    return Decoder(sample_cfg, cfg.model, d.device, dtype)
+
+
+def save_sample_grid(model, cfg: GenTrainConfig, d, path: Path, decoder=None) -> None:
+    """A grid of samples (8 classes x 8 seeds): decoded to images by `decoder` (grid_decoder), else the
+    latent channels shown as colour."""
     classes = min(8, cfg.model.num_classes)
     labels = torch.arange(classes).repeat_interleave(8)
     samples, _ = sample_share(model, cfg, labels, d, seed=cfg.run.seed + 777)
-    if d.is_main:
+    if not d.is_main:
+        return
+    if decoder is None:
         save_grid(latents_to_images(samples, cfg.model.grid), path, nrow=8)
+    else:
+        images = torch.cat([decoder(part) for part in samples.split(16)])  # (N, S, S, 3) uint8
+        save_grid(images.permute(0, 3, 1, 2).float() / 255, path, nrow=8)
 
 
 def use_fsdp(cfg: GenTrainConfig, d) -> bool:
@@ -126,6 +149,7 @@ def main(argv: list[str]) -> dict:
     d = init_distributed()
     out = Path(cfg.run.out_dir)
     model, optimizer = build(cfg, d)
+    decoder = grid_decoder(cfg, d)
     ema = EMA(model, cfg.optim.ema_decay)
     source = make_source(cfg.data, cfg.model, rank=d.rank, world=d.world, device=d.device)
     is_toy = cfg.data.source == "toy" and cfg.run.eval_samples > 0
@@ -143,11 +167,11 @@ def main(argv: list[str]) -> dict:
         start = int(state["progress"]["step"])
         print0(f"resumed from {latest} at step {start}")
 
-    history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start)
+    history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start, decoder)
 
     with ema.applied():
         after = toy_frechet(model, cfg, d) if is_toy else None
-        save_sample_grid(model, cfg, d, out / "samples_final.png")
+        save_sample_grid(model, cfg, d, out / "samples_final.png", decoder)
     export_weights(model, ema.state_dict(), out / "ema.safetensors")
     if d.is_main:
         (out / "history.json").write_text(json.dumps(history))
@@ -170,7 +194,7 @@ def report_toy(before: dict, after: dict, floor: float) -> None:
            f"training reduced the overall distance {before['overall'] / max(after['overall'], 1e-12):.1f}x")
 
 
-def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int) -> list:
+def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int, decoder=None) -> list:
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=3 * forward_flops_per_sample(cfg.model),
@@ -205,7 +229,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
         if run.sample_every and done % run.sample_every == 0:
             with ema.applied():
-                save_sample_grid(model, cfg, d, Path(run.out_dir) / f"samples_{done:08d}.png")
+                save_sample_grid(model, cfg, d, Path(run.out_dir) / f"samples_{done:08d}.png", decoder)
     return progress.history
 
 

@@ -317,6 +317,10 @@ def check_fits(cache: LatentCache, model: GeneratorConfig) -> None:
                          f"channels per image but the generator expects {model.grid}x{model.grid}={tokens} tokens x "
                          f"{model.in_channels} channels; set --model.grid={int(round(cache.tokens ** 0.5))} "
                          f"--model.in_channels={cache.channels} or extract latents with an FAE of that shape")
+    if len(cache.labels) and (cache.labels.min() < 0 or cache.labels.max() >= model.num_classes):
+        raise ValueError(f"latent cache {str(cache.folder)!r} holds class labels {int(cache.labels.min())}-"
+                         f"{int(cache.labels.max())} but the generator has {model.num_classes} classes; set "
+                         f"--model.num_classes={int(cache.labels.max()) + 1} (ImageNet: 1000)")
 
 
 class LatentCacheSource:
