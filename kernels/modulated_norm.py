@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import RowLoop, cast_rtne, norm_bwd_launch, norm_fwd_launch, row_block, rows_2d
+from .utils import RowLoop, cast_rtne, cdiv, norm_bwd_launch, norm_fwd_launch, row_block, rows_2d
 
 NORMS = ("layer", "rms")
 
@@ -301,7 +301,7 @@ def program_grid(T: int, n_samples: int, launch: RowLoop, *row_strides: int) -> 
     if T * max(row_strides, default=0) >= 2**31:
         raise ValueError(f"a sample of {T} rows at row strides {row_strides} spans 2^31 elements or more; "
                          "the kernels index within a sample in int32: split the tokens into more samples.")
-    n_chunks = triton.cdiv(T, launch.rows_per_program)
+    n_chunks = cdiv(T, launch.rows_per_program)
     return n_samples * n_chunks, n_chunks
 
 

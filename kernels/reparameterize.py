@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, row_block, row_num_warps, tile_rows
+from .utils import cast_rtne, cdiv, row_block, row_num_warps, tile_rows
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -140,7 +140,7 @@ def reparameterize_bwd(dz: torch.Tensor, dkl: torch.Tensor, moments: torch.Tenso
     blocks = _blocks(T, C2 // 2)
     n_rows = B * T
     if n_rows > 0:
-        grid = (triton.cdiv(n_rows, blocks["BLOCK_T"]),)
+        grid = (cdiv(n_rows, blocks["BLOCK_T"]),)
         _reparameterize_bwd_kernel[grid](dz, dkl, m, dm, n_rows, T, C2 // 2, m.stride(0), m.stride(1), seed, offset,
                                          **blocks)
     return dm
@@ -186,7 +186,7 @@ def reparameterize_noise(shape, seed: int, *, offset: int = 0, device=None) -> t
     _check_counter(out.numel(), seed, offset)
     if out.numel() > 0:
         block = 4096
-        _reparameterize_noise_kernel[(triton.cdiv(out.numel(), block),)](out, out.numel(), seed, offset, BLOCK=block,
+        _reparameterize_noise_kernel[(cdiv(out.numel(), block),)](out, out.numel(), seed, offset, BLOCK=block,
                                                                          num_warps=8)
     return out
 

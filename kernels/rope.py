@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, pow2_divisor, tile_rows
+from .utils import cast_rtne, cdiv, next_power_of_2, pow2_divisor, tile_rows
 
 
 def _rope_ref_one(x, w, cos, sin, eps):
@@ -232,7 +232,7 @@ def _table(cos_sin: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _blocks(n_rows: int, H: int, Dh: int, C: int, has_rope: bool, has_norm: bool) -> dict:
     """BLOCK_HALF holds Dh/2; BLOCK_R rows make 2048 elements per half tile (Dh 72: 32 rows, Dh 64: 64)."""
-    block_half = triton.next_power_of_2(Dh // 2)
+    block_half = next_power_of_2(Dh // 2)
     block_r = tile_rows(block_half, n_rows, elements=2048)
     return dict(H=H, HALF=Dh // 2, C=C, BLOCK_R=block_r, BLOCK_HALF=block_half, VEC=pow2_divisor(Dh // 2, cap=8),
                 HAS_ROPE=has_rope, HAS_NORM=has_norm, num_warps=4)
@@ -249,7 +249,7 @@ def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: 
     n_rows = B * T * H
     if n_rows:
         blocks = _blocks(n_rows, H, Dh, C, cos_sin is not None, q_norm_weight is not None)
-        _rope_fwd_kernel[(triton.cdiv(n_rows, blocks["BLOCK_R"]),)](
+        _rope_fwd_kernel[(cdiv(n_rows, blocks["BLOCK_R"]),)](
             qkv, cos_sin, q_norm_weight, k_norm_weight, q_out, k_out, v_out, T, n_rows, Dh // blocks["VEC"], eps,
             **blocks)
     return q_out, k_out, v_out
@@ -268,7 +268,7 @@ def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, dv_out: Optional[torch.
     grads = [g if g.stride(-1) == 1 and pow2_divisor(*g.stride()[:3]) >= blocks["VEC"] else g.contiguous()
              for g in (dq_out, dk_out, dv_out if C == 3 else dq_out)]  # strides the kernel may call multiples of VEC
     dqkv = torch.empty((B, T, C, H, Dh), dtype=dq_out.dtype, device=dq_out.device)
-    n_prog = triton.cdiv(B * T * H, blocks["BLOCK_R"])
+    n_prog = cdiv(B * T * H, blocks["BLOCK_R"])
     if has_norm:  # fp32 partials (n_prog, {q, k}, Dh): 1.6% of the bytes the kernel moves at Dh 72
         qkv, dw_part = qkv.contiguous(), torch.empty((n_prog, 2, Dh), dtype=torch.float32, device=dq_out.device)
     else:  # the kernel then reads no x and writes no partials: any pointer will do

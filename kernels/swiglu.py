@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, row_block, row_num_warps, rows_2d, tile_rows
+from .utils import cast_rtne, cdiv, row_block, row_num_warps, rows_2d, tile_rows
 
 
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def _launch(kernel, n_rows: int, H: int, *args):
         return
     block_n = min(row_block(H), 1024)
     block_m = tile_rows(block_n, n_rows)
-    grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(H, block_n),)
+    grid = (cdiv(n_rows, block_m) * cdiv(H, block_n),)
     kernel[grid](*args, n_rows, H, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=row_num_warps(block_m * block_n))
 
 

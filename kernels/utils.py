@@ -12,9 +12,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers. Plain Python: triton.cdiv is a constexpr function whose host
+    calls cost microseconds each, and launchers run on every op call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1), in plain Python for the same reason as cdiv."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def row_block(n_cols: int) -> int:
     """Smallest power of two that holds one row of `n_cols` elements (one program reads a whole row)."""
-    return triton.next_power_of_2(n_cols)
+    return next_power_of_2(n_cols)
 
 
 def row_num_warps(block: int) -> int:
@@ -53,7 +64,7 @@ def _sms(device: torch.device) -> int:
 def tile_rows(block_cols: int, n_rows: int, elements: int = 4096) -> int:
     """Rows per program for a (rows, block_cols) tile of about `elements` values (a power of two,
     at least 1, no more than the rows there are): small rows are batched so every program streams enough."""
-    return max(1, min(elements // block_cols, triton.next_power_of_2(max(n_rows, 1))))
+    return max(1, min(elements // block_cols, next_power_of_2(max(n_rows, 1))))
 
 
 def persistent_programs(n_tiles: int, device: torch.device, per_sm: int = 8) -> int:
@@ -77,9 +88,9 @@ def reduction_grid(n_groups: int, group_rows: int, device: torch.device, multipl
     sums its chunk in fp32 registers and writes one partial row. The split depends only on the shape
     and the device, so the order of every fp32 sum, and so the result, is the same on every run."""
     sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
-    n_chunks = max(1, min(group_rows, triton.cdiv(8 * sms, max(n_groups, 1))))
-    rows_per_program = max(1, triton.cdiv(triton.cdiv(group_rows, n_chunks), multiple_of)) * multiple_of
-    return rows_per_program, triton.cdiv(group_rows, rows_per_program)
+    n_chunks = max(1, min(group_rows, cdiv(8 * sms, max(n_groups, 1))))
+    rows_per_program = max(1, cdiv(cdiv(group_rows, n_chunks), multiple_of)) * multiple_of
+    return rows_per_program, cdiv(group_rows, rows_per_program)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +120,7 @@ def norm_tile_rows(block: int, group_rows: int, elements: int) -> int:
     return tile_rows(block, group_rows, elements=16384 if interpreting() else elements)
 
 
+@functools.lru_cache(maxsize=1024)
 def norm_fwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:
     """Default RowLoop of the norm forwards (modulated_norm, gated_residual[_modulated_norm]): tiles of about
     4096 values; each program walks up to 16 tiles of one sample (fewer while that leaves under 8 programs per
@@ -117,11 +129,12 @@ def norm_fwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.d
     block = row_block(n_cols)
     rows = norm_tile_rows(block, group_rows, 4096)
     rows_per_program = 16 * rows
-    while rows_per_program > rows and n_groups * triton.cdiv(group_rows, rows_per_program) < 8 * _sms(device):
+    while rows_per_program > rows and n_groups * cdiv(group_rows, rows_per_program) < 8 * _sms(device):
         rows_per_program //= 2
     return RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows_per_program, num_stages=4)
 
 
+@functools.lru_cache(maxsize=1024)
 def norm_bwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.device) -> RowLoop:
     """Default RowLoop of the norm backward: tiles of about 2048 values (the loop keeps ~6 fp32 tiles live),
     chunks of each sample's tokens from reduction_grid (about 8 programs per SM), loads of the next three

@@ -78,6 +78,14 @@ def test_fid_does_not_depend_on_the_batch_size():
     assert scores[0] == pytest.approx(scores[1], rel=1e-6)
 
 
+def test_feature_progress_reports_count_rate_and_eta(capsys):
+    progress = fid.FeatureProgress("samples", total=300, every=0.0)
+    fid.extract_features(batches(images(300, 0), size=100), RandomConv(), progress=progress)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" images")[0] for line in lines] == ["samples: 100/300", "samples: 200/300", "samples: 300/300"]
+    assert all(" img/s | ETA " in line for line in lines) and lines[-1].endswith("ETA 0:00:00")
+
+
 def test_non_uint8_images_are_refused():
     with pytest.raises(ValueError, match=r"images must be uint8 \(N, H, W, 3\)"):
         fid.extract_features([images(4, 0).astype(np.float32)], RandomConv())
@@ -182,8 +190,13 @@ def test_evaluate_program_writes_one_line_and_a_json(tmp_path, capsys):
     np.savez(tmp_path / "ref.npz", arr_0=images(80, 1, brightness=40))
     record = evaluate.main([f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'ref.npz'}", "--batch=32"],
                            extractor=RandomConv())
-    line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"FID {record['fid']:.3f} | IS ") and "precision" in line and "(random-conv)" in line
+    out = capsys.readouterr().out.splitlines()
+    results = [line for line in out if line.startswith("FID ")]
+    assert len(results) == 1 and results[0].startswith(f"FID {record['fid']:.3f} | IS ")
+    assert "precision" in results[0] and "(random-conv)" in results[0]
+    # each long pass ends with a progress line: its count, its rate and an ETA of zero
+    assert any(line.startswith("samples: 100/100 images |") and line.endswith("ETA 0:00:00") for line in out), out
+    assert any(line.startswith("reference ") and "80/80 images" in line for line in out), out
     saved = json.loads((tmp_path / "samples.npz.metrics.json").read_text())
     assert saved["fid"] == record["fid"] > 0 and saved["num_samples"] == 100 and saved["extractor"] == "random-conv"
 

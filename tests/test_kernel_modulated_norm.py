@@ -232,3 +232,17 @@ def test_modulated_norm_real_size_bf16(D, norm, with_weight):
     torch.manual_seed(6)
     inputs, douts = norm_inputs(256, 256, D, with_weight, False, torch.device("cuda"), torch.bfloat16)
     check_against_reference(modulated_norm, modulated_norm_ref, grad_names(with_weight), inputs, douts, norm=norm)
+
+
+def test_host_integer_helpers_equal_tritons():
+    """The launchers' plain-Python cdiv / next_power_of_2 (cheaper per call than Triton's constexpr
+    functions) give Triton's answers on every size a launcher passes (n >= 1)."""
+    import triton
+
+    from fae_fast.kernels.utils import cdiv, next_power_of_2
+
+    for n in [*range(1, 70), 72, 1023, 1024, 1025, 1152, 1536, 4096, 4097, 1 << 20]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 8, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert cdiv(0, 8) == 0

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fae_fast.config import apply_overrides  # noqa: E402
-from fae_fast.eval.fid import InceptionExtractor, extract_features, iter_images, load_reference, score  # noqa: E402
+from fae_fast.eval.fid import (FeatureProgress, InceptionExtractor, count_images, extract_features,  # noqa: E402
+                               iter_images, load_reference, score)
 from fae_fast.eval.npz import npz_array_shape  # noqa: E402
 
 
@@ -45,6 +46,8 @@ class EvalConfig:
     """Side of the center crop applied to images read from folders."""
     workers: int = 8
     """Processes decoding folder images."""
+    log_every: float = 30.0
+    """Seconds between progress lines of the sample pass."""
     isc: bool = True
     """Compute the Inception Score."""
     prc: bool = True
@@ -82,7 +85,8 @@ def main(argv: list[str], extractor=None) -> dict:
     t0 = time.perf_counter()
     ref = load_reference(cfg.ref, extractor, batch=cfg.batch, cache=cfg.ref_cache or None, size=cfg.image_size,
                          workers=cfg.workers)
-    samples = extract_features(iter_images(cfg.samples, cfg.batch, cfg.image_size, cfg.workers), extractor)
+    samples = extract_features(iter_images(cfg.samples, cfg.batch, cfg.image_size, cfg.workers), extractor,
+                               progress=FeatureProgress("samples", count_images(cfg.samples), cfg.log_every))
     metrics = score(samples, ref, isc=cfg.isc, prc=cfg.prc)
     record = {**metrics, "samples": cfg.samples, "reference": ref.source, "extractor": extractor.name,
               "seconds": time.perf_counter() - t0}

@@ -18,6 +18,7 @@ computed from images are cached to a file keyed by the extractor's name.
 """
 import os
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,36 @@ class Features:
     """(N, K) float64 classifier logits (for IS), or None when the extractor has none."""
 
 
-def extract_features(batches: Iterable[np.ndarray], extractor: Extractor) -> Features:
-    """Run the extractor over batches of uint8 images (B, H, W, 3); features kept on CPU in float64."""
+class FeatureProgress:
+    """Progress lines of a long feature pass (50k samples, a 1.28M-image reference): images done, images/s
+    and ETA, at most one line per `every` seconds, plus the last."""
+
+    def __init__(self, what: str, total: int | None, every: float = 30.0):
+        self.what, self.total, self.every = what, total, every
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def add(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            print(self.line(now), flush=True)
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total:,}" if self.total else ""
+        eta = ""
+        if self.total:
+            left = max(self.total - self.done, 0) / max(rate, 1e-9)
+            eta = f" | ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        return f"{self.what}: {self.done:,}{of} images | {rate:,.0f} img/s{eta}"
+
+
+def extract_features(batches: Iterable[np.ndarray], extractor: Extractor, *,
+                     progress: FeatureProgress | None = None) -> Features:
+    """Run the extractor over batches of uint8 images (B, H, W, 3); features kept on CPU in float64.
+    `progress`: reported to after each batch."""
     feats, logits = [], []
     for images in batches:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -131,6 +160,8 @@ def extract_features(batches: Iterable[np.ndarray], extractor: Extractor) -> Fea
         feats.append(f.double().cpu())
         if lg is not None:
             logits.append(lg.double().cpu())
+        if progress is not None:
+            progress.add(len(images))
     if not feats:
         raise ValueError("no images to score; check the samples path")
     return Features(torch.cat(feats), torch.cat(logits) if logits else None)
@@ -182,6 +213,12 @@ def iter_folder_images(files: list[Path], batch: int, size: int = 256, workers: 
     yield from loader
 
 
+def count_images(path: str | Path) -> int:
+    """How many images iter_images(path) yields."""
+    path = Path(path)
+    return len(image_files(path)) if path.is_dir() else int(npz_array_shape(path)[0])
+
+
 def iter_images(path: str | Path, batch: int, size: int = 256, workers: int = 8) -> Iterator[np.ndarray]:
     """uint8 (B, H, W, 3) batches of an ADM .npz (arr_0) or of an image folder."""
     path = Path(path)
@@ -215,8 +252,8 @@ def _subset(features: Tensor, k: int = PR_REFERENCE_SIZE) -> Tensor:
     return features[torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:k]]
 
 
-def _from_images(batches: Iterable[np.ndarray], extractor: Extractor, source: str) -> Reference:
-    feats = extract_features(batches, extractor).features
+def _from_images(batches: Iterable[np.ndarray], extractor: Extractor, source: str, total: int) -> Reference:
+    feats = extract_features(batches, extractor, progress=FeatureProgress(f"reference {source}", total)).features
     mu, sigma = moments(feats)
     return Reference(mu, sigma, _subset(feats), source)
 
@@ -264,15 +301,17 @@ def load_reference(ref: str | Path, extractor: Extractor, *, batch: int = 200, c
     if ref.is_dir():
         files = image_files(ref)
         return cached(cache, extractor, len(files),
-                      lambda: _from_images(iter_folder_images(files, batch, size, workers), extractor, str(ref)))
+                      lambda: _from_images(iter_folder_images(files, batch, size, workers), extractor, str(ref),
+                                           len(files)))
     if ref.suffix != ".npz" or not ref.is_file():
         raise FileNotFoundError(f"reference {ref} is neither an image folder nor an .npz file; pass an ADM "
                                 f"reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder")
     keys = npz_keys(ref)
     images = None
     if "arr_0" in keys:
-        images = cached(cache, extractor, npz_array_shape(ref)[0],
-                        lambda: _from_images(iter_npz_array(ref, "arr_0", batch), extractor, str(ref)))
+        count = npz_array_shape(ref)[0]
+        images = cached(cache, extractor, count,
+                        lambda: _from_images(iter_npz_array(ref, "arr_0", batch), extractor, str(ref), count))
     if {"mu", "sigma"} <= set(keys) and getattr(extractor, "reads_adm_stats", False):
         with np.load(ref) as f:
             mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
