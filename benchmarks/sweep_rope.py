@@ -1,0 +1,73 @@
+"""Launch-configuration sweep of the rope_qkv kernels at the LightningDiT-XL shape (qkv (128, 256, 3, 16, 72)
+bf16, with QK-norm and 2-D RoPE, as one training step calls them), on one GPU.
+
+    python benchmarks/sweep_rope.py
+
+For each (elements per half tile, num_warps) it times the raw launchers (forward; backward from cuDNN-shaped
+gradients) with triton.testing.do_bench, after checking d(qkv) within one bf16 rounding (a
+row's sums may run in another order) and the weight gradients against the default configuration. Reports ms, GB/s over the minimal bytes and the fraction of
+the bandwidth of a device-to-device copy measured here (bytes read + written).
+"""
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fae_fast.kernels import rope  # noqa: E402
+from fae_fast.layers import rope_angles_2d  # noqa: E402
+
+B, T, H, DH = 128, 256, 16, 72
+CONFIGS = [(e, w) for e in (1024, 2048, 4096) for w in (2, 4, 8)]
+
+
+def with_config(elements: int, warps: int):
+    default = rope._blocks
+
+    def blocks(n_rows, H, Dh, C, has_rope, has_norm):
+        out = default(n_rows, H, Dh, C, has_rope, has_norm)
+        out["BLOCK_R"] = rope.tile_rows(out["BLOCK_HALF"], n_rows, elements=elements)
+        out["num_warps"] = warps
+        return out
+
+    return blocks
+
+
+def main():
+    torch.manual_seed(0)
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+    del src, dst
+    qkv = torch.randn(B, T, 3, H, DH, device="cuda", dtype=torch.bfloat16)
+    cos_sin = rope._cos_sin(rope_angles_2d(16, DH).cuda())
+    wq, wk = (torch.rand(DH, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    grads = [torch.randn(B, H, T, DH, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    one = qkv.numel() // 3 * 2  # bytes of one of q, k, v
+    moved = {"fwd": 6 * one, "bwd": 8 * one}
+    default = rope._blocks
+    want = rope.rope_bwd(*grads, cos_sin, qkv, wq, wk, 1e-6)
+    print(f"GPU {torch.cuda.get_device_name()}; copy {copy_bw / 1e12:.2f} TB/s; default "
+          f"{default(B * T * H, H, DH, 3, True, True)}")
+    print("| elements | warps | fwd ms | fwd of copy BW | bwd ms | bwd of copy BW |")
+    print("|---|---|---|---|---|---|")
+    for elements, warps in CONFIGS:
+        rope._blocks = with_config(elements, warps)
+        try:
+            got = rope.rope_bwd(*grads, cos_sin, qkv, wq, wk, 1e-6)
+            # another tiling may sum a row's statistics in another order: one bf16 rounding apart at most
+            torch.testing.assert_close(got[0], want[0], rtol=2 ** -7, atol=2 ** -7)
+            for g, w in zip(got[1:], want[1:]):
+                torch.testing.assert_close(g.float(), w.float(), rtol=1e-3, atol=1e-2)
+            fwd = do_bench(lambda: rope.rope_fwd(qkv, cos_sin, wq, wk, 1e-6), return_mode="median")
+            bwd = do_bench(lambda: rope.rope_bwd(*grads, cos_sin, qkv, wq, wk, 1e-6), return_mode="median")
+        finally:
+            rope._blocks = default
+        print(f"| {elements} | {warps} | {fwd:.3f} | {moved['fwd'] / fwd / 1e-3 / copy_bw:.2f} | {bwd:.3f} | "
+              f"{moved['bwd'] / bwd / 1e-3 / copy_bw:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
