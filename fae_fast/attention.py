@@ -4,9 +4,10 @@ Candidates: PyTorch SDPA with the cuDNN, flash and memory-efficient backends, an
 xformers packages when they are installed and load against this torch. A missing or broken optional
 package is skipped with a one-line note. On CPU, plain SDPA.
 
-The choice is measured eagerly (forward + backward, CUDA events) the first time a shape is seen outside
-torch.compile; call `choose_backend` for the model's shape before compiling so the traced graph uses the
-winner. Inside a compiled region an unmeasured shape falls back to SDPA's own dispatch.
+The choice is measured eagerly (forward + backward, CUDA events) by `choose_backend`, which the programs
+call for their model's shape before compiling, so that the traced graph uses the winner. `attention` itself
+never measures: a shape nobody measured goes to SDPA's own dispatch. The choice is logged on the
+"fae_fast.attention" logger at INFO (the training programs show fae_fast's INFO lines on rank 0).
 """
 import functools
 import logging
@@ -71,13 +72,15 @@ def candidates() -> dict[str, Callable]:
     return found
 
 
-def _time_fwd_bwd(fn: Callable, q, k, v, iters: int = 10) -> float:
-    """Median ms of forward + backward; inf when the backend rejects the shape."""
+def _time_fwd_bwd(name: str, fn: Callable, q, k, v, iters: int = 10) -> float:
+    """Median ms of forward + backward; inf (with a one-line note) when the backend rejects the shape."""
     try:
         for _ in range(3):
             fn(q, k, v).sum().backward()
         torch.cuda.synchronize()
-    except Exception:  # backend does not support this shape/dtype/GPU
+    except Exception as err:  # backend does not support this shape/dtype/GPU, or a package built for another torch
+        _note_once(f"attention backend {name} not used for shape {tuple(q.shape)} {q.dtype}: "
+                   f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return float("inf")
     times = []
     for _ in range(iters):
@@ -102,7 +105,7 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
         return "sdpa"
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    timings = {name: _time_fwd_bwd(fn, q, k, v) for name, fn in candidates().items()}
+    timings = {name: _time_fwd_bwd(name, fn, q, k, v) for name, fn in candidates().items()}
     best = min(timings, key=timings.get)
     if timings[best] == float("inf"):
         best = "sdpa"

@@ -307,11 +307,14 @@ def validate_generator(cfg: GeneratorConfig) -> None:
 
 def validate_fae(cfg: FAEConfig) -> None:
     if cfg.dec_width % cfg.dec_heads:
-        raise ValueError(f"feature decoder width {cfg.dec_width} is not divisible by heads {cfg.dec_heads}")
+        raise ValueError(f"feature decoder width {cfg.dec_width} is not divisible by heads {cfg.dec_heads}; "
+                         f"set fae.dec_heads to a divisor of {cfg.dec_width}")
     if cfg.pix_width % cfg.pix_heads:
-        raise ValueError(f"pixel decoder width {cfg.pix_width} is not divisible by heads {cfg.pix_heads}")
+        raise ValueError(f"pixel decoder width {cfg.pix_width} is not divisible by heads {cfg.pix_heads}; "
+                         f"set fae.pix_heads to a divisor of {cfg.pix_width}")
     if cfg.image_size % cfg.grid:
-        raise ValueError(f"image size {cfg.image_size} is not a multiple of the latent grid {cfg.grid}")
+        raise ValueError(f"image size {cfg.image_size} is not a multiple of the latent grid {cfg.grid}; "
+                         f"set fae.image_size to a multiple of {cfg.grid} (the paper: 256 on 16)")
 
 
 def validate_encoder(cfg: EncoderConfig, grid: int) -> None:

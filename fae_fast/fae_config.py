@@ -36,6 +36,10 @@ class ImageSourceConfig:
     """Size of the generated image set (source='synthetic')."""
     seed: int = 0
     """Seed of data order, flips and generated images."""
+    exclude_list: str = ""
+    """Problem-file list written by `python -m fae_fast.data.check` (source='folder'): never read."""
+    on_error: str = "skip"
+    """A file that cannot be decoded (source='folder'): 'skip' it with a warning naming it, or 'stop'."""
 
 
 @dataclass(kw_only=True)

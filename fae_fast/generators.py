@@ -94,6 +94,10 @@ class Generator(nn.Module):
         return self.y_embed.drop(y, generator)
 
     def forward(self, x, t, y):  # x (B, grid*grid, C) -> velocity of the same shape
+        cfg = self.cfg
+        if x.ndim != 3 or x.shape[1:] != (cfg.grid ** 2, cfg.in_channels):
+            raise ValueError(f"generator expects latents (B, {cfg.grid ** 2}, {cfg.in_channels}) = (B, grid*grid, "
+                             f"in_channels), got {tuple(x.shape)}; set model.grid and model.in_channels to the latents'")
         x = patchify(x, self.cfg.grid, self.cfg.patch_size)
         h = self.x_embed(x.to(self.x_embed.weight.dtype))  # (B, T, D); bf16 under mixed precision
         if self.pos_embed is not None:

@@ -74,3 +74,9 @@ def test_fused_impl_matches_torch_impl(size):
     out_fused.square().sum().backward()
     for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_latents_of_another_shape_name_the_fix():
+    model = Generator(generator_config("SiT-tiny/1", in_channels=4, grid=4, num_classes=10), impl="torch")
+    with pytest.raises(ValueError, match=r"expects latents \(B, 16, 4\).*got \(2, 16, 8\).*model.in_channels"):
+        model(torch.randn(2, 16, 8), torch.rand(2), torch.tensor([0, 1]))

@@ -65,7 +65,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step_00000020" in second.stdout
     a, b = history(straight), history(resumed)
-    assert set(b) == {25, 30, 35, 40}
+    assert set(b) == set(a) == {5, 10, 15, 20, 25, 30, 35, 40}  # the resumed run's curve is whole
     for step in b:
         assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a[step], b[step])
 
@@ -77,6 +77,18 @@ def test_nan_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path):
     assert res.returncode != 0
     assert "loss became NaN or inf at step 1" in res.stderr
     assert "no checkpoint was written yet" in res.stderr
+
+
+@pytest.mark.slow
+def test_nan_after_a_checkpoint_names_that_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    assert torchrun(1, *TINY, "--run.steps=5", "--run.ckpt_every=5", f"--run.out_dir={out}").returncode == 0
+    res = torchrun(1, *TINY, "--run.steps=20", "--run.ckpt_every=5", "--optim.lr=inf", "--optim.grad_clip=0",
+                   f"--run.out_dir={out}")
+    assert res.returncode != 0
+    assert "loss became NaN or inf at step 6" in res.stderr  # the first step after an infinite update
+    assert f"resume from {out / 'checkpoints' / 'step_00000005'}" in res.stderr
+    assert not (out / "checkpoints" / "step_00000010").exists()  # nothing after the NaN was saved
 
 
 def test_a_checkpoint_without_its_marker_is_never_picked(tmp_path):

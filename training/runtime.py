@@ -4,6 +4,8 @@ train_gen.py and train_fae.py both build on these pieces; nothing here knows whi
 """
 import contextlib
 import datetime
+import json
+import logging
 import math
 import os
 import socket
@@ -49,7 +51,20 @@ def init_distributed() -> Dist:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    show_library_log(dist.get_rank() == 0)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def show_library_log(is_main: bool) -> None:
+    """fae_fast's log lines (the attention backend chosen per shape, notes on optional packages) on stderr:
+    INFO and above on rank 0, warnings on the others. Only the fae_fast loggers: other libraries keep theirs."""
+    log = logging.getLogger("fae_fast")
+    if not any(getattr(h, "fae_fast_program", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.fae_fast_program = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 def finish_distributed() -> None:
@@ -167,14 +182,27 @@ def measured_bf16_peak(device: torch.device) -> float:
 
 
 class Progress:
-    """One line per log interval: a bar, step, loss terms, images/s, MFU, memory and ETA."""
+    """One line per log interval: a bar, step, loss terms, images/s (all ranks, and per GPU on several),
+    MFU (per GPU, against one GPU's measured peak), memory and ETA.
+
+    With `history_path` the logged terms of earlier runs of the same folder, up to `start_step`, are read
+    back on resume and `save()` writes them all again: the curve of a resumed run is whole."""
 
     def __init__(self, *, total_steps: int, start_step: int, global_batch: int, flops_per_image: float,
-                 peak_flops: float, device: torch.device, tensorboard_dir: str | None = None):
+                 peak_flops: float, device: torch.device, world: int = 1, tensorboard_dir: str | None = None,
+                 history_path: str | None = None):
         self.total, self.batch, self.flops, self.peak, self.device = total_steps, global_batch, flops_per_image, peak_flops, device
+        self.world = world
         self.last_step, self.last_time = start_step, time.perf_counter()
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self.history_path = history_path
+        self.history: list[tuple[int, dict[str, float]]] = _earlier_history(history_path, start_step)
         self.writer = _tensorboard(tensorboard_dir)
+
+    def save(self) -> None:
+        """Write the history (rank 0) as JSON [[step, {term: value}], ...]."""
+        if self.history_path and (not dist.is_initialized() or dist.get_rank() == 0):
+            with open(self.history_path, "w") as f:
+                json.dump(self.history, f)
 
     def line(self, step: int, terms: dict[str, float]) -> str:
         now = time.perf_counter()
@@ -189,13 +217,21 @@ class Progress:
         filled = int(20 * step / self.total)
         parts = [f"[{'#' * filled}{'.' * (20 - filled)}] step {step}/{self.total}"]
         parts += [f"{k} {v:.4f}" for k, v in terms.items()]
-        parts.append(f"{rate:,.0f} img/s")
+        parts.append(f"{rate:,.0f} img/s" + (f" ({rate / self.world:,.0f} per GPU)" if self.world > 1 else ""))
         if self.peak:
-            parts.append(f"MFU {rate * self.flops / self.peak:.2f}")
+            parts.append(f"MFU {rate / self.world * self.flops / self.peak:.2f}")
         if self.device.type == "cuda":
             parts.append(f"mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
+
+
+def _earlier_history(path: str | None, upto: int) -> list:
+    """Entries of a history file with step <= upto (a resumed run continues from step `upto`), or []."""
+    if not path or upto <= 0 or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [(int(step), terms) for step, terms in json.load(f) if int(step) <= upto]
 
 
 def _tensorboard(log_dir: str | None):

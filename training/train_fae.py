@@ -118,7 +118,7 @@ class FolderImages:
             ImageDataConfig(root=data.root, split=data.split, batch_size=data.global_batch // world,
                             image_size=cfg.fae.image_size, encoder_size=cfg.encoder.image_size,
                             random_flip=data.random_flip, shuffle=True, backend=data.backend, workers=data.workers,
-                            seed=data.seed),
+                            seed=data.seed, exclude_list=data.exclude_list, on_error=data.on_error),
             rank=rank, world=world, device=device)
         self._it = None
 
@@ -569,7 +569,8 @@ def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, st
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=stage.flops_per_image(start), peak_flops=measured_bf16_peak(d.device),
-                        device=d.device, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"))
+                        device=d.device, world=d.world, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
+                        history_path=str(Path(run.out_dir) / "history.json"))
     guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
     for step in range(start, run.steps):
@@ -593,6 +594,7 @@ def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, st
             guard.check({"loss": float(terms["loss"])}, str(last_ckpt) if last_ckpt else None)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
+            progress.save()
         if run.sample_every and done % run.sample_every == 0 and hasattr(stage, "save_grid"):
             with ema.applied():
                 stage.save_grid(Path(run.out_dir) / f"recon_{done:08d}.png")

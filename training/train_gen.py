@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from fae_fast.attention import choose_backend  # noqa: E402
 from fae_fast.config import GenTrainConfig, apply_overrides, recipe, split_named_options, to_dict  # noqa: E402
 from fae_fast.data.latents import make_source  # noqa: E402
 from fae_fast.data.toy import ToyLatents  # noqa: E402
@@ -139,6 +140,9 @@ def build(cfg: GenTrainConfig, d):
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank before sharding
     with d.device:
         model = Generator(cfg.model, impl=cfg.run.impl)
+    m = cfg.model  # the attention backend for this rank's training shape, measured before compiling
+    choose_backend(cfg.data.global_batch // d.world, m.heads, (m.grid // m.patch_size) ** 2, m.width // m.heads,
+                   torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
     return model, make_adamw(model.parameters(), cfg.optim, d.device)
@@ -198,8 +202,9 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=3 * forward_flops_per_sample(cfg.model),
-                        peak_flops=measured_bf16_peak(d.device), device=d.device,
-                        tensorboard_dir=str(Path(run.out_dir) / "tensorboard"))
+                        peak_flops=measured_bf16_peak(d.device), device=d.device, world=d.world,
+                        tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
+                        history_path=str(Path(run.out_dir) / "history.json"))
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
     meter, last_ckpt = TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
@@ -227,6 +232,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
             guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
+            progress.save()
         if run.sample_every and done % run.sample_every == 0:
             with ema.applied():
                 save_sample_grid(model, cfg, d, Path(run.out_dir) / f"samples_{done:08d}.png", decoder)
