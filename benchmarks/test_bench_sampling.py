@@ -20,13 +20,13 @@ from training.sample import SampleConfig, cast_params, prepare_for_speed
 BATCH, STEPS, PROTOCOL_IMAGES, PROTOCOL_STEPS = 256, 5, 50_000, 250
 
 
-@pytest.mark.parametrize("provider", ["eager", "torch.compile"])
+@pytest.mark.parametrize("provider", ["eager", "torch.compile", "torch.compile+cuda_graphs"])
 def test_sampling_xl_with_cfg(benchmark, report, provider):
     device = torch.device("cuda")
     cfg = generator_config("LightningDiT-XL/1")
     torch.manual_seed(0)
     model = cast_params(Generator(cfg).to(device).eval().requires_grad_(False), torch.bfloat16)
-    run_cfg = SampleConfig(batch=BATCH, compile=provider == "torch.compile",
+    run_cfg = SampleConfig(batch=BATCH, compile=provider != "eager", cuda_graphs=provider.endswith("cuda_graphs"),
                            sampler=SamplerConfig(method="euler", steps=STEPS, time_shift=0.4, cfg=[(0.0, 1.0, 1.5)]))
     prepare_for_speed(model, run_cfg, device, torch.bfloat16)
     indices = torch.arange(BATCH, device=device)

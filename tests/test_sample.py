@@ -266,6 +266,13 @@ def test_program_output_does_not_depend_on_world_size_batch_or_a_crash(tmp_path)
     with np.load(two / "latents_13x16x4.npz") as f:
         np.testing.assert_allclose(f["arr_0"], reference, atol=1e-5, rtol=0)
         assert np.array_equal(f["arr_1"], labels)
+    again = run_sample(1, *common, "--batch=4", f"--out_dir={two}")  # done: nothing is drawn again
+    assert "exists with 13 samples: this set is complete" in again.stdout and "Estimate:" not in again.stdout
+    (two / "latents_13x16x4.npz").write_bytes(b"cut off by a full disk")
+    broken = subprocess.run([sys.executable, str(ROOT / "training" / "sample.py"), *common, "--batch=4",
+                             f"--out_dir={two}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert broken.returncode != 0 and "latents_13x16x4.npz exists but is not a readable ADM .npz" in broken.stderr
 
 
 def _has_fae_decoders() -> bool:

@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import sys
+import zipfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,8 @@ import torch.distributed as dist  # noqa: E402
 
 from fae_fast.attention import choose_backend  # noqa: E402
 from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config, split_named_options  # noqa: E402
-from fae_fast.eval.npz import (check_coverage, list_chunks, pending_ranges, remove_partial_chunks,  # noqa: E402
-                               write_adm_npz, write_chunk)
+from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,  # noqa: E402
+                               remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
 from fae_fast.generators import Generator  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
@@ -480,8 +481,16 @@ def main(argv: list[str]) -> Path:
     model = load_generator(cfg, d.device, dtype)
     decoder = Decoder(cfg, model.cfg, d.device, dtype) if cfg.fae else None
     final = final_path(out, cfg, model.cfg, decoder)
-    if final.is_file():
-        print0(f"{final} exists: this set is complete")
+    if final.is_file():  # written atomically after the coverage check: complete unless it is another run's
+        try:
+            shape = npz_array_shape(final)
+        except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as err:
+            raise ValueError(f"{final} exists but is not a readable ADM .npz ({type(err).__name__}: {err}); move it "
+                             f"away and run the same command again (kept chunks are reused, the rest is redrawn)") from err
+        if shape[0] != cfg.num_samples:
+            raise ValueError(f"{final} holds {shape[0]:,} samples, not the {cfg.num_samples:,} asked for; it belongs "
+                             f"to another run: use a fresh --out_dir or pass --num_samples={shape[0]}")
+        print0(f"{final} exists with {shape[0]:,} samples: this set is complete")
         return final
     prepare_for_speed(model, cfg, d.device, dtype)
     todo = [pending_chunks(out / "chunks", cfg) if d.is_main else None]
