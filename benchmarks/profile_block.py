@@ -1,0 +1,60 @@
+"""Per-kernel CUDA time of one XL block's forward + backward (batch 128, bf16 autocast, fp32 weights), for the
+providers of benchmarks/test_bench_block.py: where a fused block gains or loses against the compiled one.
+
+    python benchmarks/profile_block.py --size SiT-XL/1 --providers torch.compile fae_fast
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.test_bench_block import B, make_block  # noqa: E402
+from fae_fast.attention import choose_backend  # noqa: E402
+
+ITERS = 10
+
+
+def kernel_table(size: str, provider: str) -> list[tuple[float, float, str]]:
+    """(ms per iteration, launches per iteration, kernel name), largest first."""
+    cfg, block = make_block(size, provider)
+    T, D = cfg.grid ** 2, cfg.width
+    choose_backend(B, cfg.heads, T, D // cfg.heads, torch.bfloat16, "cuda")
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x, c)
+        out.backward(dout)
+
+    for _ in range(3):  # compile and warm up outside the profile
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(ITERS):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.self_device_time_total / 1e3 / ITERS, e.count / ITERS, e.key) for e in prof.key_averages()
+            if e.device_type.name == "CUDA"]
+    return sorted(rows, reverse=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="SiT-XL/1")
+    parser.add_argument("--providers", nargs="+", default=["torch.compile", "fae_fast"])
+    args = parser.parse_args()
+    for provider in args.providers:
+        rows = kernel_table(args.size, provider)
+        print(f"\n{args.size} block, {provider}: {sum(r[0] for r in rows):.3f} ms of kernels per fwd+bwd")
+        for ms, launches, name in rows:
+            print(f"{ms:8.3f} ms {launches:5.1f}x  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
