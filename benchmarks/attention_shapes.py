@@ -6,28 +6,20 @@ back in the token-major layout the projection reads, with no copy).
 
     python benchmarks/attention_shapes.py
 """
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.conftest import _time_ms  # noqa: E402 (the suite's CUDA-event median timer)
+
 B, H, T, DH = 128, 16, 256, 72
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def time_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def case(backend, padded: int, token_major: bool):
@@ -50,7 +42,7 @@ def case(backend, padded: int, token_major: bool):
     except RuntimeError as err:
         return f"n/a ({str(err).splitlines()[0][:40]})", ""
     layout = "token-major" if out.transpose(1, 2).is_contiguous() else "head-major"
-    return f"{time_ms(step):.3f}", layout
+    return f"{_time_ms(step, warmup=3):.3f}", layout
 
 
 def main():

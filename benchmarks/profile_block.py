@@ -12,26 +12,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.test_bench_block import B, make_block  # noqa: E402
-from fae_fast.attention import choose_backend  # noqa: E402
+from benchmarks.test_bench_block import block_step, make_block  # noqa: E402
 
 ITERS = 10
 
 
 def kernel_table(size: str, provider: str) -> list[tuple[float, float, str]]:
     """(ms per iteration, launches per iteration, kernel name), largest first."""
-    cfg, block = make_block(size, provider)
-    T, D = cfg.grid ** 2, cfg.width
-    choose_backend(B, cfg.heads, T, D // cfg.heads, torch.bfloat16, "cuda")
-    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    c = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dout = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = block(x, c)
-        out.backward(dout)
-
+    step = block_step(*make_block(size, provider))
     for _ in range(3):  # compile and warm up outside the profile
         step()
     torch.cuda.synchronize()

@@ -30,11 +30,9 @@ def make_block(size: str, provider: str):
     return cfg, block
 
 
-@pytest.mark.parametrize("mode", ["fwd", "full"])
-@pytest.mark.parametrize("provider", ["torch", "torch.compile", "fae_fast"])
-@pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
-def test_block(benchmark, report, size, provider, mode):
-    cfg, block = make_block(size, provider)
+def block_step(cfg, block, backward: bool = True):
+    """One forward (and backward) of `block` on random bf16 x (B, T, D), c (B, D) under bf16 autocast, with
+    the attention backend measured for the shape first."""
     T, D = cfg.grid ** 2, cfg.width
     choose_backend(B, cfg.heads, T, D // cfg.heads, torch.bfloat16, "cuda")
     x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -44,8 +42,18 @@ def test_block(benchmark, report, size, provider, mode):
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = block(x, c)
-        if mode == "full":
+        if backward:
             out.backward(dout)
+
+    return step
+
+
+@pytest.mark.parametrize("mode", ["fwd", "full"])
+@pytest.mark.parametrize("provider", ["torch", "torch.compile", "fae_fast"])
+@pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
+def test_block(benchmark, report, size, provider, mode):
+    cfg, block = make_block(size, provider)
+    step = block_step(cfg, block, backward=mode == "full")
 
     def timed():
         for _ in range(LAUNCHES_PER_CALL):

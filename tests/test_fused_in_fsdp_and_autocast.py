@@ -12,7 +12,8 @@ from fae_fast.generators import Generator
 from training.parallelize import parallelize
 from training.runtime import init_distributed
 
-from kernel_testing import TOL  # noqa: E402 (tests/ is on sys.path)
+from conftest import DIST_ENV, restore_env  # noqa: E402 (tests/ is on sys.path)
+from kernel_testing import TOL  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")]
@@ -21,16 +22,12 @@ CFG = dict(in_channels=4, grid=4, num_classes=10, width=72, heads=2, depth=2)  #
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     started_here = not dist.is_initialized()
     yield init_distributed()
     if started_here and dist.is_initialized():
         dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_env(saved)
 
 
 def pair(size: str):

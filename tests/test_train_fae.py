@@ -20,6 +20,8 @@ from fae_fast.data.synthetic import photo
 from fae_fast.losses import PerceptualWeightsWarning
 from training import train_fae
 
+from conftest import DIST_ENV, restore_env  # noqa: E402 (tests/ is on sys.path)
+
 # the tiny recipe (vit_tiny_patch16_224 at 64 px, FAE-tiny at 192 channels) on a folder of generated
 # images; a wider pixel decoder and 16 latent channels so that a few dozen steps show learning, a short
 # EMA so that the exported weights (the next stage's input) are the trained ones
@@ -31,18 +33,14 @@ COMMON = ["--data.source=folder", "--data.global_batch=8", "--data.backend=pil",
 @pytest.fixture(autouse=True, scope="module")
 def process_group():
     """train_fae.main joins a one-rank gloo group and sets RANK etc.; leave the process as it was."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared CPU: thread hand-offs would cost more than they give
     yield
     torch.set_num_threads(threads)
     if dist.is_initialized():
         dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_env(saved)
 
 
 @pytest.fixture(scope="module")
