@@ -9,14 +9,14 @@ from fae_fast import attention
 from training.runtime import Progress
 
 
-def test_progress_line_gives_per_gpu_rate_and_mfu(monkeypatch):
+def test_progress_line_gives_per_rank_rate_and_mfu(monkeypatch):
     clock = iter([0.0, 10.0])
     monkeypatch.setattr("training.runtime.time.perf_counter", lambda: next(clock))
     progress = Progress(total_steps=100, start_step=0, global_batch=512, flops_per_image=1e9, peak_flops=1e12,
                         device=torch.device("cpu"), world=4)
     line = progress.line(10, {"loss": 0.5})
-    # 10 steps x 512 images in 10 s = 512 img/s over 4 GPUs = 128 per GPU; MFU = 128 * 1e9 / 1e12
-    assert "512 img/s (128 per GPU)" in line
+    # 10 steps x 512 images in 10 s = 512 img/s over 4 ranks = 128 per rank; MFU = 128 * 1e9 / 1e12
+    assert "512 img/s (128 per rank)" in line  # on CUDA: "per GPU"
     assert "MFU 0.13" in line
     assert "step 10/100" in line and "loss 0.5000" in line and "ETA 0:01:30" in line
 

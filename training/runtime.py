@@ -217,7 +217,8 @@ class Progress:
         filled = int(20 * step / self.total)
         parts = [f"[{'#' * filled}{'.' * (20 - filled)}] step {step}/{self.total}"]
         parts += [f"{k} {v:.4f}" for k, v in terms.items()]
-        parts.append(f"{rate:,.0f} img/s" + (f" ({rate / self.world:,.0f} per GPU)" if self.world > 1 else ""))
+        unit = "GPU" if self.device.type == "cuda" else "rank"
+        parts.append(f"{rate:,.0f} img/s" + (f" ({rate / self.world:,.0f} per {unit})" if self.world > 1 else ""))
         if self.peak:
             parts.append(f"MFU {rate / self.world * self.flops / self.peak:.2f}")
         if self.device.type == "cuda":
