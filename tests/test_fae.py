@@ -25,10 +25,10 @@ def num_params(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_shapes(impl):
-    cfg, x = tiny(), features(tiny())
+def test_shapes(impl, device):
+    cfg, x = tiny(), features(tiny()).to(device)
     torch.manual_seed(0)
-    enc, dec, pix = FAEEncoder(cfg, impl), FeatureDecoder(cfg, impl), PixelDecoder(cfg, impl)
+    enc, dec, pix = (cls(cfg, impl).to(device) for cls in (FAEEncoder, FeatureDecoder, PixelDecoder))
     moments = enc(x)
     z, mu, kl = enc.encode(x, seed=3)
     assert moments.shape == (3, 16, 2 * cfg.latent_dim)
@@ -39,17 +39,17 @@ def test_shapes(impl):
         assert torch.isfinite(out).all()
 
 
-def test_triton_matches_torch():
+def test_triton_matches_torch(device):
     """Same weights, both impls: identical maths up to fp32 rounding; the triton z uses the kernel's
     documented Philox noise, reproduced here with reparameterize_noise."""
     from fae_fast.kernels.reparameterize import reparameterize_noise
 
-    cfg, x = tiny(), features(tiny())
+    cfg, x = tiny(), features(tiny()).to(device)
     pairs = []
     for cls in (FAEEncoder, FeatureDecoder, PixelDecoder):
         torch.manual_seed(0)
-        a = cls(cfg, "torch")
-        b = cls(cfg, "triton")
+        a = cls(cfg, "torch").to(device)
+        b = cls(cfg, "triton").to(device)
         b.load_state_dict(a.state_dict())
         pairs.append((a, b))
     (enc_t, enc_k), (dec_t, dec_k), (pix_t, pix_k) = pairs
@@ -74,10 +74,10 @@ def test_parameter_counts_match_the_paper(cls, paper):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_encode_deterministic_modes(impl):
-    cfg, x = tiny(), features(tiny())
+def test_encode_deterministic_modes(impl, device):
+    cfg, x = tiny(), features(tiny()).to(device)
     torch.manual_seed(0)
-    enc = FAEEncoder(cfg, impl)
+    enc = FAEEncoder(cfg, impl).to(device)
     mu_expected = enc(x)[..., : cfg.latent_dim]
     z1, mu1, _ = enc.encode(x, sample=False)
     z2, _, _ = enc.encode(x, sample=False)

@@ -58,16 +58,16 @@ def test_label_dropout_uses_the_null_label():
 
 
 @pytest.mark.parametrize("size", ["SiT-tiny/1", "LightningDiT-tiny/1"])
-def test_fused_impl_matches_torch_impl(size):
+def test_fused_impl_matches_torch_impl(size, device):
     """The same weights through the Triton kernels (interpreter on CPU) and the PyTorch references."""
     cfg = generator_config(size, in_channels=4, grid=4, num_classes=10)
     torch.manual_seed(0)
-    ref = Generator(cfg, impl="torch")
-    fused = Generator(cfg, impl="triton")
+    ref = Generator(cfg, impl="torch").to(device)
+    fused = Generator(cfg, impl="triton").to(device)
     for p in ref.parameters():  # leave adaLN-Zero so the blocks do something
         torch.nn.init.normal_(p, std=0.05)
     fused.load_state_dict(ref.state_dict())
-    x, t, y = torch.randn(2, 16, 4), torch.rand(2), torch.tensor([1, 10])
+    x, t, y = torch.randn(2, 16, 4, device=device), torch.rand(2, device=device), torch.tensor([1, 10], device=device)
     out_ref, out_fused = ref(x, t, y), fused(x, t, y)
     torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
     out_ref.square().sum().backward()
