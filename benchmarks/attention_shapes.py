@@ -5,6 +5,11 @@ the (B, H, T, Dh) layout or as (B, T, H, Dh) memory seen through a transpose (th
 back in the token-major layout the projection reads, with no copy).
 
     python benchmarks/attention_shapes.py
+
+Seen on an H200 (2026-12-01), ms forward + backward, q, k, v (B, H, T, Dh) / token-major memory:
+cuDNN 1.123 / 1.163 at Dh 72, 0.987 / 1.092 padded to 80, 1.163 / 1.129 at 96, 1.352 / 1.393 at 128;
+flash 1.554 / 1.373 at 72 (1.309 token-major at 96); memory-efficient 2.337 / 1.981 at 72. So cuDNN stays the
+choice, and padding to 80 would save 12% of its time, before the cost of writing and reading wider q, k, v.
 """
 import sys
 from pathlib import Path
