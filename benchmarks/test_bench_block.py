@@ -9,9 +9,8 @@ attention FLOPs of the block) as a fraction of the bf16 peak measured in the run
 import pytest
 import torch
 
-from fae_fast.attention import choose_backend
 from fae_fast.config import generator_config
-from fae_fast.generators import Block, forward_flops_per_sample
+from fae_fast.generators import Block, choose_attention_backend, forward_flops_per_sample
 from fae_fast.layers import Ops
 
 B = 128
@@ -34,7 +33,7 @@ def block_step(cfg, block, backward: bool = True):
     """One forward (and backward) of `block` on random bf16 x (B, T, D), c (B, D) under bf16 autocast, with
     the attention backend measured for the shape first."""
     T, D = cfg.grid ** 2, cfg.width
-    choose_backend(B, cfg.heads, T, D // cfg.heads, torch.bfloat16, "cuda")
+    choose_attention_backend(cfg, B, torch.bfloat16, "cuda")
     x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)

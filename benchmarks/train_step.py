@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.attention import choose_backend  # noqa: E402
 from fae_fast.config import generator_config  # noqa: E402
-from fae_fast.generators import Generator, forward_flops_per_sample  # noqa: E402
+from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import init_distributed, measured_bf16_peak  # noqa: E402
@@ -90,7 +89,7 @@ def prepare(provider: str, size: str, batch: int, device):
     chosen for the shape, random latents and labels on the device, and the first (compiling) step run."""
     cfg, model, opt, sharded = build(provider, size, device)
     T = cfg.grid * cfg.grid
-    choose_backend(batch, cfg.heads, T, cfg.width // cfg.heads, torch.bfloat16, device)
+    choose_attention_backend(cfg, batch, torch.bfloat16, device)
     x1 = torch.randn(batch, T, cfg.in_channels, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
     step = make_step(sharded, model, opt, x1, y)

@@ -5,8 +5,10 @@ SiT = LayerNorm + GELU + absolute positions; LightningDiT = RMSNorm + SwiGLU + 2
 Latents are tokens: (B, T, C) with T = grid * grid, C = in_channels (16 x 16 x 32 in the paper).
 With patch size p > 1 (only to load the published SiT-XL/2), p x p cells form one token.
 """
+import torch
 import torch.nn as nn
 
+from fae_fast.attention import choose_backend
 from fae_fast.config import GeneratorConfig, validate_generator
 from fae_fast.layers import (Attention, LabelEmbedder, ModulatedNorm, Ops, TimestepEmbedder, make_mlp,
                              sincos_pos_embed_2d)
@@ -138,3 +140,10 @@ def forward_flops_per_sample(cfg: GeneratorConfig) -> float:
     mlp_params = 2 * D * mlp_hidden if cfg.mlp == "gelu" else 3 * D * mlp_hidden
     per_block = 2 * T * (4 * D * D + mlp_params) + 4 * T * T * D  # qkv+proj, mlp; QK^T and AV
     return cfg.depth * per_block
+
+
+def choose_attention_backend(cfg: GeneratorConfig, rows: int, dtype: torch.dtype, device) -> str:
+    """fae_fast.attention.choose_backend for this generator's attention at `rows` samples per forward
+    (its heads, (grid / patch)^2 tokens and head dim); call it before compiling."""
+    tokens = (cfg.grid // cfg.patch_size) ** 2
+    return choose_backend(rows, cfg.heads, tokens, cfg.width // cfg.heads, dtype, device)

@@ -31,12 +31,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.attention import choose_backend  # noqa: E402
 from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config, split_named_options  # noqa: E402
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,  # noqa: E402
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
-from fae_fast.generators import Generator  # noqa: E402
+from fae_fast.generators import Generator, choose_attention_backend  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
 from fae_fast.transport import cfg_scale, guided_velocity, timesteps, validate_cfg_intervals  # noqa: E402
 from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
@@ -297,10 +296,8 @@ def prepare_for_speed(model: Generator, cfg: SampleConfig, device: torch.device,
     (in place, so the traced graph uses the measured backends and the model keeps its attributes)."""
     if device.type != "cuda":
         return
-    g = model.cfg
-    tokens = (g.grid // getattr(g, "patch_size", 1)) ** 2
     for rows in (cfg.batch, 2 * cfg.batch):
-        choose_backend(rows, g.heads, tokens, g.width // g.heads, dtype, device)
+        choose_attention_backend(model.cfg, rows, dtype, device)
     if cfg.compile:
         model.compile(mode="reduce-overhead" if cfg.cuda_graphs else None, dynamic=False)
 

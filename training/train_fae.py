@@ -604,8 +604,8 @@ def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, st
 PLOTTED = {"feature": ("loss", "rec", "kl"), "pixel": ("l1", "lpips", "d_loss")}  # log-scale: positive terms
 
 
-def save_history(history: list, cfg: FAETrainConfig, out: Path) -> None:
-    (out / "history.json").write_text(json.dumps(history))
+def plot_history(history: list, cfg: FAETrainConfig, out: Path) -> None:
+    """loss.png of the stage's positive terms (history.json is written by Progress at each checkpoint)."""
     keys = PLOTTED["feature" if cfg.stage == "feature" else "pixel"]
     shown = [(s, {k: v for k, v in terms.items() if k in keys}) for s, terms in history]
     plot_curves(shown, str(out / "loss.png"), f"train_fae: stage {cfg.stage}")
@@ -633,7 +633,7 @@ def main(argv: list[str]) -> dict:
     if cfg.stage == "pixel-finetune":
         export_fae(stage.fae, out / "ema.safetensors", out / "fae.safetensors", cfg.fae)
     if d.is_main:
-        save_history(history, cfg, out)
+        plot_history(history, cfg, out)
         print0(f"wrote {out / 'ema.safetensors'} and {out / 'loss.png'}")
     return {"history": history, "eval": scores}
 

@@ -18,12 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.attention import choose_backend  # noqa: E402
 from fae_fast.config import GenTrainConfig, apply_overrides, recipe, split_named_options, to_dict  # noqa: E402
 from fae_fast.data.latents import make_source  # noqa: E402
 from fae_fast.data.toy import ToyLatents  # noqa: E402
 from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
-from fae_fast.generators import Generator, forward_flops_per_sample  # noqa: E402
+from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
@@ -140,9 +139,8 @@ def build(cfg: GenTrainConfig, d):
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank before sharding
     with d.device:
         model = Generator(cfg.model, impl=cfg.run.impl)
-    m = cfg.model  # the attention backend for this rank's training shape, measured before compiling
-    choose_backend(cfg.data.global_batch // d.world, m.heads, (m.grid // m.patch_size) ** 2, m.width // m.heads,
-                   torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32, d.device)
+    choose_attention_backend(cfg.model, cfg.data.global_batch // d.world,  # this rank's training shape
+                             torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
     return model, make_adamw(model.parameters(), cfg.optim, d.device)
@@ -178,7 +176,6 @@ def main(argv: list[str]) -> dict:
         save_sample_grid(model, cfg, d, out / "samples_final.png", decoder)
     export_weights(model, ema.state_dict(), out / "ema.safetensors")
     if d.is_main:
-        (out / "history.json").write_text(json.dumps(history))
         plot_curves(history, str(out / "loss.png"), f"train_gen: {cfg.model.depth}x{cfg.model.width}")
         print0(f"wrote {out / 'ema.safetensors'}, {out / 'loss.png'} and {out / 'samples_final.png'}")
     if before is not None:
