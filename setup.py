@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "torch>=2.5",
         "triton",
-        "timm>=1.0",
+        "timm>=1.0.12",  # the oldest whose registry holds every encoder in config.py (tested in .ci/run)
         "safetensors",
         "numpy",
         "pillow",

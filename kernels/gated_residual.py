@@ -22,7 +22,7 @@ from .modulated_norm import (
     _store_norm, _tile, check_modulation, check_norm, lastdim_contiguous, mod_strides, modulated_norm_ref,
     norm_residual_bwd, per_token, program_grid,
 )
-from .utils import RowLoop, cast_rtne, norm_fwd_launch, row_block, rows_2d
+from .utils import RowLoop, cast_rtne, fit_shared_memory, norm_fwd_launch, row_block, rows_2d, tile_bytes
 
 
 def gated_residual_ref(x, gate, y, *, upcast: bool = True):
@@ -80,7 +80,7 @@ def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Op
                        eps: float = 1e-6, *, launch: Optional[RowLoop] = None):
     """x, y (B, T, D), gate (B, D) | (B, 1, D) | (B, T, D) -> h (B, T, D) in x.dtype; with norm also
     n = modulated_norm(h, scale, shift, weight) (B, T, D), mean (R,) fp32 (empty for rms), rstd (R,) fp32.
-    launch: None for the default (norm_fwd_launch)."""
+    launch: None for the default (norm_fwd_launch); either is fitted to the device's shared memory."""
     B, T, D = x.shape
     x2, y2 = rows_2d(x), rows_2d(y)
     gate, scale, shift = (None if m is None else lastdim_contiguous(m) for m in (gate, scale, shift))
@@ -90,7 +90,9 @@ def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Op
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
         return h, n, mean, rstd
-    launch = launch or norm_fwd_launch(D, B, T, x.device)
+    tiled = (gate, scale, shift) if per_token(gate) else ()  # per-sample modulations are one row per program
+    launch = fit_shared_memory(launch or norm_fwd_launch(D, B, T, x.device), row_block(D), tile_bytes(x, y, *tiled),
+                               x.device)
     strides = (*mod_strides(gate), *mod_strides(scale), *mod_strides(shift))
     programs, n_chunks = program_grid(T, B, launch, x2.stride(0), y2.stride(0), D, *strides[1::2])
     ptr = lambda t: h if t is None else t  # noqa: E731  (absent tensors: never touched)

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import RowLoop, cast_rtne, cdiv, norm_bwd_launch, norm_fwd_launch, row_block, rows_2d
+from .utils import (
+    RowLoop, cast_rtne, cdiv, fit_shared_memory, norm_bwd_launch, norm_fwd_launch, row_block, rows_2d, tile_bytes,
+)
 
 NORMS = ("layer", "rms")
 
@@ -307,7 +309,8 @@ def program_grid(T: int, n_samples: int, launch: RowLoop, *row_strides: int) -> 
 
 def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch: Optional[RowLoop] = None):
     """x (B, T, D), scale/shift (B, D) | (B, 1, D) | (B, T, D) -> y (B, T, D) in x.dtype, mean (R,) fp32
-    (empty for rms), rstd (R,) fp32, with R = B * T. launch: None for the default (norm_fwd_launch)."""
+    (empty for rms), rstd (R,) fp32, with R = B * T. launch: None for the default (norm_fwd_launch); either is fitted to the
+    device's shared memory."""
     B, T, D = x.shape
     x2 = rows_2d(x)
     scale, shift = lastdim_contiguous(scale), lastdim_contiguous(shift)
@@ -316,7 +319,9 @@ def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
         return y, mean, rstd
-    launch = launch or norm_fwd_launch(D, B, T, x.device)
+    tiled = (scale, shift) if per_token(scale) else ()
+    launch = fit_shared_memory(launch or norm_fwd_launch(D, B, T, x.device), row_block(D), tile_bytes(x, *tiled),
+                               x.device)
     (s_b, s_t), (h_b, h_t) = mod_strides(scale), mod_strides(shift)
     programs, n_chunks = program_grid(T, B, launch, x2.stride(0), D, s_t, h_t)
     _modulated_norm_fwd_kernel[(programs,)](
@@ -348,7 +353,7 @@ def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: 
     """Launch _modulated_norm_bwd_kernel. dn: grad of the modulated norm's output, or None (then x, scale,
     weight, mean, rstd are unused); dh: grad reaching x directly, or None; gate, y: given when x came from
     the gated residual x0 + gate * y. Tensors (B, T, D) but modulations (B, D) | (B, 1, D) | (B, T, D).
-    launch: None for the default (norm_bwd_launch).
+    launch: None for the default (norm_bwd_launch); either is fitted to the device's shared memory.
 
     Returns (dx, dscale, dshift, dweight, dgate, dy): dx only with dn (without it dx is dh itself);
     dshift per sample only (per token it is dn itself); per-sample grads and dweight reduced over tokens
@@ -359,9 +364,12 @@ def norm_residual_bwd(dn, x, scale, weight, mean, rstd, norm: str, shift_dtype: 
     has_dn, gated = dn is not None, gate is not None
     tok = per_token(scale if has_dn else gate)
     has_w = has_dn and weight is not None
-    launch = launch or norm_bwd_launch(D, B, T, like.device)
     dn2, x2, dh2, y2 = (None if t is None else rows_2d(t) for t in (dn, x, dh, y))
     scale, gate = (None if m is None else lastdim_contiguous(m) for m in (scale, gate))
+    tiled = (dn2, x2, scale if tok else None) if has_dn else ()
+    tiled += (dh2, gate if tok else None, y2) if gated else (dh2,)
+    launch = fit_shared_memory(launch or norm_bwd_launch(D, B, T, like.device), row_block(D), tile_bytes(*tiled),
+                               like.device)
     row_stride = lambda t: 0 if t is None else t.stride(0)  # noqa: E731
     strides = (*(row_stride(t) for t in (dn2, x2, dh2, y2)), *mod_strides(scale), *mod_strides(gate))
     programs, n_chunks = program_grid(T, B, launch, D, *strides[:4], strides[5], strides[7])

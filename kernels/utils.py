@@ -1,7 +1,7 @@
 """Launch heuristics and small helpers shared by every kernel file (the one place they live)."""
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -144,6 +144,56 @@ def norm_bwd_launch(n_cols: int, n_groups: int, group_rows: int, device: torch.d
     rows_per_program, _ = reduction_grid(n_groups, group_rows, device, multiple_of=rows)
     return RowLoop(rows=rows, num_warps=row_loop_num_warps(rows * block), rows_per_program=rows_per_program,
                    num_stages=4)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_program(device_index: int) -> int:
+    """Bytes of shared memory one program may use on a CUDA device: the opt-in per-block limit the
+    device reports (227 KiB on H100/H200, 99 KiB on most consumer GPUs), never an assumed number."""
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)  # torch < 2.6 lacks it: ask Triton's driver
+    return limit or triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+# Shared memory a row-loop kernel needs beyond its pipelined tiles: the row reductions' scratch and the
+# per-row statistics (mean, rstd) of the tiles in flight. Measured 64 bytes on an H200; 8 KiB is room to spare.
+_SHARED_MEMORY_RESERVE = 8192
+
+
+def pipelined_bytes(launch: RowLoop, block: int, bytes_per_element: int) -> int:
+    """Shared memory the row loop's software pipeline holds: num_stages - 1 tiles of (rows, block) of every
+    tensor loaded a tile at a time, `bytes_per_element` being the sum of those tensors' element sizes."""
+    return (launch.num_stages - 1) * launch.rows * block * bytes_per_element
+
+
+@functools.lru_cache(maxsize=4096)
+def fit_shared_memory(launch: RowLoop, block: int, bytes_per_element: int, device: torch.device) -> RowLoop:
+    """`launch` fitted to the shared memory of `device` (fit_to_budget); unchanged under the interpreter,
+    which has no shared memory."""
+    if device.type != "cuda":
+        return launch
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return fit_to_budget(launch, block, bytes_per_element, shared_memory_per_program(index) - _SHARED_MEMORY_RESERVE)
+
+
+def fit_to_budget(launch: RowLoop, block: int, bytes_per_element: int, budget: int) -> RowLoop:
+    """`launch` with fewer pipeline stages, then fewer rows per tile, until its pipelined tiles take at most
+    `budget` bytes (an fp32 per-token fused pair streams five tensors: 240 KiB at four stages of 4096-value
+    tiles, over an H100's or H200's 227 KiB). One stage pipelines nothing and always fits."""
+    rows, stages = launch.rows, launch.num_stages
+    while stages > 1 and pipelined_bytes(replace(launch, rows=rows, num_stages=stages), block, bytes_per_element) > budget:
+        if stages > 2:
+            stages -= 1
+        elif rows > 1:
+            rows //= 2
+        else:
+            stages = 1
+    return replace(launch, rows=rows, num_stages=stages)
+
+
+def tile_bytes(*tensors: "torch.Tensor | None") -> int:
+    """Sum of the element sizes of the tensors a row loop loads a tile at a time (None: not loaded)."""
+    return sum(t.element_size() for t in tensors if t is not None)
 
 
 import triton.language as tl  # noqa: E402  (for the jit helper below)

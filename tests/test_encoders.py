@@ -153,7 +153,7 @@ def test_hub_style_file_loads_as_timm_would(tmp_path):
     _save(hub_model.state_dict(), path, "safetensors")
     enc = tiny_encoder(weights_path=str(path))
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=64,
-                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+                                  pretrained_cfg_overlay=dict(file=str(path), custom_load=False)).eval()
     x = images()
     with torch.no_grad():
         expected = reference.forward_features((x - enc.mean) / enc.std)[:, reference.num_prefix_tokens:]

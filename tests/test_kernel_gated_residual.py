@@ -12,7 +12,8 @@ from fae_fast.kernels.gated_residual import (
     gated_residual, gated_residual_fwd, gated_residual_modulated_norm, gated_residual_modulated_norm_ref,
     gated_residual_ref,
 )
-from fae_fast.kernels.modulated_norm import modulated_norm_ref, norm_residual_bwd
+from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_ref, norm_residual_bwd
+from fae_fast.kernels.utils import RowLoop, fit_to_budget, pipelined_bytes
 
 FUSED_NAMES = ("h", "n", "dx", "dgate", "dy", "dscale", "dshift")
 
@@ -182,3 +183,37 @@ def test_gated_residual_real_size_bf16(D, norm, with_weight):
     names = FUSED_NAMES + (("dweight",) if with_weight else ())
     check_against_reference(gated_residual_modulated_norm, fused_ref(torch.bfloat16), names, inputs, douts, norm=norm)
     check_against_reference(gated_residual, gated_residual_ref, ("h", "dx", "dgate", "dy"), inputs[:3], douts[:1])
+
+
+def test_launch_fits_shared_memory_budget():
+    """The default forward launch of an fp32 per-token fused pair (five tensors streamed in 4096-value tiles,
+    four stages) needs 240 KiB of pipelined tiles, over an H100/H200's 227 KiB: fitted, it keeps as many
+    stages as fit; a launch that already fits is unchanged; one that cannot pipeline a single tile loses
+    its pipeline, never its correctness."""
+    launch = RowLoop(rows=4, num_warps=8, rows_per_program=64, num_stages=4)
+    budget = 232448 - 8192
+    assert pipelined_bytes(launch, 1024, 5 * 4) > budget
+    fitted = fit_to_budget(launch, 1024, 5 * 4, budget)
+    assert (fitted.rows, fitted.num_stages, fitted.rows_per_program) == (4, 3, 64)
+    assert pipelined_bytes(fitted, 1024, 5 * 4) <= budget
+    assert fit_to_budget(launch, 1024, 5 * 2, budget) == launch  # bf16: 120 KiB
+    wide = fit_to_budget(RowLoop(rows=1, num_warps=16, rows_per_program=16, num_stages=4), 16384, 5 * 4, budget)
+    assert wide.num_stages == 1 and wide.check() == wide
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [1152, 8192, 16384])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_every_norm_op_fits_the_device(D, dtype, per_token):
+    """Every dtype and modulation mode of the three row-loop ops, forward and backward, at widths up to 16384,
+    on the GPU at hand: launches sized from its shared memory run and match the references."""
+    torch.manual_seed(10)
+    cuda = torch.device("cuda")
+    inputs, douts = fused_inputs(2, 40, D, True, per_token, cuda, dtype)
+    names = FUSED_NAMES + ("dweight",)
+    check_against_reference(gated_residual_modulated_norm, fused_ref(dtype), names, inputs, douts, norm="layer")
+    check_against_reference(gated_residual, gated_residual_ref, ("h", "dx", "dgate", "dy"), inputs[:3], douts[:1])
+    x, _, _, scale, shift, weight = inputs
+    check_against_reference(modulated_norm, modulated_norm_ref, ("y", "dx", "dscale", "dshift", "dweight"),
+                            [x, scale, shift, weight], douts[1:], norm="rms")
