@@ -103,6 +103,9 @@ class GeneratorConfig:
     """RMSNorm on q and k before attention (LightningDiT option)."""
     pos_embed: bool = True
     """Add the fixed 2-D sin-cos position embedding to the tokens (SiT; LightningDiT keeps it with RoPE)."""
+    time_scale: float = 1000.0
+    """The timestep embedder embeds time_scale * t (t in [0, 1], 0 = noise): 1000 in fae_fast's own models
+    (DiT's range), 1 in published SiT and LightningDiT checkpoints (fae_fast.adapters sets it)."""
 
 
 @dataclass(kw_only=True)
@@ -133,6 +136,9 @@ class SamplerConfig:
     """Shift of the sampling time grid (paper: 0.4)."""
     cfg: list[tuple[float, float, float]] = field(default_factory=list)
     """Guidance on intervals: (t_start, t_end, scale) with t = 0 noise; empty means no guidance."""
+    guide_channels: int = 0
+    """Latent channels guidance applies to: 0 = all (fae_fast's default on FAE latents); 3 samples a published
+    SiT / LightningDiT checkpoint under its authors' protocol (their samplers guide the first 3 only)."""
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class Generator(nn.Module):
         self.cfg, self.ops = cfg, Ops(impl)
         D, p, tokens_per_side = cfg.width, cfg.patch_size, cfg.grid // cfg.patch_size
         self.x_embed = nn.Linear(p * p * cfg.in_channels, D)  # a conv with stride = kernel = p, as a matmul
-        self.t_embed = TimestepEmbedder(D)
+        self.t_embed = TimestepEmbedder(D, time_scale=cfg.time_scale)
         self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
         if cfg.pos_embed:
             self.register_buffer("pos_embed", sincos_pos_embed_2d(tokens_per_side, D)[None], persistent=False)

@@ -159,17 +159,18 @@ def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> sinusoidal features of 1000*t -> MLP, as in DiT/SiT."""
+    """t in [0, 1] -> sinusoidal features (cos | sin) of time_scale * t -> MLP, as in DiT/SiT. fae_fast
+    trains with time_scale 1000; published SiT and LightningDiT embed t itself (time_scale 1)."""
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    def __init__(self, dim: int, freq_dim: int = 256, time_scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.time_scale = freq_dim, time_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]
+        args = self.time_scale * t.float()[:, None] * freqs[None]
         features = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, freq_dim)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 

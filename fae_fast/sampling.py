@@ -12,7 +12,8 @@ def sample_latents(model, labels: torch.Tensor, noise: torch.Tensor, cfg: Sample
     validate_cfg_intervals(cfg.cfg)
 
     def velocity(x, t):
-        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.cfg).float()
+        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.cfg,
+                              channels=cfg.guide_channels).float()
 
     if cfg.method in ("euler", "heun"):
         return sample_ode(velocity, noise, steps=cfg.steps, method=cfg.method, shift=cfg.time_shift)

@@ -154,8 +154,11 @@ def guided_velocity(
     *,
     null_label: int,
     intervals: Sequence[tuple[float, float, float]],
+    channels: int = 0,
 ) -> Tensor:
-    """Classifier-free guidance on all channels: v = v_u + scale * (v_c - v_u), scale from cfg_scale(t).
+    """Classifier-free guidance v = v_u + scale * (v_c - v_u), scale from cfg_scale(t), on every latent
+    channel (channels=0, fae_fast's default for FAE latents) or on the first `channels` only, the rest
+    conditional: the public SiT / LightningDiT samplers guide the first 3 (channels=3 reproduces them).
 
     model_fn(x, t, labels) -> v. Every sample shares one t (as in the samplers); reading it on the host
     costs one scalar sync per step, small next to a forward. Scale 1 runs the conditional forward alone;
@@ -166,7 +169,10 @@ def guided_velocity(
         return model_fn(x, t, labels)
     v = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]))
     v_c, v_u = v.chunk(2)
-    return v_u + scale * (v_c - v_u)
+    guided = v_u + scale * (v_c - v_u)
+    if channels:
+        guided = torch.cat([guided[..., :channels], v_c[..., channels:]], dim=-1)  # (B, T, C)
+    return guided
 
 
 def _grid(steps: int, shift: float, x: Tensor) -> tuple[list[float], list[float], Tensor]:

@@ -403,3 +403,19 @@ def test_sde_noise_and_its_absence():
     assert torch.equal(a, b) and (a - c).abs().max() > 0.1
     with pytest.raises(ValueError, match="diffusion"):
         sample_sde(field, x0, diffusion="constant")
+
+
+def test_guidance_on_the_first_channels_only():
+    """channels=k (the public SiT / LightningDiT samplers: k = 3): the first k channels guided, the rest the
+    conditional velocity, as their forward_with_cfg builds it on the (N, C, H, W) layout."""
+    model = lambda x, t, y: x * (1.0 + y[:, None, None].float()) + t[:, None, None]  # noqa: E731
+    x, labels, t = torch.randn(4, 9, 5), torch.tensor([0, 1, 2, 3]), torch.full((4,), 0.8)
+    v = guided_velocity(model, x, t, labels, null_label=7, intervals=[(0.0, 1.0, 4.0)], channels=3)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, 7)]))
+    out = out.transpose(1, 2)  # (2B, C, T): the public layout
+    cond, uncond = out[:4, :3], out[4:, :3]
+    want = torch.cat([uncond + 4.0 * (cond - uncond), out[:4, 3:]], dim=1).transpose(1, 2)
+    torch.testing.assert_close(v, want)
+    every = guided_velocity(model, x, t, labels, null_label=7, intervals=[(0.0, 1.0, 4.0)])
+    torch.testing.assert_close(v[..., :3], every[..., :3])
+    assert (v[..., 3:] - every[..., 3:]).abs().max() > 0.1

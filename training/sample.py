@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from fae_fast.adapters import load_published  # noqa: E402
 from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config, split_named_options  # noqa: E402
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,  # noqa: E402
                                remove_partial_chunks, write_adm_npz, write_chunk)
@@ -54,6 +55,10 @@ class SampleConfig:
     """Generator weights: the ema.safetensors of a train_gen run, or a DCP checkpoint folder (its EMA)."""
     model_config: str = ""
     """A train_gen config.json for the generator; default: beside ckpt, else the run's latest checkpoint."""
+    published: str = ""
+    """'sit' or 'lightningdit': --ckpt is a file of the public SiT / LightningDiT code (train.py dict, EMA state
+    dict, .pt or .safetensors); its options are read off the file and time and RoPE are converted
+    (fae_fast.adapters). Pair with --sampler.guide_channels=3 for their guidance protocol."""
     fae: str = ""
     """safetensors holding `feature_decoder.*` and `pixel_decoder.*` weights; empty writes latents only."""
     fae_size: str = "FAE-DINOv2-g"
@@ -166,6 +171,9 @@ def load_generator(cfg: SampleConfig, device: torch.device, dtype: torch.dtype) 
     if not cfg.ckpt or not ckpt.exists():
         raise FileNotFoundError(f"generator checkpoint {cfg.ckpt!r} does not exist; pass --ckpt=runs/<name>/"
                                 f"ema.safetensors or a checkpoints/step_XXXXXXXX folder")
+    if cfg.published:
+        model = load_published(ckpt, cfg.published, impl=cfg.impl)
+        return cast_params(model.to(device).eval().requires_grad_(False), dtype)
     config_path = generator_config_path(cfg)
     model = Generator(config_from_json(config_path, GeneratorConfig, ("model",)), impl=cfg.impl)
     load_strict(model, read_weights(ckpt, "generator"), str(ckpt), f"pass --model_config= the config.json of the run that wrote it "
@@ -274,7 +282,8 @@ def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
     validate_cfg_intervals(cfg.sampler.cfg)
 
     def velocity(x, t):
-        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.sampler.cfg).float()
+        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.sampler.cfg,
+                              channels=cfg.sampler.guide_channels).float()
 
     def step_noise(k):
         return index_normal(cfg.seed, indices, noise.shape[1:], stream=STREAM_SDE + k)
