@@ -59,3 +59,15 @@ def restore_env(saved: dict) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def program_env(processes: int = 1) -> dict[str, str]:
+    """Environment of a program run in a subprocess: no inherited process-group variables, one thread per
+    process, and the GPUs hidden where the machine has fewer than `processes` (every run of a test that
+    compares world sizes then shares one device type)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for k in DIST_ENV:
+        env.pop(k, None)
+    if torch.cuda.device_count() < processes:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env

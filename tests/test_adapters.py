@@ -86,15 +86,15 @@ def _eva_rotate(x, cos, sin):
     return x * cos + turned * sin
 
 
-def public_forward(sd, x, t, y, *, heads: int):
-    """x (N, C, H, W), t (N,) in [0, 1] with 0 = noise, y (N,) -> velocity (N, C, H, W)."""
-    W = lambda k: sd[k]  # noqa: E731
+def public_forward(sd, x, t, y, *, heads: int, dtype=torch.float32):
+    """x (N, C, H, W), t (N,) in [0, 1] with 0 = noise, y (N,) -> velocity (N, C, H, W), computed in `dtype`."""
+    W = lambda k: sd[k].to(dtype)  # noqa: E731
     lin = lambda h, k: F.linear(h, W(k + ".weight"), W(k + ".bias"))  # noqa: E731
     p = W("x_embedder.proj.weight").shape[-1]
     h = F.conv2d(x, W("x_embedder.proj.weight"), W("x_embedder.proj.bias"), stride=p).flatten(2).transpose(1, 2)
     h = h + W("pos_embed")
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
-    args = t[:, None].float() * freqs[None]  # t itself: no 1000x
+    args = t[:, None].to(dtype) * freqs[None].to(dtype)  # t itself: no 1000x
     c = lin(F.silu(lin(torch.cat([args.cos(), args.sin()], -1), "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = c + W("y_embedder.embedding_table.weight")[y]
     norm = lambda h, k: _rms(h, W(k)) if k in sd else F.layer_norm(h, h.shape[-1:], eps=1e-6)  # noqa: E731
@@ -163,19 +163,20 @@ CASES = {  # name: (fmt, state options, file layout)
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_published_checkpoint_gives_the_public_output(case, impl, tmp_path):
+def test_published_checkpoint_gives_the_public_output(case, impl, tmp_path, device):
     """<= 1e-5 relative in fp32, on the plain and the fused path, for the same x, t (public convention), y."""
     fmt, options, layout = CASES[case]
     torch.manual_seed(0)
     sd = public_state(fmt, **options)
     heads = dict(heads=2) if fmt == "sit" else {}  # LightningDiT's heads come from its RoPE table
-    model = load_published(write(sd, tmp_path, layout), fmt, impl=impl, **heads)
+    model = load_published(write(sd, tmp_path, layout), fmt, impl=impl, **heads).to(device)
     N, C, n = 3, model.cfg.in_channels, model.cfg.grid
     x, t, y = torch.randn(N, C, n, n), torch.rand(N), torch.tensor([0, 9, 10])  # 10: the null label
-    want = public_forward(sd, x, t, y, heads=model.cfg.heads)
+    want = public_forward(sd, x.double(), t.double(), y, heads=model.cfg.heads, dtype=torch.float64).float()
+    x, t, y = x.to(device), t.to(device), y.to(device)
     with torch.no_grad():
         got = model(x.permute(0, 2, 3, 1).reshape(N, n * n, C), t, y)  # tokens row-major, channels last
-    got = got.reshape(N, n, n, C).permute(0, 3, 1, 2)
+    got = got.reshape(N, n, n, C).permute(0, 3, 1, 2).cpu()
     assert relative_error(got, want) <= 1e-5, f"{case} ({impl}): relative error {relative_error(got, want):.2e}"
 
 

@@ -19,6 +19,7 @@ from fae_fast.eval.npz import (check_coverage, iter_npz_array, list_chunks, pend
 from fae_fast.eval.protocol import STREAM_SDE, index_labels, index_normal, philox4x32
 from fae_fast.generators import Generator
 from training import sample
+from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(in_channels=4, grid=4, num_classes=10, width=32, heads=2, depth=2)
@@ -229,7 +230,7 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path):
 
 # ---------------------------------------------------------------------------------------- the program
 def run_sample(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = program_env(2)  # this file's runs on 1 and 2 processes must share a device type
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     res = subprocess.run([*launcher, str(ROOT / "training" / "sample.py"), *args], cwd=ROOT, env=env,

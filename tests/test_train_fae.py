@@ -132,7 +132,7 @@ def test_pixel_finetune_starts_from_pixel_init_with_the_fae_frozen(stages):
     stage = train_fae.PixelStage(cfg, train_fae.init_distributed())
     pixel = load_file(str(out / "pixel" / "ema.safetensors"))
     for name, p in stage.model.named_parameters():
-        torch.testing.assert_close(p.full_tensor(), pixel[name], rtol=0, atol=0)
+        torch.testing.assert_close(p.full_tensor().cpu(), pixel[name], rtol=0, atol=0)
     fae = load_file(str(out / "feature" / "ema.safetensors"))
     for name, p in stage.fae.named_parameters():
         assert not p.requires_grad

@@ -1,7 +1,6 @@
 """train_gen.py end to end on CPU: learning on the toy set, sharded 2-process runs with gloo,
 kill-and-resume, checkpoints that were never completed, NaN detection."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.checkpoint import CheckpointManager
+from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model.depth=2", "--model.width=32", "--model.heads=2", "--data.global_batch=32",
@@ -16,10 +16,9 @@ TINY = ["--model.depth=2", "--model.width=32", "--model.heads=2", "--data.global
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "training" / "train_gen.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=program_env(2), capture_output=True, text=True, timeout=600)
 
 
 def history(out: Path) -> dict[int, float]:

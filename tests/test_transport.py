@@ -419,3 +419,10 @@ def test_guidance_on_the_first_channels_only():
     every = guided_velocity(model, x, t, labels, null_label=7, intervals=[(0.0, 1.0, 4.0)])
     torch.testing.assert_close(v[..., :3], every[..., :3])
     assert (v[..., 3:] - every[..., 3:]).abs().max() > 0.1
+
+
+def test_paper_interval_guides_120_of_250_shifted_steps():
+    """The ablations' interval t in [0.3, 1) is 70% of the time axis; on the 250-step grid with time shift
+    0.4 (more steps near noise) it covers 120 steps, as the README says."""
+    ts = timesteps(250, shift=0.4)
+    assert sum(cfg_scale(float(t), [(0.3, 1.0, 1.5)]) != 1.0 for t in ts[:-1]) == 120

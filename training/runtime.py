@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import math
+import atexit
 import os
 import socket
 import time
@@ -45,14 +46,25 @@ def init_distributed() -> Dist:
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: process LOCAL_RANK={local_rank} has no GPU of its own (this machine shows "
+                             f"{torch.cuda.device_count()}); start at most that many per node (torchrun "
+                             f"--nproc_per_node={torch.cuda.device_count()}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                             "to run every process on the CPU")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        atexit.register(_leave_process_group)  # an error exit too: NCCL's leak warning must not bury the error
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     show_library_log(dist.get_rank() == 0)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def show_library_log(is_main: bool) -> None:

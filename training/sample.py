@@ -242,7 +242,8 @@ class Decoder:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        features = self.parts[0]((z.float() * self.std + self.mean).to(self.dtype))  # (B, T, F)
+        z = z.to(self.mean.device, torch.float32)  # sample grids arrive on the host
+        features = self.parts[0]((z * self.std + self.mean).to(self.dtype))  # (B, T, F)
         images = self.parts[1](features).float()  # (B, 3, S, S), [-1, 1] but not squashed
         return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
