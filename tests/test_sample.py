@@ -272,7 +272,7 @@ def test_program_output_does_not_depend_on_world_size_batch_or_a_crash(tmp_path)
     (two / "latents_13x16x4.npz").write_bytes(b"cut off by a full disk")
     broken = subprocess.run([sys.executable, str(ROOT / "training" / "sample.py"), *common, "--batch=4",
                              f"--out_dir={two}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=program_env(2))
     assert broken.returncode != 0 and "latents_13x16x4.npz exists but is not a readable ADM .npz" in broken.stderr
 
 
