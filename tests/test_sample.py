@@ -3,7 +3,6 @@ ADM .npz files, checkpoint loading, and the program end to end (1 and 2 processe
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
