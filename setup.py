@@ -20,6 +20,7 @@ setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        "lpips",  # LPIPS's learned linear weights for the perceptual loss (a 50 kB package)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

@@ -6,8 +6,10 @@ Values the paper does not publish are chosen here, next to the field, and said i
 """
 import ast
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,6 +436,16 @@ def split_named_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict
         else:
             rest.append(arg)
     return picked, rest
+
+
+def config_from_json(path, cls, sections: tuple[str, ...] = ()):
+    """A `cls` dataclass from a JSON file: the first of `sections` present, else the top level."""
+    saved = json.loads(Path(path).read_text())
+    values = next((saved[s] for s in sections if isinstance(saved.get(s), dict)), saved)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - known):
+        raise ValueError(f"{path} has fields {unknown} that {cls.__name__} does not know; is it the right file?")
+    return cls(**values)
 
 
 def apply_overrides(cfg, overrides: list[str]):

@@ -49,10 +49,13 @@ class FAELossConfig:
     l1_weight: float = 1.0
     """Weight of the mean absolute pixel error (images in [-1, 1])."""
     perceptual_weight: float = 1.0
-    """Weight of the LPIPS-style VGG16 term (VQGAN/LDM use 1.0); 0 turns it off without loading VGG."""
+    """Weight of the LPIPS (VGG) term (VQGAN/LDM use 1.0); 0 turns it off without loading VGG."""
     vgg_weights: str = "auto"
-    """'auto' (torchvision's VGG16 from the torch hub cache, downloaded if missing; when it cannot be had
-    the term is off with a warning) or a local copy of vgg16-397923af.pth."""
+    """'auto' (torchvision's VGG16 from the torch hub cache, downloaded if missing) or a local copy of
+    vgg16-397923af.pth. LPIPS's own linear weights come with the `lpips` package."""
+    perceptual_required: bool = True
+    """When the VGG16 weights cannot be had: True stops the run naming the fix (the paper recipes); False
+    trains without the term after one warning (quick runs)."""
     adv_weight: float = 0.5
     """Weight of the adaptive-weighted hinge GAN term (LDM's KL-f8 autoencoder config: disc_weight 0.5)."""
     disc_start: int = 50_000
@@ -129,7 +132,8 @@ def tiny(stage: str = "feature") -> FAETrainConfig:
         optim=OptimConfig(lr=2e-3 if not pixel else 1e-3, schedule="cosine", warmup_steps=10, grad_clip=1.0,
                           ema_decay=0.98),
         data=ImageSourceConfig(source="synthetic", global_batch=16, synthetic_images=48, workers=0),
-        loss=FAELossConfig(disc_start=100, disc_lr=2e-4, disc_channels=16),  # a 64-px image needs no wider D
+        loss=FAELossConfig(disc_start=100, disc_lr=2e-4, disc_channels=16,  # a 64-px image needs no wider D
+                           perceptual_required=False),  # a quick run: without VGG16 weights, on without the term
         run=RunConfig(steps=200, out_dir=f"runs/fae-tiny-{stage}", log_every=20, ckpt_every=100, sample_every=0,
                       compile=False, precision="fp32", eval_samples=32),
         fae_weights="runs/fae-tiny-feature/ema.safetensors" if stage == "pixel-finetune" else "",
@@ -152,7 +156,8 @@ def dinov2_g(stage: str = "feature") -> FAETrainConfig:
         data=ImageSourceConfig(source="folder", global_batch=batch),
         loss=FAELossConfig(disc_start=0 if stage == "pixel-finetune" else 50_000),
         run=RunConfig(steps=steps, out_dir=f"runs/fae-dinov2-g-{stage}", log_every=100, ckpt_every=5000,
-                      sample_every=20_000, compile=True, precision="bf16", eval_samples=64),
+                      sample_every=20_000, compile=True, precision="bf16",
+                      eval_samples=64 if stage == "feature" else 10_000),  # pixel stages: PSNR and rFID-10k
         fae_weights="runs/fae-dinov2-g-feature/ema.safetensors" if stage == "pixel-finetune" else "",
         pixel_init="runs/fae-dinov2-g-pixel/ema.safetensors" if stage == "pixel-finetune" else "",
     )

@@ -1,4 +1,4 @@
-"""FAE training losses: KL per latent element, LPIPS-style perceptual loss, hinge GAN with VQGAN's
+"""FAE training losses: KL per latent element, LPIPS perceptual loss (VGG), hinge GAN with VQGAN's
 adaptive weight, and the patch discriminator.
 
 Conventions (images in the pixel decoder's [-1, 1] scale, features (B, T, F), latents (B, T, C)):
@@ -98,48 +98,51 @@ class PatchDiscriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Perceptual (LPIPS-style on torchvision's VGG16)
+# Perceptual: LPIPS (VGG), Zhang et al. 2018, with the learned linear weights the `lpips` package ships
 # ----------------------------------------------------------------------------------------------------
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1
 VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16().features
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# LPIPS's input scaling of [-1, 1] images (its ScalingLayer): ImageNet mean and std rewritten for [-1, 1]
+_LPIPS_SHIFT, _LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
 
 
 class PerceptualWeightsWarning(UserWarning):
-    """The VGG16 weights of the perceptual loss could not be had, so the term is off."""
+    """The weights of the perceptual loss could not be had and the term was allowed to be off, so it is."""
 
 
 class PerceptualLoss(nn.Module):
-    """LPIPS without its learned calibration: for VGG16 layers relu1_2 ... relu5_3, unit-normalise each
-    position's channel vector, take the squared distance (= 2 - 2 cos), average over positions, then over
-    the five layers. Images (B, 3, H, W) in [-1, 1]; returns the batch mean, in [0, 4]. The frozen VGG
-    passes gradients to its input only."""
+    """LPIPS (VGG, v0.1): for VGG16 layers relu1_2 ... relu5_3, unit-normalise each position's channel vector,
+    square the difference, weight the channels by LPIPS's learned 1x1 linear layer, average over positions,
+    and sum over the five layers. Images (B, 3, H, W) in [-1, 1]; returns the batch mean. The frozen VGG
+    and linear weights pass gradients to the input only."""
 
-    def __init__(self, features: nn.Sequential):
+    def __init__(self, features: nn.Sequential, linear: list[torch.Tensor]):
         super().__init__()
         self.vgg = features[: VGG16_TAPS[-1] + 1]
-        self.vgg.requires_grad_(False)
+        self.linear = nn.ParameterList(nn.Parameter(w.reshape(1, -1, 1, 1).float(), requires_grad=False)
+                                       for w in linear)  # (1, C, 1, 1) per tap
+        self.requires_grad_(False)
         self.vgg.eval()
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         return super().train(False)  # a fixed metric: never in training mode
 
     def _taps(self, images):
-        h = ((images + 1) / 2 - self.mean) / self.std
+        h = (images - self.shift) / self.scale
         out = []
         for i, layer in enumerate(self.vgg):
             h = layer(h)
             if i in VGG16_TAPS:
-                out.append(h.float() / (h.float().norm(dim=1, keepdim=True) + 1e-10))
+                out.append(h.float() / (h.float().pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
         return out
 
     def forward(self, images, target):
         both = self._taps(torch.cat([images, target]))  # one VGG pass for both
         B = images.shape[0]
-        per_layer = [(f[:B] - f[B:]).pow(2).sum(1).mean() for f in both]
-        return torch.stack(per_layer).mean()
+        per_layer = [((f[:B] - f[B:]).pow(2) * w).sum(1).mean((1, 2)) for f, w in zip(both, self.linear)]  # (B,) each
+        return torch.stack(per_layer).sum(0).mean()
 
 
 def _vgg16_features() -> nn.Sequential:
@@ -173,6 +176,20 @@ def _hub_vgg_state(timeout_s: float) -> dict:
     return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
 
 
+def lpips_linear_weights() -> list[torch.Tensor]:
+    """LPIPS v0.1's learned channel weights for the five VGG taps, from the file the `lpips` package ships
+    (read without importing the package, which would build its own VGG)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the perceptual loss needs the LPIPS weights of the `lpips` package: "
+                                  "pip install lpips (or set loss.perceptual_weight=0)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return [state[f"lin{i}.model.1.weight"] for i in range(len(VGG16_TAPS))]
+
+
 _warned = False
 
 
@@ -183,20 +200,27 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, PerceptualWeightsWarning, stacklevel=3)
 
 
-def load_perceptual_loss(weights: str = "auto", *, timeout_s: float = 60.0) -> PerceptualLoss | None:
-    """The perceptual loss with ImageNet VGG16 weights, or None.
+def load_perceptual_loss(weights: str = "auto", *, required: bool = True,
+                         timeout_s: float = 60.0) -> PerceptualLoss | None:
+    """LPIPS with ImageNet VGG16 weights, or None.
 
-    weights='auto': torchvision's weights from the torch hub cache or the network; when they cannot be had
-    the term is off and a PerceptualWeightsWarning says so (once per process). Any other value is a local
-    file (the torchvision .pth, or safetensors of the same keys); a missing or unfitting file is an error.
+    weights='auto': torchvision's weights from the torch hub cache or the network; any other value is a
+    local file (the torchvision .pth, or safetensors of the same keys). When the VGG16 weights cannot be
+    had: required=True (the paper recipes) raises naming the fix; required=False turns the term off with one
+    PerceptualWeightsWarning per process. A missing or unfitting local file is always an error.
     """
     features = _vgg16_features()
+    linear = lpips_linear_weights()
     if weights == "auto":
         try:
             state = _hub_vgg_state(timeout_s)
         except Exception as err:  # noqa: BLE001 - offline, firewall, truncated file: all mean "not available"
-            _warn_once(f"perceptual loss OFF: VGG16 weights not in {torch.hub.get_dir()}/checkpoints and not "
-                       f"downloadable ({type(err).__name__}); set loss.vgg_weights=/path/to/vgg16-397923af.pth")
+            fix = (f"VGG16 weights for the perceptual loss are not in {torch.hub.get_dir()}/checkpoints and not "
+                   f"downloadable ({type(err).__name__}); set loss.vgg_weights=/path/to/vgg16-397923af.pth "
+                   f"(from {VGG16_URL}), or loss.perceptual_weight=0 to train without the term")
+            if required:
+                raise RuntimeError(fix) from None
+            _warn_once(f"perceptual loss OFF: {fix}")
             return None
     else:
         state = _read_vgg_state(weights)
@@ -205,4 +229,4 @@ def load_perceptual_loss(weights: str = "auto", *, timeout_s: float = 60.0) -> P
     except RuntimeError as err:
         raise RuntimeError(f"VGG16 weights {weights!r} do not fit torchvision's vgg16 ({str(err).splitlines()[0]}); "
                            f"use torchvision's vgg16-397923af.pth") from None
-    return PerceptualLoss(features)
+    return PerceptualLoss(features, linear)

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fae_fast.adapters import load_published  # noqa: E402
-from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, fae_config, split_named_options  # noqa: E402
+from fae_fast.config import (FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, config_from_json,  # noqa: E402
+                             fae_config, split_named_options)
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,  # noqa: E402
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
@@ -123,16 +124,6 @@ def parse_args(argv: list[str]) -> SampleConfig:
 # ----------------------------------------------------------------------------------------------------
 # Loading: generator, decoders, statistics
 # ----------------------------------------------------------------------------------------------------
-def config_from_json(path: Path, cls, sections: tuple[str, ...]):
-    """A `cls` dataclass from a JSON file: the first of `sections` present, else the top level."""
-    saved = json.loads(Path(path).read_text())
-    values = next((saved[s] for s in sections if isinstance(saved.get(s), dict)), saved)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(values) - known):
-        raise ValueError(f"{path} has fields {unknown} that {cls.__name__} does not know; is it the right file?")
-    return cls(**values)
-
-
 def generator_config_path(cfg: SampleConfig) -> Path:
     """Where the generator's config.json is: model_config, beside ckpt, or in the run's newest checkpoint."""
     from training.checkpoint import CheckpointManager

@@ -360,7 +360,7 @@ class PixelStage:
         with warnings.catch_warnings():
             if not self.d.is_main:  # one warning per job, not per rank
                 warnings.simplefilter("ignore")
-            loss = load_perceptual_loss(self.cfg.loss.vgg_weights)
+            loss = load_perceptual_loss(self.cfg.loss.vgg_weights, required=self.cfg.loss.perceptual_required)
         return loss.to(self.dev) if loss is not None else None
 
     def _flops(self) -> None:
@@ -369,7 +369,7 @@ class PixelStage:
         if self.fae is not None:
             self.base += forward_flops(lambda: FeatureAutoencoder(f, "torch"), (1, T, f.feature_dim))
         if self.perceptual is not None:  # VGG on both images forward, and the input gradient of one
-            self.base += 1.5 * forward_flops(lambda: type(self.perceptual)(_vgg_like()), (1, 3, S, S), (1, 3, S, S))
+            self.base += 1.5 * forward_flops(lambda: type(self.perceptual)(_vgg_like(), list(self.perceptual.linear)), (1, 3, S, S), (1, 3, S, S))
         loss = self.cfg.loss
         disc = forward_flops(lambda: PatchDiscriminator(loss.disc_channels, loss.disc_layers), (1, 3, S, S))
         self.gan = 8 * disc  # G step: forward + input gradient on fakes; D step: forward + backward, real and fake

@@ -1,0 +1,171 @@
+"""Reconstruction quality of a whole FAE on held-out images: PSNR and rFID (the paper: rFID 0.68 on ImageNet val).
+
+    torchrun --nproc_per_node=8 training/evaluate_fae.py --fae=runs/fae-dinov2-g-pixel-finetune/fae.safetensors \\
+        --data.root=/data/imagenet --data.split=val --data.val_labels=LOC_val_solution.csv
+
+Every image's ADM centre crop (fae.image_size px) goes through the frozen encoder, the FAE encoder (its mean:
+no sampling), the feature decoder and the pixel decoder. PSNR compares uint8 images (fae_fast.eval.recon);
+rFID is the FID between the Inception features (torch-fidelity's TF-compatible network, as for gFID) of the
+reconstructions and of the originals. The protocol: all 50,000 ImageNet val images (`--max_images=0`); a
+smaller `--max_images=N` takes the first N / world images each rank reads (the sorted list is cut into
+batches across ranks) and is reported as rFID-N. Fewer than 2,048
+images cannot give a full-rank covariance and are refused. Writes one JSON file and prints one line.
+"""
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fae_fast.config import FAEConfig, apply_overrides, config_from_json, encoder_config  # noqa: E402
+from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
+from fae_fast.encoders import FrozenEncoder  # noqa: E402
+from fae_fast.eval.fid import InceptionExtractor  # noqa: E402
+from fae_fast.eval.recon import mean_psnr, psnr, reconstruction_features, rfid_from_features, to_uint8  # noqa: E402
+from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder  # noqa: E402
+from training.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix  # noqa: E402
+from training.runtime import finish_distributed, init_distributed, print0  # noqa: E402
+
+RFID_MIN_IMAGES = 2048  # the Inception feature dimension
+
+
+@dataclass(kw_only=True)
+class FAEEvalConfig:
+    """What evaluate_fae.py reconstructs and scores; `--field=value` / `--data.field=value` set a field."""
+
+    fae: str = ""
+    """The whole-FAE file (fae.safetensors of train_fae.py --stage=pixel-finetune: encoder.*, feature_decoder.*,
+    pixel_decoder.*)."""
+    fae_config: str = ""
+    """Its FAEConfig as JSON; default: the fae_config.json train_fae.py wrote beside it."""
+    encoder: str = "DINOv2-g/14"
+    """The frozen encoder the FAE was trained on (fae_fast.config.ENCODER_SIZES)."""
+    encoder_weights: str = ""
+    """A local weights file of the encoder; empty: the timm hub (or its cache)."""
+    random_encoder: bool = False
+    """Draw the encoder's weights at random (tests and speed runs only; never implied)."""
+    data: ImageDataConfig = field(default_factory=lambda: ImageDataConfig(split="val", batch_size=64, workers=8))
+    """The held-out images (read once each, in sorted order, no flips)."""
+    max_images: int = 0
+    """Images to score, the first ones in sorted order; 0: all of them (the protocol: 50,000 val images)."""
+    inception_weights: str = ""
+    """The Inception weights file (default: torch-fidelity's file in $TORCH_HOME/hub/checkpoints/)."""
+    out: str = ""
+    """Results JSON (default: <fae>.recon.json)."""
+    log_every: float = 30.0
+    """Seconds between progress lines."""
+
+
+def parse_args(argv: list[str]) -> FAEEvalConfig:
+    cfg = apply_overrides(FAEEvalConfig(), argv)
+    if not cfg.fae or not Path(cfg.fae).is_file():
+        raise FileNotFoundError(f"--fae={cfg.fae!r} does not exist; pass the fae.safetensors that train_fae.py "
+                                f"--stage=pixel-finetune wrote")
+    if not cfg.data.root or not Path(cfg.data.root, cfg.data.split).is_dir():
+        raise FileNotFoundError(f"--data.root={cfg.data.root!r} has no {cfg.data.split!r} folder; pass the data root "
+                                f"(and --data.split) of the held-out images")
+    if 0 < cfg.max_images < RFID_MIN_IMAGES:
+        raise ValueError(f"--max_images={cfg.max_images} is under {RFID_MIN_IMAGES}: a 2048-d covariance needs "
+                         f"more images; pass at least {RFID_MIN_IMAGES}, or 0 for all")
+    return cfg
+
+
+def read_fae_config(cfg: FAEEvalConfig) -> FAEConfig:
+    path = Path(cfg.fae_config) if cfg.fae_config else Path(cfg.fae).with_name(FAE_CONFIG_NAME)
+    if not path.is_file():
+        raise FileNotFoundError(f"no FAE config at {path}; pass --fae_config= the fae_config.json written with the "
+                                f"weights")
+    return config_from_json(path, FAEConfig, ("fae", "model"))
+
+
+def build_models(cfg: FAEEvalConfig, fcfg: FAEConfig, device: torch.device):
+    """Frozen encoder (bf16 on CUDA) and the FAE's three parts, in eval mode, on `device`."""
+    enc_cfg = encoder_config(cfg.encoder, weights_path=cfg.encoder_weights)
+    if cfg.random_encoder:
+        enc_cfg.pretrained = False
+    encoder = FrozenEncoder(enc_cfg, grid=fcfg.grid).to(device)
+    if device.type == "cuda":
+        encoder.model.to(torch.bfloat16)
+    tensors = read_weights(cfg.fae, "FAE")
+    parts = []
+    for prefix, cls in (("encoder.", FAEEncoder), ("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):
+        part = cls(fcfg) if cls is FAEEncoder else cls(fcfg, impl="auto")
+        load_strict(part, with_prefix(tensors, prefix), cfg.fae, "pass the --fae_config it was trained with",
+                    prefix=prefix)
+        parts.append(part.to(device).eval().requires_grad_(False))
+    return encoder, parts
+
+
+@torch.no_grad()
+def reconstruct(encoder, parts, encoder_pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, s, s) encoder crops in [0, 1] -> reconstructions (B, 3, S, S) in [-1, 1], bf16 autocast on CUDA."""
+    fae, feature_decoder, pixel_decoder = parts
+    features = encoder(encoder_pixels)  # (B, T, F)
+    with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=features.device.type == "cuda"):
+        _, mu, _ = fae.encode(features, sample=False)
+        return pixel_decoder(feature_decoder(mu)).float()
+
+
+def score_rank(loader, encoder, parts, extractor, limit: int, log_every: float) -> tuple[list[float], list]:
+    """PSNR values and (original, reconstruction) features of this rank's share, at most `limit` images."""
+    values, feats, t0, last = [], [], time.perf_counter(), time.perf_counter()
+    for batch in loader:
+        keep = min(len(batch["pixels"]), limit - len(values))
+        real = to_uint8(batch["pixels"][:keep], (0.0, 1.0))
+        fake = to_uint8(reconstruct(encoder, parts, batch["encoder_pixels"][:keep]))
+        values += psnr(real, fake).tolist()
+        feats.append(reconstruction_features(real, fake, extractor))
+        if time.perf_counter() - last > log_every:
+            last = time.perf_counter()
+            print0(f"reconstructed {len(values):,} of {limit:,} images on rank 0 "
+                   f"({len(values) / (last - t0):.1f} images/s)")
+        if len(values) >= limit:
+            break
+    return values, feats
+
+
+def main(argv: list[str], extractor=None) -> dict:
+    """Score and report; `extractor` replaces the Inception network (tests pass a random one)."""
+    cfg = parse_args(argv)
+    fcfg = read_fae_config(cfg)
+    d = init_distributed()
+    extractor = extractor or InceptionExtractor(d.device, cfg.inception_weights or None)  # fails before any work
+    encoder, parts = build_models(cfg, fcfg, d.device)
+    data = dataclasses.replace(cfg.data, shuffle=False, flip_twins=False, random_flip=False,
+                               image_size=fcfg.image_size, encoder_size=encoder.cfg.image_size)
+    loader = make_image_loader(data, rank=d.rank, world=d.world, device=d.device)
+    total = min(cfg.max_images or loader.num_images, loader.num_images)
+    if total < RFID_MIN_IMAGES:
+        raise ValueError(f"{cfg.data.root}/{cfg.data.split} holds {loader.num_images} images, under the "
+                         f"{RFID_MIN_IMAGES} rFID needs; point --data.root at a larger held-out set")
+    share = total // d.world + (d.rank < total % d.world)  # this rank's first images, the ranks' sum: total
+    values, feats = score_rank(loader, encoder, parts, extractor, share, cfg.log_every)
+    values, feats = sum(_gather(values), []), sum(_gather(feats), [])
+    record = {"psnr": mean_psnr(torch.tensor(values)),
+              "rfid": rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats])),
+              "num_images": len(values), "fae": cfg.fae, "images": str(Path(cfg.data.root, cfg.data.split)),
+              "extractor": extractor.name}
+    if d.is_main:
+        out = Path(cfg.out or f"{cfg.fae}.recon.json")
+        out.write_text(json.dumps(record, indent=1))
+        name = "rFID" if len(values) == loader.num_images else f"rFID-{len(values)}"
+        print(f"{name} {record['rfid']:.3f} | PSNR {record['psnr']:.2f} dB | {len(values):,} images of "
+              f"{record['images']} ({extractor.name}) | wrote {out}", flush=True)
+    finish_distributed()
+    return record
+
+
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
