@@ -4,7 +4,6 @@ A recipe is a function returning a complete config (`RECIPES["lightningdit-xl-80
 line picks one with `--recipe NAME` and changes single fields with `--section.field=value`.
 Values the paper does not publish are chosen here, next to the field, and said in the README.
 """
-import ast
 import dataclasses
 import json
 import typing
@@ -404,40 +403,8 @@ def recipe(name: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command-line overrides: --section.field=value
+# Configs saved beside weights (the command line is fae_fast/cli.py)
 # ----------------------------------------------------------------------------------------------------
-def _parse_value(text: str, annotation):
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
-    if annotation in (int, float):
-        return annotation(text)
-    if annotation is str:
-        return text
-    if origin in (tuple, list):
-        value = ast.literal_eval(text)
-        return origin(value) if origin is tuple else list(value)
-    raise ValueError(f"cannot parse a value of type {annotation}")
-
-
-def split_named_options(argv: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Take the options named in `defaults` (`--name VALUE` or `--name=VALUE`, e.g. --recipe, --preset) out
-    of argv: returns their values (defaults where absent) and the remaining arguments (the overrides)."""
-    picked, rest = dict(defaults), []
-    it = iter(argv)
-    for arg in it:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if key in picked:
-            picked[key] = arg.split("=", 1)[1] if "=" in arg else next(it, "")
-        else:
-            rest.append(arg)
-    return picked, rest
-
-
 def config_from_json(path, cls, sections: tuple[str, ...] = ()):
     """A `cls` dataclass from a JSON file: the first of `sections` present, else the top level."""
     saved = json.loads(Path(path).read_text())
@@ -446,29 +413,6 @@ def config_from_json(path, cls, sections: tuple[str, ...] = ()):
     if unknown := sorted(set(values) - known):
         raise ValueError(f"{path} has fields {unknown} that {cls.__name__} does not know; is it the right file?")
     return cls(**values)
-
-
-def apply_overrides(cfg, overrides: list[str]):
-    """Apply ['--model.depth=4', '--run.compile=false', ...] to a nested dataclass config, in place."""
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form --section.field=value")
-        path, text = item[2:].split("=", 1)
-        *parents, leaf = path.split(".")
-        target = cfg
-        for name in parents:
-            if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-                raise ValueError(f"override {item!r}: {type(target).__name__} has no section {name!r}")
-            target = getattr(target, name)
-        hints = typing.get_type_hints(type(target))
-        if leaf not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(target))
-            raise ValueError(f"override {item!r}: {type(target).__name__} has no field {leaf!r} (fields: {known})")
-        try:
-            setattr(target, leaf, _parse_value(text, hints[leaf]))
-        except (ValueError, SyntaxError) as err:
-            raise ValueError(f"override {item!r}: {err}") from None
-    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -11,6 +11,11 @@ from fae_fast.config import (EncoderConfig, FAEConfig, OptimConfig, RunConfig, e
                              validate_encoder, validate_fae)
 
 STAGES = ("feature", "pixel", "pixel-finetune")
+STAGE_DOCS = {
+    "feature": "stage Ia: FAE encoder + feature decoder on frozen encoder features (L2 + beta KL)",
+    "pixel": "stage Ib: pixel decoder on clean features + noise (L1 + LPIPS + GAN)",
+    "pixel-finetune": "stage II: pixel decoder on the feature decoder's output; writes the whole fae.safetensors",
+}
 
 
 @dataclass(kw_only=True)

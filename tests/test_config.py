@@ -1,7 +1,8 @@
 import pytest
 
-from fae_fast.config import (GenTrainConfig, apply_overrides, encoder_config, fae_config, generator_config, recipe,
-                             validate_encoder, validate_fae, validate_generator)
+from fae_fast.cli import UsageError, apply_overrides
+from fae_fast.config import (GenTrainConfig, encoder_config, fae_config, generator_config, recipe, validate_encoder,
+                             validate_fae, validate_generator)
 
 
 def test_overrides_set_nested_fields_with_their_types():
@@ -19,11 +20,11 @@ def test_overrides_set_nested_fields_with_their_types():
     ("--model.dept=4", "has no field 'dept'"),
     ("--modle.depth=4", "has no section 'modle'"),
     ("--run.compile=maybe", "expected true or false"),
-    ("model.depth=4", "not of the form"),
+    ("model.depth=4", "is not an option"),
     ("--model.depth=four", "--model.depth=four"),
 ])
 def test_bad_overrides_name_the_problem(bad, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(UsageError, match=needle):
         apply_overrides(GenTrainConfig(), [bad])
 
 

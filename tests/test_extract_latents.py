@@ -32,6 +32,7 @@ from fae_fast.encoders import FrozenEncoder
 from training import extract_latents
 from training.train_fae import FeatureAutoencoder
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
+from fae_fast.cli import UsageError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(72, 96), (96, 80), (64, 64), (90, 120), (80, 70)]  # (h, w): all cropped to FAE-tiny's 64 px
@@ -183,17 +184,16 @@ def test_resume_with_other_settings_names_the_setting(setup, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------
-def test_random_weights_must_be_asked_for(setup, tmp_path, capsys):
+def test_random_weights_must_be_asked_for(setup, tmp_path):
     args = ["--images", str(setup["tmp"] / "images" / "train"), "--encoder", "tiny", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="no FAE weights given.*--random_weights"):
         extract_latents.main(args)
-    assert "--random-weights" in capsys.readouterr().err
     assert extract_latents.main([*args, "--random-weights", "--batch", "8", "--shard-size", "16", "--workers", "0"])
     assert json.loads((tmp_path / "index.json").read_text())["fae"] == "random (seed 0)"
 
 
 def test_fae_weights_of_another_size_name_the_key(setup, tmp_path):
-    args = [*setup["args"], "--out", str(tmp_path / "c"), "--fae.latent_dim=8"]
+    args = [*setup["args"], "--out", str(tmp_path / "c"), "--fae_model.latent_dim=8"]
     with pytest.raises(ValueError, match=r"encoder.to_moments.weight is \(8, 192\) there but \(16, 192\) here"):
         extract_latents.main(args)
 
@@ -220,10 +220,9 @@ def test_an_undecodable_image_stops_extraction_naming_it(setup, tmp_path):
     assert not (tmp_path / "c" / "index.json").exists()
 
 
-def test_shard_size_must_be_a_multiple_of_the_batch(setup, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_shard_size_must_be_a_multiple_of_the_batch(setup, tmp_path):
+    with pytest.raises(UsageError, match="--shard_size=10 is not a multiple of --batch=4"):
         extract_latents.main([*setup["args"], "--out", str(tmp_path), "--shard-size", "10"])
-    assert "not a multiple of --batch 4" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------

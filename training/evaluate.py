@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fae_fast.config import apply_overrides  # noqa: E402
+from fae_fast.cli import parse_command_line, run_program  # noqa: E402
 from fae_fast.eval.fid import (FeatureProgress, InceptionExtractor, count_images, extract_features,  # noqa: E402
                                iter_images, load_reference, score)
 from fae_fast.eval.npz import npz_array_shape  # noqa: E402
@@ -55,7 +55,8 @@ class EvalConfig:
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
-    cfg = apply_overrides(EvalConfig(), argv)
+    cfg = parse_command_line(argv, prog="evaluate.py", summary=__doc__.split("\n")[0], choices={},
+                             build=lambda picked: EvalConfig())
     for name in ("samples", "ref"):
         if not getattr(cfg, name) or not Path(getattr(cfg, name)).exists():
             raise FileNotFoundError(f"--{name}={getattr(cfg, name)!r} does not exist; pass an .npz file or an "
@@ -98,4 +99,4 @@ def main(argv: list[str], extractor=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.config import FAEConfig, apply_overrides, config_from_json, encoder_config  # noqa: E402
+from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
+from fae_fast.config import FAEConfig, config_from_json, encoder_config  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
 from fae_fast.eval.fid import InceptionExtractor  # noqa: E402
@@ -63,7 +64,8 @@ class FAEEvalConfig:
 
 
 def parse_args(argv: list[str]) -> FAEEvalConfig:
-    cfg = apply_overrides(FAEEvalConfig(), argv)
+    cfg = parse_command_line(argv, prog="evaluate_fae.py", summary=__doc__.split("\n")[0], choices={},
+                             build=lambda picked: FAEEvalConfig())
     if not cfg.fae or not Path(cfg.fae).is_file():
         raise FileNotFoundError(f"--fae={cfg.fae!r} does not exist; pass the fae.safetensors that train_fae.py "
                                 f"--stage=pixel-finetune wrote")
@@ -71,7 +73,7 @@ def parse_args(argv: list[str]) -> FAEEvalConfig:
         raise FileNotFoundError(f"--data.root={cfg.data.root!r} has no {cfg.data.split!r} folder; pass the data root "
                                 f"(and --data.split) of the held-out images")
     if 0 < cfg.max_images < RFID_MIN_IMAGES:
-        raise ValueError(f"--max_images={cfg.max_images} is under {RFID_MIN_IMAGES}: a 2048-d covariance needs "
+        raise UsageError(f"--max_images={cfg.max_images} is under {RFID_MIN_IMAGES}: a 2048-d covariance needs "
                          f"more images; pass at least {RFID_MIN_IMAGES}, or 0 for all")
     return cfg
 
@@ -168,4 +170,4 @@ def _gather(obj) -> list:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)

@@ -2,26 +2,27 @@
 
     torchrun --nproc_per_node=8 training/extract_latents.py --images /imagenet/train \\
         --fae runs/fae-dinov2-g-feature/ema.safetensors --encoder DINOv2-g/14 --out /latents/train
-    # CPU smoke run with random weights (never implied: --random-weights must be said)
-    python training/extract_latents.py --images /tmp/imgs/train --encoder tiny --random-weights --out /tmp/latents
+    # CPU smoke run with random weights (never implied: --random_weights must be said)
+    python training/extract_latents.py --images /tmp/imgs/train --encoder tiny --random_weights --out /tmp/latents
 
 Each image's ADM centre crop (fae.image_size px) and its horizontal flip go through the frozen encoder
 (bf16 on CUDA, no_grad, torch.compile) and the FAE encoder; the latent mean mu (no sampling) of both is
 stored. Shard k (shard_size images) is made by rank k % world; a finished shard is skipped when the same
 command runs again, a half-written one is redone. The run ends by checking that every image is present
 exactly once, computing the per-channel stats and writing index.json. Run
-`python -m fae_fast.data.check IMAGES --out problems.txt` first and pass --exclude-list problems.txt if
+`python -m fae_fast.data.check IMAGES --out problems.txt` first and pass --exclude_list problems.txt if
 the folder may hold undecodable files: a file that cannot be decoded stops extraction, naming it.
-`--encoder.field=value` / `--fae.field=value` change single fields of the encoder and FAE configs.
+`--encoder.field=value` / `--fae_model.field=value` change single fields of the encoder and FAE configs;
+`--help` lists every option (kebab-case spellings such as --shard-size work too).
 """
-import argparse
 import datetime
 import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,8 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.config import (EncoderConfig, FAEConfig, apply_overrides, encoder_config, fae_config,  # noqa: E402
-                             validate_encoder)
+from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
+from fae_fast.config import (ENCODER_SIZES, FAE_SIZES, EncoderConfig, FAEConfig, encoder_config,  # noqa: E402
+                             fae_config, validate_encoder)
 from fae_fast.data import latent_cache as lc  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
@@ -46,7 +48,7 @@ ENCODER_FAE = {"DINOv2-g/14": "FAE-DINOv2-g", "DINOv2-B/14": "FAE-DINOv2-B",
 
 @dataclass(kw_only=True)
 class Models:
-    """The two models extraction runs; command-line `--encoder.x=v` / `--fae.x=v` edit them."""
+    """The two models extraction runs."""
 
     encoder: EncoderConfig
     """The frozen encoder."""
@@ -54,45 +56,74 @@ class Models:
     """The FAE (only its encoder is used)."""
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Models]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--images", required=True, help="a split folder: <class>/*.JPEG, or flat with --val-labels; "
-                                                   "with --file-list the folder its paths are relative to")
-    p.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
-    p.add_argument("--encoder", default="DINOv2-g/14", help="registered encoder (fae_fast.config.ENCODER_SIZES)")
-    p.add_argument("--fae", default="", help="FAE weights: the feature stage's ema.safetensors, its run folder, or "
-                                             "a DCP checkpoint folder")
-    p.add_argument("--fae-size", default="", help="registered FAE size (default: the one of --encoder)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="randomly initialised FAE (and encoder, unless it has weights_path): tests and speed runs")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights (the same on every rank)")
-    p.add_argument("--batch", type=int, default=256, help="images per step on each rank (2x rows with flips)")
-    p.add_argument("--shard-size", type=int, default=10240, help="images per shard (a multiple of --batch)")
-    p.add_argument("--workers", type=int, default=8, help="decoding workers / reader threads per rank")
-    p.add_argument("--backend", default="auto", help="image decoder: auto, dali, torchvision_gpu or pil")
-    p.add_argument("--file-list", default="", help="'relative/path label' lines used instead of scanning")
-    p.add_argument("--val-labels", default="", help="labels of a flat val folder (LOC_val_solution.csv)")
-    p.add_argument("--exclude-list", default="", help="output of python -m fae_fast.data.check: files to leave out")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the models (default: on CUDA)")
-    p.add_argument("--max-shards", type=int, default=0, help="stop after this many shards per rank (0: all)")
-    p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
-    args, rest = p.parse_known_args(argv)
-    fae_size = args.fae_size or ENCODER_FAE.get(args.encoder, "")
+@dataclass(kw_only=True)
+class ExtractConfig:
+    """What extract_latents.py reads and writes; `--encoder NAME` and `--fae_size NAME` pick the models,
+    `--encoder.field=value` / `--fae_model.field=value` change single fields of them."""
+
+    images: str = ""
+    """A split folder: <class>/*.JPEG, or flat with --val_labels; with --file_list the folder its paths are
+    relative to."""
+    out: str = ""
+    """Cache folder (created; an unfinished one is resumed)."""
+    fae: str = ""
+    """FAE weights: the feature stage's ema.safetensors, its run folder, or a DCP checkpoint folder."""
+    random_weights: bool = False
+    """Randomly initialised FAE (and encoder, unless it has weights_path): tests and speed runs only."""
+    seed: int = 0
+    """Seed of random weights (the same on every rank)."""
+    batch: int = 256
+    """Images per step on each rank (2x rows with flips)."""
+    shard_size: int = 10240
+    """Images per shard (a multiple of batch)."""
+    workers: int = 8
+    """Decoding workers / reader threads per rank."""
+    backend: str = "auto"
+    """Image decoder: auto, dali, torchvision_gpu or pil."""
+    file_list: str = ""
+    """'relative/path label' lines used instead of scanning."""
+    val_labels: str = ""
+    """Labels of a flat val folder (LOC_val_solution.csv)."""
+    exclude_list: str = ""
+    """Output of python -m fae_fast.data.check: files to leave out."""
+    compile: Optional[bool] = None
+    """torch.compile the models (none: on CUDA)."""
+    max_shards: int = 0
+    """Stop after this many shards per rank (0: all)."""
+    log_every: float = 30.0
+    """Seconds between progress lines."""
+    encoder: EncoderConfig = field(default_factory=lambda: encoder_config("DINOv2-g/14"))
+    """The frozen encoder (picked by --encoder NAME)."""
+    fae_model: FAEConfig = field(default_factory=lambda: fae_config("FAE-DINOv2-g"))
+    """The FAE's architecture (picked by --fae_size NAME; default: the one of the encoder)."""
+
+
+def _build(picked: dict[str, str]) -> ExtractConfig:
+    fae_size = ENCODER_FAE.get(picked["encoder"], "") if picked["fae_size"] == "auto" else picked["fae_size"]
     if not fae_size:
-        p.error(f"no FAE size is registered for encoder {args.encoder!r}; pass --fae-size")
-    models = Models(encoder=encoder_config(args.encoder), fae=fae_config(fae_size))
-    apply_overrides(models, rest)
+        raise UsageError(f"no FAE size is registered for encoder {picked['encoder']!r}; pass --fae_size NAME")
+    return ExtractConfig(encoder=encoder_config(picked["encoder"]), fae_model=fae_config(fae_size))
+
+
+def parse_args(argv: list[str]) -> tuple[ExtractConfig, Models]:
+    choices = {"encoder": ("DINOv2-g/14", {name: sizes["timm_name"] for name, sizes in ENCODER_SIZES.items()}),
+               "fae_size": ("auto", {"auto": "the FAE of --encoder", **{n: "" for n in FAE_SIZES}})}
+    args = parse_command_line(argv, prog="extract_latents.py", summary=__doc__.split("\n")[0], choices=choices,
+                              build=_build)
+    for name in ("images", "out"):
+        if not getattr(args, name):
+            raise UsageError(f"--{name} is required (see --help)")
     if args.shard_size % args.batch:
-        p.error(f"--shard-size {args.shard_size} is not a multiple of --batch {args.batch}; batches must not "
-                f"straddle shards")
+        raise UsageError(f"--shard_size={args.shard_size} is not a multiple of --batch={args.batch}; batches must "
+                         f"not straddle shards")
     if not args.fae and not args.random_weights:
-        p.error("no FAE weights given: pass --fae runs/fae-dinov2-g-feature/ema.safetensors (or its folder), or "
-                "--random-weights to extract with a randomly initialised FAE (tests and speed runs only)")
+        raise UsageError("no FAE weights given: pass --fae runs/fae-dinov2-g-feature/ema.safetensors (or its folder), "
+                         "or --random_weights to extract with a randomly initialised FAE (tests and speed runs only)")
+    models = Models(encoder=args.encoder, fae=args.fae_model)
     validate_encoder(models.encoder, models.fae.grid)
     if models.encoder.feature_dim != models.fae.feature_dim:
-        p.error(f"encoder.feature_dim={models.encoder.feature_dim} differs from fae.feature_dim="
-                f"{models.fae.feature_dim}; pass the --fae-size that belongs to --encoder {args.encoder}")
+        raise UsageError(f"encoder.feature_dim={models.encoder.feature_dim} differs from fae_model.feature_dim="
+                         f"{models.fae.feature_dim}; pass the --fae_size that belongs to --encoder")
     return args, models
 
 
@@ -121,7 +152,7 @@ def load_fae_encoder(path: str, cfg: FAEConfig) -> FAEEncoder:
     return encoder
 
 
-def build_models(args: argparse.Namespace, models: Models, device: torch.device) -> tuple[FrozenEncoder, FAEEncoder]:
+def build_models(args: ExtractConfig, models: Models, device: torch.device) -> tuple[FrozenEncoder, FAEEncoder]:
     """Frozen encoder (bf16 on CUDA) and FAE encoder, in eval mode, optionally compiled. Random weights
     are drawn from args.seed, so every rank builds the same ones."""
     torch.manual_seed(args.seed)
@@ -153,7 +184,7 @@ def latent_means(encoder: FrozenEncoder, fae: FAEEncoder, pixels: torch.Tensor) 
 # ----------------------------------------------------------------------------------------------------
 # Images and settings
 # ----------------------------------------------------------------------------------------------------
-def make_loader(args: argparse.Namespace, models: Models, device: torch.device):
+def make_loader(args: ExtractConfig, models: Models, device: torch.device):
     """An every-image-once loader (sorted order, flipped twins) of this process alone: the rank split is
     by shard, done here by excluding the images of other shards (loader.excluded)."""
     images = os.path.abspath(args.images)
@@ -352,7 +383,7 @@ def main(argv: list[str], built: tuple | None = None) -> bool:
     print0(f"{len(kept):,} images in {len(plan)} shards of {args.shard_size}; {done_before:,} images done before; "
            f"{d.world} rank(s) on {d.device.type}; encoder {models.encoder.timm_name}, FAE {settings['fae']}")
     if args.random_weights:
-        print0("WARNING: --random-weights: these latents come from randomly initialised weights (tests, speed runs)")
+        print0("WARNING: --random_weights: these latents come from randomly initialised weights (tests, speed runs)")
     if todo:
         encoder, fae = built or build_models(args, models, d.device)
         position_of = np.full(len(loader.images), -1, dtype=np.int64)
@@ -365,5 +396,5 @@ def main(argv: list[str], built: tuple | None = None) -> bool:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)
     finish_distributed()

@@ -32,8 +32,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fae_fast.adapters import load_published  # noqa: E402
-from fae_fast.config import (FAEConfig, GeneratorConfig, SamplerConfig, apply_overrides, config_from_json,  # noqa: E402
-                             fae_config, split_named_options)
+from fae_fast.cli import parse_command_line, run_program  # noqa: E402
+from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, config_from_json, fae_config  # noqa: E402
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,  # noqa: E402
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
@@ -110,15 +110,19 @@ PRESETS = {
     "paper-no-cfg": lambda: SamplerConfig(method="euler_maruyama", steps=250, time_shift=0.4, cfg=[]),
     "paper-cfg": lambda: SamplerConfig(method="euler", steps=250, time_shift=0.4, cfg=[(0.3, 1.0, 1.5)]),
 }
+PRESET_DOCS = {
+    "paper-no-cfg": "SDE (Euler-Maruyama), 250 steps, time shift 0.4, no guidance (the paper's no-CFG numbers)",
+    "paper-cfg": "Euler ODE, 250 steps, time shift 0.4, guidance 1.5 on t in [0.3, 1) (120 of the steps)",
+}
 
 
 def parse_args(argv: list[str]) -> SampleConfig:
-    """`--preset NAME` (default paper-cfg), then `--field=value` / `--sampler.field=value` overrides."""
-    picked, rest = split_named_options(argv, {"preset": "paper-cfg"})
-    name = picked["preset"]
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return apply_overrides(SampleConfig(sampler=PRESETS[name]()), rest)
+    """`--recipe NAME` (default paper-cfg; `--preset` is the same option), then `--field=value` /
+    `--sampler.field=value` overrides."""
+    argv = ["--recipe" + a[len("--preset"):] if a.startswith("--preset") else a for a in argv]
+    return parse_command_line(argv, prog="sample.py", summary=__doc__.split("\n")[0],
+                              choices={"recipe": ("paper-cfg", PRESET_DOCS)},
+                              build=lambda picked: SampleConfig(sampler=PRESETS[picked["recipe"]]()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -502,5 +506,5 @@ def main(argv: list[str]) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)
     finish_distributed()

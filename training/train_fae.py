@@ -39,12 +39,13 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from fae_fast.config import apply_overrides, split_named_options, to_dict  # noqa: E402
+from fae_fast.cli import parse_command_line, run_program  # noqa: E402
+from fae_fast.config import to_dict  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
 from fae_fast.eval.recon import mean_psnr, psnr, reconstruction_features, rfid_from_features, to_uint8  # noqa: E402
 from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify  # noqa: E402
-from fae_fast.fae_config import FAETrainConfig, fae_recipe, validate  # noqa: E402
+from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate  # noqa: E402
 from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,  # noqa: E402
                              hinge_g_loss, linear_weight_grad, load_perceptual_loss)
 from fae_fast.viz import save_grid  # noqa: E402
@@ -60,8 +61,9 @@ RFID_MIN_IMAGES = 2048  # the Inception feature dimension: fewer images give a r
 
 def parse_args(argv: list[str]) -> FAETrainConfig:
     """`--recipe NAME` (default tiny) and `--stage STAGE` (default feature), then `--section.field=value`."""
-    picked, rest = split_named_options(argv, {"recipe": "tiny", "stage": "feature"})
-    cfg = apply_overrides(fae_recipe(picked["recipe"], picked["stage"]), rest)
+    cfg = parse_command_line(argv, prog="train_fae.py", summary=__doc__.split("\n")[0],
+                             choices={"recipe": ("tiny", RECIPES), "stage": ("feature", STAGE_DOCS)},
+                             build=lambda picked: fae_recipe(picked["recipe"], picked["stage"]))
     validate(cfg)
     return cfg
 
@@ -639,5 +641,5 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)
     finish_distributed()

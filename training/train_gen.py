@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.config import GenTrainConfig, apply_overrides, recipe, split_named_options, to_dict  # noqa: E402
+from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
+from fae_fast.config import RECIPES, GenTrainConfig, recipe, to_dict  # noqa: E402
 from fae_fast.data.latents import make_source  # noqa: E402
 from fae_fast.data.toy import ToyLatents  # noqa: E402
 from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
@@ -34,9 +35,16 @@ from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_d
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
-    """`--recipe NAME` (default: demo) then `--section.field=value` overrides."""
-    picked, rest = split_named_options(argv, {"recipe": "demo"})
-    return apply_overrides(recipe(picked["recipe"]), rest)
+    """`--recipe NAME` (default: demo) then `--section.field=value` overrides; --help lists both."""
+    cfg = parse_command_line(argv, prog="train_gen.py", summary=__doc__.split("\n")[0],
+                             choices={"recipe": ("demo", RECIPES)}, build=lambda picked: recipe(picked["recipe"]))
+    if cfg.data.path and cfg.data.source != "cache":
+        raise UsageError(f"--data.path is read only with --data.source=cache, and this run has data.source="
+                         f"{cfg.data.source!r}; add --data.source=cache to train on the latent cache")
+    if cfg.data.source == "cache" and not Path(cfg.data.path).is_dir():
+        raise FileNotFoundError(f"--data.path={cfg.data.path!r} is no folder; pass the latent cache that "
+                                f"training/extract_latents.py wrote (--out there)")
+    return cfg
 
 
 def train_step(model: Generator, x1, y, cfg: GenTrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -150,10 +158,10 @@ def main(argv: list[str]) -> dict:
     cfg = parse_args(argv)
     d = init_distributed()
     out = Path(cfg.run.out_dir)
+    source = make_source(cfg.data, cfg.model, rank=d.rank, world=d.world, device=d.device)  # checks the data first
     model, optimizer = build(cfg, d)
     decoder = grid_decoder(cfg, d)
     ema = EMA(model, cfg.optim.ema_decay)
-    source = make_source(cfg.data, cfg.model, rank=d.rank, world=d.world, device=d.device)
     is_toy = cfg.data.source == "toy" and cfg.run.eval_samples > 0
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"generator {n_params / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device.type}, "
@@ -237,5 +245,5 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)
     finish_distributed()
