@@ -105,3 +105,38 @@ def test_resume_with_another_model_config_names_the_field(tmp_path):
     res = torchrun(1, *TINY, "--run.steps=10", "--model.depth=3", f"--run.out_dir={out}")
     assert res.returncode != 0
     assert "model.depth=2" in res.stderr and "--model.depth=2" in res.stderr
+
+
+def _damage_largest_shard(folder: Path) -> None:
+    """4 KiB of zeros written into the middle of the checkpoint's largest .distcp file (sizes unchanged)."""
+    shard = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(min(4096, len(data) - middle))
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_matches(tmp_path):
+    """The newest checkpoint with 4 KiB zeroed inside a shard: one warning naming it, resume from the one
+    before, and the losses of an uninterrupted run. With every checkpoint damaged, the run stops and leaves
+    them as they are."""
+    common = [*TINY, "--run.ckpt_every=5"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert torchrun(1, *common, "--run.steps=15", f"--run.out_dir={straight}").returncode == 0
+    assert torchrun(1, *common, "--run.steps=10", f"--run.out_dir={run}").returncode == 0
+    _damage_largest_shard(run / "checkpoints" / "step_00000010")
+    res = torchrun(1, *common, "--run.steps=15", f"--run.out_dir={run}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step_00000010 is damaged" in res.stderr and "differs from what was written (checksum)" in res.stderr
+    assert "resumed from" in res.stdout and "step_00000005 at step 5" in res.stdout
+    a, b = history(straight), history(run)
+    assert b[15] == pytest.approx(a[15], rel=1e-6) and b[10] == pytest.approx(a[10], rel=1e-6)
+
+    for folder in CheckpointManager(run / "checkpoints").complete():
+        (folder / "config.json").write_text("")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    res = torchrun(1, *common, "--run.steps=20", f"--run.out_dir={run}")
+    assert res.returncode != 0
+    assert "error: every checkpoint in" in res.stderr and "config.json unreadable" in res.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before

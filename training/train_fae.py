@@ -530,8 +530,8 @@ def all_reduce_mean_grads(module: nn.Module) -> None:
 # The program
 # ----------------------------------------------------------------------------------------------------
 def resume(ckpts: CheckpointManager, state: dict, cfg: FAETrainConfig) -> int:
-    """Load the latest complete checkpoint into `state`, after checking stage, encoder and FAE config."""
-    latest = ckpts.latest()
+    """Load the newest intact checkpoint into `state`, after checking stage, encoder and FAE config."""
+    latest = ckpts.latest_intact()
     if latest is None:
         return 0
     saved = json.loads((latest / "config.json").read_text()).get("stage")

@@ -172,7 +172,7 @@ def main(argv: list[str]) -> dict:
     state = {"train": ModelAndOptimizer(model, optimizer), "ema": ema, "data": source,
              "progress": {"step": 0}}
     start = 0
-    if (latest := ckpts.latest()) is not None:
+    if (latest := ckpts.latest_intact()) is not None:
         CheckpointManager.load(latest, state, to_dict(cfg))
         start = int(state["progress"]["step"])
         print0(f"resumed from {latest} at step {start}")
