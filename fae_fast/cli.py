@@ -199,20 +199,20 @@ def parse_command_line(argv: list[str], *, prog: str, summary: str, choices: dic
 # ----------------------------------------------------------------------------------------------------
 # Running a program
 # ----------------------------------------------------------------------------------------------------
-INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
-"""What a bad input raises in fae_fast (a missing file, a config that does not fit, a damaged file): each
-with one sentence naming the thing and the fix."""
+REPORTED_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError, FloatingPointError)
+"""What a bad input or a failed run raises in fae_fast (a missing file, a config that does not fit, a damaged
+file, a loss that became NaN): each with one sentence naming the thing and the fix."""
 
 
 def run_program(main: Callable[[list[str]], object], argv: list[str] | None = None):
     """Run a program's main(argv) as its `__main__`: a UsageError is one line on stderr and exit status 2, an
-    input error one line and status 1, printed once (rank 0 under torchrun). `--debug` shows tracebacks."""
+    input error (or a NaN stop) one line and status 1, printed once (rank 0 under torchrun). `--debug` shows tracebacks."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
         return main(argv)
-    except (UsageError, *INPUT_ERRORS) as err:
+    except (UsageError, *REPORTED_ERRORS) as err:
         if debug:
             raise
         if os.environ.get("RANK", "0") == "0":

@@ -209,6 +209,35 @@ def test_missing_stats_unknown_dtype_and_wrong_shard_are_refused(cache, tmp_path
         source(folder2)
 
 
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "mmap length is greater than file size"),
+    ("zero_header", "cannot be read"),
+    ("truncate_labels", "cannot be read"),
+])
+def test_a_damaged_shard_file_is_named_with_the_fix(cache, tmp_path, damage, reason):
+    folder = _copy(cache, tmp_path)
+    name = "shard_00001.labels.npy" if damage == "truncate_labels" else "shard_00001.npy"
+    data = (folder / name).read_bytes()
+    data = bytes(128) + data[128:] if damage == "zero_header" else data[:len(data) // 2]
+    (folder / name).write_bytes(data)
+    with pytest.raises(ValueError) as err:
+        lc.LatentCache(folder)
+    message = str(err.value)
+    assert f"latent cache file {folder / name} cannot be read" in message and reason in message
+    assert f"delete {folder / name} and {folder / 'index.json'}, then run training/extract_latents.py" in message
+
+
+def test_nan_latents_are_named_as_a_data_problem_with_their_shard(cache, tmp_path):
+    folder = _copy(cache, tmp_path)
+    shard = np.load(folder / "shard_00002.npy")
+    shard[3, 0, 5, 1] = np.nan  # image 32 + 3, plain latent
+    np.save(folder / "shard_00002.npy", shard)
+    src = source(folder, batch=60, random_flip=False)
+    with pytest.raises(ValueError, match=r"the latents of image 35 \(step 0\) in .*shard_00002.npy are NaN or inf: "
+                                         r"the latent cache is damaged, not the training; delete"):
+        src.batch(0)
+
+
 def test_labels_beyond_the_generators_classes_name_the_fix(cache):
     with pytest.raises(ValueError, match=r"labels 0-9 but the generator has 4 classes; set --model.num_classes=10"):
         make_source(DataConfig(source="cache", path=str(cache), global_batch=12),

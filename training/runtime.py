@@ -165,14 +165,18 @@ class NonFiniteGuard:
         bad = ~torch.isfinite(loss.detach()).all() & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
 
-    def check(self, terms: dict[str, float], last_checkpoint: str | None) -> None:
+    def check(self, terms: dict[str, float], last_checkpoint: str | None, lr: float | None = None) -> None:
         step = int(self.first_bad)
         if step >= 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-            resume = f"resume from {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-            raise FloatingPointError(
-                f"loss became NaN or inf at step {step} (recent terms: {shown}); stopping. The last good "
-                f"checkpoint is untouched: {resume} with a lower optim.lr or a smaller optim.grad_clip.")
+            lower = f"lower --optim.lr (now {lr:g})" if lr is not None else "lower --optim.lr"
+            if last_checkpoint is None:
+                advice = f"No checkpoint was written yet: {lower} and start again."
+            else:
+                advice = (f"{lower} and run the same command: it resumes from the newest checkpoint, {last_checkpoint}, "
+                          f"which this run left untouched. If the loss had already risen before that step (see "
+                          f"loss.png), delete that checkpoint folder first, or start over in a new --run.out_dir.")
+            raise FloatingPointError(f"loss became NaN or inf at step {step} (recent terms: {shown}); stopped. {advice}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -589,11 +589,11 @@ def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, st
             print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
         if done % run.log_every == 0 or done == run.steps:
             means = meter.means()
-            guard.check(means, str(last_ckpt) if last_ckpt else None)
+            guard.check(means, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             progress.flops = stage.flops_per_image(step)
             print0(progress.line(done, means))
         if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
-            guard.check({"loss": float(terms["loss"])}, str(last_ckpt) if last_ckpt else None)
+            guard.check({"loss": float(terms["loss"])}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
             progress.save()

@@ -231,10 +231,10 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
             print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
         if done % run.log_every == 0 or done == run.steps:
             terms = meter.means()  # over the steps since the last line and over ranks
-            guard.check(terms, str(last_ckpt) if last_ckpt else None)
+            guard.check(terms, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             print0(progress.line(done, terms))
         if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
-            guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None)
+            guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
             progress.save()

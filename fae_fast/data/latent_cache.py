@@ -263,11 +263,28 @@ class LatentCache:
         ix = self.index
         self.num_images, self.tokens, self.channels = ix["num_images"], ix["tokens"], ix["channels"]
         self.flips = bool(ix["flips"])
-        self.shards = [np.load(self.folder / s["file"], mmap_mode="r") for s in ix["shards"]]
+        self.shards = [self._open(s["file"], mmap_mode="r") for s in ix["shards"]]
         self.starts = np.array([s["start"] for s in ix["shards"]], dtype=np.int64)
-        self.labels = np.concatenate([np.load(self.folder / s["labels"]) for s in ix["shards"]])
+        self.labels = np.concatenate([self._open(s["labels"]) for s in ix["shards"]])
         self._check_files()
         self.mean, self.std = self._read_stats()
+
+    def redo_hint(self, file: str) -> str:
+        return (f"delete {self.folder / file} and {self.folder / 'index.json'}, then run training/extract_latents.py "
+                f"with --out {self.folder} again (it redoes missing shards only)")
+
+    def _open(self, file: str, **kwargs) -> np.ndarray:
+        """np.load of one shard or label file, or one sentence naming the file and the fix."""
+        try:
+            return np.load(self.folder / file, **kwargs)
+        except (ValueError, OSError, EOFError) as err:
+            reason = str(err).split(". ")[0][:120]
+            raise ValueError(f"latent cache file {self.folder / file} cannot be read ({reason}); it is damaged: "
+                             f"{self.redo_hint(file)}") from None
+
+    def shard_of(self, image: int) -> str:
+        """The shard file holding an image's latents."""
+        return self.index["shards"][int(np.searchsorted(self.starts, image, side="right")) - 1]["file"]
 
     def _check_files(self) -> None:
         want = (2 if self.flips else 1, self.tokens, self.channels)
@@ -381,6 +398,12 @@ class LatentCacheSource:
         x = torch.empty((self.local, self.cache.tokens, self.cache.channels), pin_memory=self.pin,
                         dtype=TORCH_DTYPES[self.cache.index["dtype"]])
         self.cache.gather(images, flips, out=x.numpy())
+        finite = np.isfinite(x.numpy()).reshape(len(images), -1).all(1)  # read in the background: off the step
+        if not finite.all():
+            bad = int(images[np.argmin(finite)])
+            file = self.cache.shard_of(bad)
+            raise ValueError(f"the latents of image {bad} (step {step}) in {self.cache.folder / file} are NaN or inf: "
+                             f"the latent cache is damaged, not the training; {self.cache.redo_hint(file)}")
         y = torch.from_numpy(self.cache.labels[images])
         return x, (y.pin_memory() if self.pin else y)
 
