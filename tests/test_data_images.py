@@ -131,6 +131,19 @@ def test_check_tool_lists_exactly_the_truncated_file(imagenet, tmp_path, capsys)
     assert "1 png" in printed and "1 cannot be decoded" in printed
 
 
+def test_check_tool_reasons_name_no_buffer_and_a_bad_out_folder_fails_first(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "not_an_image.JPEG").write_bytes(b"plain text, not an image")
+    out = tmp_path / "problems.txt"
+    assert check.main([str(folder), "--out", str(out), "--workers", "1"]) == 0
+    reason = out.read_text().splitlines()[1].split("\t")[1]
+    assert "BytesIO" not in reason and "cannot identify image file the file" in reason
+    with pytest.raises(SystemExit):
+        check.main([str(folder), "--out", str(tmp_path / "missing" / "problems.txt"), "--workers", "1"])
+    assert "its folder does not exist" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loaders agree with the reference
 # ----------------------------------------------------------------------------------------------------

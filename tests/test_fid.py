@@ -213,3 +213,10 @@ def test_evaluate_program_without_inception_weights_stops_before_any_work(tmp_pa
     np.savez(tmp_path / "latents.npz", arr_0=np.zeros((4, 16, 4), np.float32))
     with pytest.raises(ValueError, match=r"shape \(4, 16, 4\), not images"):
         evaluate.main([f"--samples={tmp_path / 'latents.npz'}", f"--ref={tmp_path / 's.npz'}"])
+
+
+def test_a_damaged_npz_is_named(tmp_path):
+    bad = tmp_path / "samples_10x8x8x3.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=f"{bad} is not a readable .npz with arr_0"):
+        evaluate.parse_args([f"--samples={bad}", f"--ref={tmp_path}"])

@@ -80,3 +80,15 @@ def test_latents_of_another_shape_name_the_fix():
     model = Generator(generator_config("SiT-tiny/1", in_channels=4, grid=4, num_classes=10), impl="torch")
     with pytest.raises(ValueError, match=r"expects latents \(B, 16, 4\).*got \(2, 16, 8\).*model.in_channels"):
         model(torch.randn(2, 16, 8), torch.rand(2), torch.tensor([0, 1]))
+
+
+def test_triton_ops_on_a_cpu_without_the_interpreter_say_what_to_do():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", "from fae_fast.layers import Ops; Ops('triton')"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "impl='triton' needs a CUDA GPU" in res.stderr and "TRITON_INTERPRET=1 set before" in res.stderr

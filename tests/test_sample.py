@@ -350,3 +350,25 @@ def test_bf16_weights_as_on_cuda_stay_close_to_fp32(tmp_path):
     assert (z32 - z16).abs().max() < 0.05
     images32, images16 = (runs[dt][1](z32).int() for dt in (torch.float32, torch.bfloat16))
     assert (images32 - images16).abs().max() <= 3 and images32.float().std() > 10
+
+
+def test_damaged_and_missing_inputs_name_the_file(tmp_path):
+    """Garbage or truncated safetensors, a garbage --stats JSON, a missing --fae: one sentence each, naming the
+    file, and the missing file is reported before anything about shapes."""
+    from training.checkpoint import read_weights
+
+    garbage = tmp_path / "ema.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=f"generator weights file '{garbage}' cannot be read .*export or copy it again"):
+        read_weights(garbage, "generator")
+    tiny_generator(tmp_path / "gen")
+    whole = (tmp_path / "gen" / "ema.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors' cannot be read"):
+        read_weights(tmp_path / "cut.safetensors", "generator")
+    (tmp_path / "stats.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"latent statistics file {tmp_path / 'stats.json'} is not the JSON"):
+        sample.load_stats(str(tmp_path / "stats.json"), 4)
+    cfg = sample.parse_args([f"--fae={tmp_path / 'missing.safetensors'}", "--stats=identity", "--fae_size=FAE-DINOv2-g"])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        sample.Decoder(cfg, generator_config("SiT-tiny/1", grid=4, in_channels=4), torch.device("cpu"), torch.float32)

@@ -213,7 +213,11 @@ def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if p.is_dir():
         return read_dcp_ema(p)
     if p.is_file():
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError for every bad file
+            raise ValueError(f"{what} weights file {str(p)!r} cannot be read ({type(err).__name__}: {str(err)[:100]}); "
+                             f"it is damaged or not a safetensors file: export or copy it again") from None
     raise FileNotFoundError(f"{what} weights {str(p)!r} do not exist; train that stage first or fix the path")
 
 

@@ -184,11 +184,14 @@ def load_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise FileNotFoundError(f"latent statistics file {path!r} does not exist; pass --stats= the stats file "
                                 f"extract_latents.py wrote (or 'identity' for unnormalised latents)")
     if path.endswith(".json"):
-        saved = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(Path(path).read_text()).items()
-                 if k in ("mean", "std")}
+        try:
+            saved = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(Path(path).read_text()).items()
+                     if k in ("mean", "std")}
+        except (ValueError, AttributeError, TypeError) as err:
+            raise ValueError(f"latent statistics file {path} is not the JSON extract_latents.py writes ({type(err).__name__}: "
+                             f"{str(err)[:80]}); pass --stats= the cache's stats.json") from None
     else:
-        from safetensors.torch import load_file
-        saved = load_file(path)
+        saved = read_weights(path, "latent statistics")
     if "mean" not in saved or "std" not in saved or saved["mean"].shape[-1] != channels:
         raise ValueError(f"{path} must hold 'mean' and 'std' of shape ({channels},) for {channels} latent channels")
     return saved["mean"].float(), saved["std"].float()
@@ -211,6 +214,10 @@ class Decoder:
     def __init__(self, cfg: SampleConfig, gcfg: GeneratorConfig, device: torch.device, dtype: torch.dtype):
         from fae_fast.fae import FeatureDecoder, PixelDecoder
 
+        if not Path(cfg.fae).is_file():
+            raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the fae.safetensors "
+                                    f"that train_fae.py --stage=pixel-finetune wrote (feature_decoder.* and "
+                                    f"pixel_decoder.* weights)")
         if not cfg.stats:
             raise ValueError("--stats is needed with --fae: the generator samples normalised latents; pass the "
                              "latent cache's stats file, or --stats=identity for unnormalised latents")
@@ -219,10 +226,6 @@ class Decoder:
             raise ValueError(f"the FAE decodes {fcfg.grid}x{fcfg.grid}x{fcfg.latent_dim} latents but the generator "
                              f"makes {gcfg.grid}x{gcfg.grid}x{gcfg.in_channels}; pass the matching --fae_size or "
                              f"--fae_config")
-        if not Path(cfg.fae).is_file():
-            raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the fae.safetensors "
-                                    f"that train_fae.py --stage=pixel-finetune wrote (feature_decoder.* and "
-                                    f"pixel_decoder.* weights)")
         tensors = read_weights(cfg.fae, "FAE")
         self.parts = []
         for prefix, cls in (("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):

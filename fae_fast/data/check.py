@@ -11,6 +11,7 @@ import argparse
 import collections
 import multiprocessing
 import os
+import re
 import sys
 
 from fae_fast.data.decode import open_rgb, sniff
@@ -33,7 +34,8 @@ def _kind(data) -> str:
 
 
 def _reason(e: Exception) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())  # one line, no tabs
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(e))  # PIL names its buffer
+    return " ".join(f"{type(e).__name__}: {text}".split())  # one line, no tabs
 
 
 def check_file(path: str) -> tuple[str, str, str | None]:
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.path):
         parser.error(f"{args.path} is not a folder; give the folder holding the images")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out}: its folder does not exist; create it or write the list elsewhere")
     problems, kinds = scan(args.path, args.workers)
     write_problems(args.out, args.path, problems)
     total = sum(kinds.values())

@@ -146,6 +146,10 @@ def iter_npz_array(path: str | Path, key: str = "arr_0", batch: int = 256) -> It
 
 
 def npz_array_shape(path: str | Path, key: str = "arr_0") -> tuple[int, ...]:
-    """Shape of one array of an .npz, read from its header only."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        return _read_header(f)[0]
+    """Shape of one array of an .npz, read from its header only; a damaged file is one ValueError naming it."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            return _read_header(f)[0]
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz with {key} ({type(err).__name__}: {str(err)[:100]}); "
+                         f"write it again (sample.py resumes from its chunks) or pass another file") from None
