@@ -49,6 +49,7 @@ def test_demo_distance_to_the_true_distribution_falls(tmp_path):
     assert scores["after"]["overall"] < scores["before"]["overall"] / 3, scores["after"]
     assert scores["floor"] < scores["after"]["overall"]  # the floor is what true samples score
     assert "training reduced the overall distance" in res.stdout
+    assert (out / "toy_projection.png").stat().st_size > 20_000  # two scatter panels a person can judge
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
-from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
+from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid  # noqa: E402
 from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
@@ -77,16 +77,25 @@ def sample_share(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int)
     return gather_cat(out.float()), gather_cat(mine)
 
 
-def toy_frechet(model, cfg: GenTrainConfig, d) -> dict[str, float]:
-    """Frechet distance of the model's samples to the toy's true per-class and mixture Gaussians."""
+def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """Frechet distance of the model's samples to the toy's true per-class and mixture Gaussians, and the
+    samples with their labels (for the projection plot)."""
     toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
     labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
     samples, labels = sample_share(model, cfg, labels, d, seed=cfg.run.seed + 12345)
-    samples = samples.flatten(1)
-    scores = {f"class {k}": frechet_distance(*moments(samples[labels == k]), toy.means[k], toy.covariance(k))
+    flat = samples.flatten(1)
+    scores = {f"class {k}": frechet_distance(*moments(flat[labels == k]), toy.means[k], toy.covariance(k))
               for k in range(toy.num_classes)}
-    scores["overall"] = frechet_distance(*moments(samples), *toy.mixture_moments())
-    return scores
+    scores["overall"] = frechet_distance(*moments(flat), *toy.mixture_moments())
+    return scores, (samples, labels)
+
+
+def save_toy_projection(cfg: GenTrainConfig, path: Path, before, after) -> None:
+    """toy_projection.png: generated and true latents of every class in 2-D, before and after training."""
+    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
+    true = (toy.sample(labels, torch.Generator().manual_seed(7)), labels)
+    plot_toy_projection(path, true, {"before training": before, "after training": after}, toy.means)
 
 
 def toy_floor(cfg: GenTrainConfig) -> float:
@@ -166,7 +175,7 @@ def main(argv: list[str]) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"generator {n_params / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device.type}, "
            f"global batch {cfg.data.global_batch}, {cfg.run.steps} steps -> {out}")
-    before = toy_frechet(model, cfg, d) if is_toy else None
+    before, before_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
 
     ckpts = CheckpointManager(out / "checkpoints")
     state = {"train": ModelAndOptimizer(model, optimizer), "ema": ema, "data": source,
@@ -180,12 +189,16 @@ def main(argv: list[str]) -> dict:
     history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start, decoder)
 
     with ema.applied():
-        after = toy_frechet(model, cfg, d) if is_toy else None
+        after, after_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
         save_sample_grid(model, cfg, d, out / "samples_final.png", decoder)
     export_weights(model, ema.state_dict(), out / "ema.safetensors")
     if d.is_main:
         plot_curves(history, str(out / "loss.png"), f"train_gen: {cfg.model.depth}x{cfg.model.width}")
-        print0(f"wrote {out / 'ema.safetensors'}, {out / 'loss.png'} and {out / 'samples_final.png'}")
+        pictures = ["samples_final.png"]
+        if is_toy:
+            save_toy_projection(cfg, out / "toy_projection.png", before_samples, after_samples)
+            pictures.append("toy_projection.png")
+        print0(f"wrote {out / 'ema.safetensors'}, {out / 'loss.png'} and " + ", ".join(str(out / p) for p in pictures))
     if before is not None:
         floor = toy_floor(cfg)
         report_toy(before, after, floor)
