@@ -180,6 +180,10 @@ class DataConfig:
     """Use the horizontally flipped latent of an image half of the time (cache must hold flips)."""
     seed: int = 0
     """Seed of data order and of the toy distribution."""
+    skip: list[tuple[int, int]] = field(default_factory=list)
+    """Data batches never trained on, as inclusive ranges of batch indices [(first, last), ...]: training
+    step n reads the n-th batch index outside them. The loss-spike guard adds the ranges it skips (kept in
+    checkpoints); set them by hand to replay a run without those batches."""
 
 
 @dataclass(kw_only=True)
@@ -210,6 +214,16 @@ class RunConfig:
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     eval_samples: int = 0
     """Samples drawn at the end to score the run (toy: Frechet distance to the true distribution)."""
+    spike_factor: float = 2.0
+    """Loss-spike guard: a step whose loss (mean over ranks) exceeds spike_factor x the median of the last
+    spike_window clean steps, spike_patience steps in a row, is a spike; the run rolls back to the newest
+    checkpoint before it and skips its batches (data.skip). 0 turns the guard off (the NaN guard stays)."""
+    spike_window: int = 200
+    """Clean steps whose median the guard compares against (it starts judging after 50 of them)."""
+    spike_patience: int = 3
+    """Consecutive steps above the threshold that make a spike (one noisy step does not)."""
+    spike_max_rollbacks: int = 3
+    """Rollbacks allowed within 10 x ckpt_every steps; one more stops the run naming the steps and losses."""
 
 
 @dataclass(kw_only=True)

@@ -65,21 +65,23 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def latest_intact(self) -> Path | None:
-        """The newest complete checkpoint whose files match their checksums (None: there is none yet). Damaged
-        newer ones are skipped with a warning; if all are damaged, a ValueError says so. Rank 0 checks,
-        every rank gets its answer."""
+    def latest_intact(self, upto_step: int | None = None) -> Path | None:
+        """The newest complete checkpoint (of step <= upto_step, if given) whose files match their checksums
+        (None: there is none). Damaged newer ones are skipped with a warning; if all are damaged, a ValueError
+        says so. Rank 0 checks, every rank gets its answer."""
         answer = [None]
         if not dist.is_initialized() or dist.get_rank() == 0:
-            answer = [self._pick_intact()]
+            answer = [self._pick_intact(upto_step)]
         if dist.is_initialized():
             dist.broadcast_object_list(answer, src=0)
         if isinstance(answer[0], str) and answer[0].startswith("error: "):
             raise ValueError(answer[0][len("error: "):])
         return Path(answer[0]) if answer[0] else None
 
-    def _pick_intact(self) -> str | None:
+    def _pick_intact(self, upto_step: int | None) -> str | None:
         done, reasons = self.complete(), []
+        if upto_step is not None:
+            done = [p for p in done if int(_NAME.match(p.name).group(1)) <= upto_step]
         for path in reversed(done):
             reason = damage(path)
             if reason is None:

@@ -2,14 +2,16 @@
 
 train_gen.py and train_fae.py both build on these pieces; nothing here knows which model it trains.
 """
+import atexit
+import collections
 import contextlib
 import datetime
 import json
 import logging
 import math
-import atexit
 import os
 import socket
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -179,6 +181,87 @@ class NonFiniteGuard:
             raise FloatingPointError(f"loss became NaN or inf at step {step} (recent terms: {shown}); stopped. {advice}")
 
 
+def data_index(step: int, skip: list) -> int:
+    """The batch index training step `step` reads: the step-th index outside the inclusive ranges `skip`."""
+    index = step
+    for first, last in sorted((int(a), int(b)) for a, b in skip):
+        if index >= first:
+            index += last - first + 1
+    return index
+
+
+def merge_ranges(ranges: list) -> list[list[int]]:
+    """Sorted, non-overlapping inclusive ranges covering the same indices."""
+    out: list[list[int]] = []
+    for first, last in sorted((int(a), int(b)) for a, b in ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
+
+
+@dataclass
+class Spike:
+    first_step: int
+    """The first training step of the run of high losses."""
+    last_step: int
+    """The step at which the run reached spike_patience steps."""
+    losses: list[float]
+    """The losses of that run."""
+    median: float
+    """The median of the clean window they were judged against."""
+
+
+class SpikeGuard:
+    """Judges per-step losses (mean over ranks) against the median of the last `window` clean ones, on the
+    host, once per log interval (the losses wait on the device until then: no sync per step)."""
+
+    MIN_HISTORY = 50
+
+    def __init__(self, factor: float, window: int, patience: int):
+        self.factor, self.patience = factor, patience
+        self.clean: collections.deque = collections.deque(maxlen=window)
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.run: list[tuple[int, float]] = []
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        if self.factor > 0:
+            self.pending.append((step, loss.detach().float().reshape(())))
+
+    def check(self) -> Spike | None:
+        """The first spike among the losses observed since the last check, or None."""
+        if not self.pending:
+            return None
+        steps, values = zip(*self.pending)
+        losses = torch.stack(values)
+        if dist.is_initialized():
+            dist.all_reduce(losses)
+            losses /= dist.get_world_size()
+        self.pending = []
+        for step, loss in zip(steps, losses.tolist()):
+            if spike := self._judge(step, loss):
+                return spike
+        return None
+
+    def _judge(self, step: int, loss: float) -> Spike | None:
+        median = statistics.median(self.clean) if len(self.clean) >= self.MIN_HISTORY else math.inf
+        if loss > self.factor * median or not math.isfinite(loss):
+            self.run.append((step, loss))
+            if len(self.run) >= self.patience:
+                spike = Spike(self.run[0][0], step, [v for _, v in self.run], median)
+                self.run = []
+                return spike
+            return None
+        self.run = []  # a run shorter than patience was noise; its steps stay out of the clean window
+        self.clean.append(loss)
+        return None
+
+    def restart(self) -> None:
+        """After a rollback: forget the losses not yet judged and any run in progress (the window stays)."""
+        self.pending, self.run = [], []
+
+
 # ----------------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +302,10 @@ class Progress:
         if self.history_path and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(self.history_path, "w") as f:
                 json.dump(self.history, f)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step` (a rollback): the curve shows the path the run kept."""
+        self.history = [(s, terms) for s, terms in self.history if s <= step]
 
     def line(self, step: int, terms: dict[str, float]) -> str:
         now = time.perf_counter()

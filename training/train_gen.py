@@ -29,9 +29,9 @@ from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid  # noqa: E402
 from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
-from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
-                              init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0, set_lr,
-                              step_generator)
+from training.runtime import (EMA, NonFiniteGuard, Progress, Spike, SpikeGuard, TermMeter, data_index,  # noqa: E402
+                              finish_distributed, init_distributed, make_adamw, measured_bf16_peak, merge_ranges,
+                              plot_curves, print0, set_lr, step_generator)
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
@@ -180,10 +180,10 @@ def main(argv: list[str]) -> dict:
     ckpts = CheckpointManager(out / "checkpoints")
     state = {"train": ModelAndOptimizer(model, optimizer), "ema": ema, "data": source,
              "progress": {"step": 0}}
+    cfg.data.skip = merge_ranges(cfg.data.skip)
     start = 0
     if (latest := ckpts.latest_intact()) is not None:
-        CheckpointManager.load(latest, state, to_dict(cfg))
-        start = int(state["progress"]["step"])
+        start = load_checkpoint(latest, state, cfg)
         print0(f"resumed from {latest} at step {start}")
 
     history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start, decoder)
@@ -216,6 +216,44 @@ def report_toy(before: dict, after: dict, floor: float) -> None:
            f"training reduced the overall distance {before['overall'] / max(after['overall'], 1e-12):.1f}x")
 
 
+def load_checkpoint(path: Path, state: dict, cfg: GenTrainConfig) -> int:
+    """Load a checkpoint into `state`; the data batches it skipped (its config's data.skip) join cfg.data.skip.
+    Returns its step."""
+    CheckpointManager.load(path, state, to_dict(cfg))
+    saved = json.loads((path / "config.json").read_text()).get("data", {}).get("skip", [])
+    cfg.data.skip = merge_ranges([*saved, *cfg.data.skip])
+    return int(state["progress"]["step"])
+
+
+def roll_back(spike: Spike, cfg: GenTrainConfig, ckpts: CheckpointManager, state: dict, rollbacks: list[int]) -> int:
+    """After a loss spike: load the newest intact checkpoint from before it, skip the spike's batches from
+    there on (data.skip), and return the step to continue from. Too many rollbacks, or no checkpoint before
+    the spike, stop the run naming the steps, losses and checkpoint."""
+    run = cfg.run
+    shown = ", ".join(f"{v:.4g}" for v in spike.losses)
+    what = (f"loss spike at steps {spike.first_step}-{spike.last_step} (losses {shown} against a median of "
+            f"{spike.median:.4g}, factor {run.spike_factor:g})")
+    target = ckpts.latest_intact(upto_step=spike.first_step)
+    if target is None:
+        raise FloatingPointError(f"{what}; no checkpoint was written before it to roll back to: lower --optim.lr "
+                                 f"(now {cfg.optim.lr:g}) and start again, or --run.spike_factor=0 to train through it")
+    rollbacks.append(spike.first_step)
+    recent = [s for s in rollbacks if s > spike.first_step - 10 * max(run.ckpt_every, 1)]
+    if len(recent) > run.spike_max_rollbacks:
+        raise FloatingPointError(f"{what}: rollback {len(recent)} within {10 * run.ckpt_every} steps, more than "
+                                 f"run.spike_max_rollbacks={run.spike_max_rollbacks} "
+                                 f"(spikes at steps {recent}); stopped. {target} is the newest checkpoint before "
+                                 f"them: lower --optim.lr (now {cfg.optim.lr:g}) and run the same command")
+    resumed = int(target.name.split("_")[-1])
+    first = data_index(max(resumed, spike.first_step - run.spike_patience), cfg.data.skip)
+    last = data_index(spike.last_step, cfg.data.skip)
+    load_checkpoint(target, state, cfg)
+    cfg.data.skip = merge_ranges([*cfg.data.skip, (first, last)])
+    print0(f"{what}; rolled back to {target} (step {resumed}) and skipping data batches {first}-{last} "
+           f"(data.skip is now {cfg.data.skip})")
+    return resumed
+
+
 def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int, decoder=None) -> list:
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
@@ -224,10 +262,12 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
                         tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
                         history_path=str(Path(run.out_dir) / "history.json"))
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
+    spikes, rollbacks = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience), []
     meter, last_ckpt = TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
-    for step in range(start, run.steps):
-        x1, y = source.batch(step)
+    step = start
+    while step < run.steps:
+        x1, y = source.batch(data_index(step, cfg.data.skip))
         set_lr(optimizer, cfg.optim, step, run.steps)
         with autocast(cfg, d, sharded):
             loss = train_step(model, x1, y, cfg, step_generator(d.device, run.seed, step, d.rank))
@@ -238,15 +278,23 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         optimizer.zero_grad(set_to_none=True)
         ema.update()
         guard.observe(step, loss)
+        spikes.observe(step, loss)
         meter.add({"loss": loss})
         done = step + 1
         if step == start:
             print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
+        save = (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps
+        if (done % run.log_every == 0 or save) and (spike := spikes.check()) is not None:
+            step = roll_back(spike, cfg, ckpts, state, rollbacks)  # judged before any save: checkpoints are clean
+            progress.rewind(step)
+            spikes.restart()
+            guard, meter = NonFiniteGuard(d.device), TermMeter()  # a NaN inside the spike was rolled back too
+            continue
         if done % run.log_every == 0 or done == run.steps:
             terms = meter.means()  # over the steps since the last line and over ranks
             guard.check(terms, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             print0(progress.line(done, terms))
-        if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
+        if save:
             guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, to_dict(cfg))
@@ -254,6 +302,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         if run.sample_every and done % run.sample_every == 0:
             with ema.applied():
                 save_sample_grid(model, cfg, d, Path(run.out_dir) / f"samples_{done:08d}.png", decoder)
+        step = done
     return progress.history
 
 

@@ -1,0 +1,99 @@
+"""Training health: the loss-spike guard (judging, rollback, skipped batches, the stop after too many) and the
+run that replays the skipped batches' absence exactly."""
+import json
+import os
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import DIST_ENV, restore_env
+from safetensors.torch import load_file
+
+from fae_fast.data.latents import ToySource
+from training import train_gen
+from training.runtime import SpikeGuard, data_index, merge_ranges
+
+
+@pytest.fixture(autouse=True, scope="module")
+def process_group():
+    """train_gen.main joins a one-rank gloo group and sets RANK etc.; leave the process as it was."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    restore_env(saved)
+
+
+def test_data_index_skips_inclusive_ranges_in_order():
+    skip = merge_ranges([(10, 12), (11, 14), (3, 3)])
+    assert skip == [[3, 3], [10, 14]]
+    assert [data_index(s, skip) for s in (0, 2, 3, 8, 9, 10)] == [0, 2, 4, 9, 15, 16]
+
+
+def judged(guard: SpikeGuard, losses: list[float], start: int = 0):
+    for i, loss in enumerate(losses):
+        guard.observe(start + i, torch.tensor(loss))
+    return guard.check()
+
+
+def test_spike_guard_ignores_noise_and_short_blips_and_finds_a_run():
+    rng = random.Random(0)
+    noisy = [1.0 / (1 + 0.01 * i) * (1 + 0.3 * rng.uniform(-1, 1)) for i in range(300)]  # +-30% on a falling curve
+    guard = SpikeGuard(2.0, 200, 3)
+    assert judged(guard, noisy) is None
+    assert judged(guard, [5.0, 5.0, 0.3, 0.3], start=300) is None  # two high steps: noise
+    spike = judged(guard, [0.3, 4.0, 6.0, 8.0, 0.3], start=304)
+    assert (spike.first_step, spike.last_step, spike.losses) == (305, 307, [4.0, 6.0, 8.0])
+    assert 0.2 < spike.median < 0.5
+    assert judged(SpikeGuard(2.0, 200, 3), [9.0] * 10) is None  # under 50 clean steps nothing is judged
+    nan = judged(SpikeGuard(2.0, 200, 3), [float("nan")] * 3)
+    assert nan is not None and nan.first_step == 0  # NaN is always a spike
+
+
+TINY = ["--model.depth=2", "--model.width=32", "--model.heads=2", "--data.global_batch=16", "--run.eval_samples=0",
+        "--run.log_every=10", "--run.compile=false", "--run.precision=fp32", "--run.ckpt_every=20",
+        "--run.steps=100", "--run.sample_every=0", "--optim.lr=1e-3"]
+
+
+def poison(monkeypatch, indices: set[int]):
+    """ToySource batches of these data indices come with latents x 30: a bad shard."""
+    plain = ToySource.batch
+
+    def batch(self, index):
+        x, y = plain(self, index)
+        return (x * 30 if index in indices else x), y
+
+    monkeypatch.setattr(ToySource, "batch", batch)
+
+
+def test_a_spike_rolls_back_skips_its_batches_and_matches_a_run_without_them(tmp_path, monkeypatch, capsys):
+    poisoned = tmp_path / "poisoned"
+    with monkeypatch.context() as m:
+        poison(m, {70, 71, 72})
+        a = train_gen.main([*TINY, f"--run.out_dir={poisoned}"])
+    printed = capsys.readouterr().out
+    assert "loss spike at steps 70-72" in printed and "rolled back to" in printed and "step_00000060" in printed
+    assert "skipping data batches 67-72" in printed
+    saved = json.loads((poisoned / "checkpoints" / "step_00000100" / "config.json").read_text())
+    assert saved["data"]["skip"] == [[67, 72]]
+
+    clean = tmp_path / "clean"
+    b = train_gen.main([*TINY, f"--run.out_dir={clean}", "--data.skip=[(67, 72)]"])
+    assert [s for s, _ in a["history"]] == [s for s, _ in b["history"]] == list(range(10, 101, 10))
+    for (step, ta), (_, tb) in zip(a["history"], b["history"]):
+        assert ta["loss"] == pytest.approx(tb["loss"], rel=1e-6), step
+    ema_a, ema_b = load_file(str(poisoned / "ema.safetensors")), load_file(str(clean / "ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_too_many_rollbacks_stop_the_run_naming_steps_and_checkpoint(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        poison(m, set(range(70, 400)))  # every batch from 70 on is bad: each rollback meets the next spike
+        with pytest.raises(FloatingPointError, match=r"loss spike at steps .*: rollback 2 within 200 steps, more than "
+                                                     r"run.spike_max_rollbacks=1 .*"
+                                                     r"step_00000060 is the newest checkpoint before them"):
+            train_gen.main([*TINY, f"--run.out_dir={tmp_path / 'run'}", "--run.spike_max_rollbacks=1"])
