@@ -21,6 +21,7 @@ setup(
         "matplotlib",
         "tqdm",
         "lpips",  # LPIPS's learned linear weights for the perceptual loss (a 50 kB package)
+        "torchdiffeq",  # adaptive ODE samplers (dopri5), as SiT and LightningDiT use
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

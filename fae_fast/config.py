@@ -130,9 +130,14 @@ class SamplerConfig:
     """How samples are drawn from a trained generator."""
 
     method: str = "euler"
-    """'euler' or 'heun' (ODE) or 'euler_maruyama' (SDE)."""
+    """'euler' or 'heun' (fixed-step ODE), 'euler_maruyama' (SDE), or an adaptive ODE solver of torchdiffeq:
+    'dopri5' (SiT's and LightningDiT's), 'dopri8', 'bosh3', 'adaptive_heun', 'fehlberg2'."""
     steps: int = 250
-    """Integration steps."""
+    """Integration steps (fixed-step methods)."""
+    atol: float = 1e-6
+    """Absolute error tolerance of the adaptive solvers (SiT's default)."""
+    rtol: float = 1e-3
+    """Relative error tolerance of the adaptive solvers (SiT's default)."""
     time_shift: float = 1.0
     """Shift of the sampling time grid (paper: 0.4)."""
     cfg: list[tuple[float, float, float]] = field(default_factory=list)

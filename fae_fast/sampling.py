@@ -1,8 +1,13 @@
 """Draw latents from a generator with the sampler a SamplerConfig names (ODE or SDE, CFG on intervals)."""
+import logging
+
 import torch
 
 from fae_fast.config import SamplerConfig
-from fae_fast.transport import guided_velocity, sample_ode, sample_sde, validate_cfg_intervals
+from fae_fast.transport import (ADAPTIVE_METHODS, guided_velocity, sample_ode, sample_ode_adaptive, sample_sde,
+                                validate_cfg_intervals)
+
+log = logging.getLogger("fae_fast.sampling")
 
 
 @torch.no_grad()
@@ -17,6 +22,11 @@ def sample_latents(model, labels: torch.Tensor, noise: torch.Tensor, cfg: Sample
 
     if cfg.method in ("euler", "heun"):
         return sample_ode(velocity, noise, steps=cfg.steps, method=cfg.method, shift=cfg.time_shift)
+    if cfg.method in ADAPTIVE_METHODS:
+        x, evaluations = sample_ode_adaptive(velocity, noise, method=cfg.method, atol=cfg.atol, rtol=cfg.rtol)
+        log.info(f"{cfg.method} (atol {cfg.atol:g}, rtol {cfg.rtol:g}): {evaluations} velocity evaluations")
+        return x
     if cfg.method == "euler_maruyama":
         return sample_sde(velocity, noise, steps=cfg.steps, shift=cfg.time_shift, generator=generator)
-    raise ValueError(f"sampler.method={cfg.method!r} is not 'euler', 'heun' or 'euler_maruyama'")
+    raise ValueError(f"sampler.method={cfg.method!r} is not 'euler', 'heun', 'euler_maruyama' or one of "
+                     f"{', '.join(ADAPTIVE_METHODS)}")

@@ -426,3 +426,42 @@ def test_paper_interval_guides_120_of_250_shifted_steps():
     0.4 (more steps near noise) it covers 120 steps, as the README says."""
     ts = timesteps(250, shift=0.4)
     assert sum(cfg_scale(float(t), [(0.3, 1.0, 1.5)]) != 1.0 for t in ts[:-1]) == 120
+
+
+def test_dopri5_lands_on_the_exact_gaussian_map_within_its_tolerance():
+    """For N(m, s^2) data the probability-flow ODE keeps each sample's standardised value: x1 = m + s * x0
+    exactly. dopri5 reaches it to about its tolerance, tighter with a tighter one, and reports its cost."""
+    from fae_fast.transport import sample_ode_adaptive
+
+    m, s = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64), torch.tensor([0.3, 1.5, 2.0], dtype=torch.float64)
+    x0 = noise(256, dtype=torch.float64)
+    exact = m + s * x0
+    loose, nfe_loose = sample_ode_adaptive(gaussian_velocity(m, s), x0, rtol=1e-3, atol=1e-6)
+    tight, nfe_tight = sample_ode_adaptive(gaussian_velocity(m, s), x0, rtol=1e-7, atol=1e-9)
+    err_loose, err_tight = ((x - exact).abs().max().item() / exact.abs().max().item() for x in (loose, tight))
+    assert err_loose < 5e-3 and err_tight < 1e-6 and err_tight < err_loose / 100, (err_loose, err_tight)
+    assert 6 <= nfe_loose < nfe_tight < 2000, (nfe_loose, nfe_tight)
+
+
+def test_sampler_config_routes_adaptive_methods(caplog):
+    from fae_fast.config import SamplerConfig
+    from fae_fast.sampling import sample_latents
+
+    m, s = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
+    velocity = gaussian_velocity(m, s)
+
+    class Model:
+        null_label = 1
+
+        def __call__(self, x, t, labels):
+            return velocity(x, t)
+
+    x0 = noise(64, dim=2)
+    with caplog.at_level("INFO", logger="fae_fast"):
+        out = sample_latents(Model(), torch.zeros(64, dtype=torch.long), x0,
+                             SamplerConfig(method="dopri5", rtol=1e-6, atol=1e-8, cfg=[]))
+    torch.testing.assert_close(out, m + s * x0, atol=1e-4, rtol=0)
+    assert any("dopri5 (atol 1e-08, rtol 1e-06):" in r.message and "velocity evaluations" in r.message
+               for r in caplog.records)
+    with pytest.raises(ValueError, match="dopri5"):
+        sample_latents(Model(), torch.zeros(64, dtype=torch.long), x0, SamplerConfig(method="rk45", cfg=[]))
