@@ -219,6 +219,14 @@ class RunConfig:
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     eval_samples: int = 0
     """Samples drawn at the end to score the run (toy: Frechet distance to the true distribution)."""
+    eval_every: int = 0
+    """Steps between evaluations during training (0: none; a multiple of log_every): eval_samples samples from
+    a fixed seed with the EMA weights and the sampler config, scored against the toy's true distribution
+    (Frechet, data.source='toy') or, with fae_decoder and eval_ref, as the FID of the decoded images; logged
+    beside the loss (history.json, tensorboard) and drawn on loss.png."""
+    eval_ref: str = ""
+    """Reference of the in-training FID (data.source='cache'): ADM's reference batch .npz or an image folder,
+    scored with the TF-Inception network as evaluate.py does (FID-10k with eval_samples=10000)."""
     spike_factor: float = 2.0
     """Loss-spike guard: a step whose loss (mean over ranks) exceeds spike_factor x the median of the last
     spike_window clean steps, spike_patience steps in a row, is a spike; the run rolls back to the newest
@@ -365,7 +373,7 @@ def demo() -> GenTrainConfig:
         data=DataConfig(source="toy", global_batch=256),
         run=RunConfig(
             steps=1500, out_dir="runs/demo", log_every=100, ckpt_every=500, sample_every=0,
-            compile=False, precision="fp32", eval_samples=2048,
+            compile=False, precision="fp32", eval_samples=2048, eval_every=500,
         ),
     )
 

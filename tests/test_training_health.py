@@ -97,3 +97,61 @@ def test_too_many_rollbacks_stop_the_run_naming_steps_and_checkpoint(tmp_path, m
                                                      r"run.spike_max_rollbacks=1 .*"
                                                      r"step_00000060 is the newest checkpoint before them"):
             train_gen.main([*TINY, f"--run.out_dir={tmp_path / 'run'}", "--run.spike_max_rollbacks=1"])
+
+
+def test_toy_frechet_is_logged_during_training_and_kept_on_resume(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, f"--run.out_dir={out}", "--run.eval_every=20", "--run.eval_samples=256"]
+    first = train_gen.main([*args, "--run.steps=40"])
+    evals = {s: t["frechet"] for s, t in first["history"] if "frechet" in t}
+    assert sorted(evals) == [20, 40] and all(v > 0 for v in evals.values())
+    again = train_gen.main([*args, "--run.steps=60"])  # resumes at 40
+    evals_again = {s: t["frechet"] for s, t in again["history"] if "frechet" in t}
+    assert sorted(evals_again) == [20, 40, 60] and evals_again[40] == evals[40]
+    assert (out / "loss.png").stat().st_size > 10_000
+
+
+class PooledPixels:
+    """A stand-in for the Inception network (its weights are not here): 4x4 average-pooled pixels."""
+
+    name = "pooled-pixels"
+
+    def __init__(self, device=None, weights_path=None):
+        pass
+
+    def __call__(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None
+
+
+def test_fid_of_decoded_samples_is_logged_during_training(tmp_path, monkeypatch):
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from fae_fast.config import fae_config
+    from fae_fast.data import latent_cache as lc
+    from fae_fast.eval import fid
+    from fae_fast.fae import FeatureDecoder, PixelDecoder
+    from training.checkpoint import FAE_CONFIG_NAME
+
+    rng = np.random.default_rng(0)
+    lc.write_cache(tmp_path / "cache", rng.normal(size=(40, 2, 16, 4)).astype(np.float16), rng.integers(0, 10, 40),
+                   shard_size=16)
+    fcfg = fae_config("FAE-tiny")
+    tensors = {f"feature_decoder.{k}": v for k, v in FeatureDecoder(fcfg, impl="torch").state_dict().items()}
+    tensors |= {f"pixel_decoder.{k}": v for k, v in PixelDecoder(fcfg, impl="torch").state_dict().items()}
+    save_file(tensors, str(tmp_path / "fae.safetensors"))
+    (tmp_path / FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fcfg)))
+    (tmp_path / "ref").mkdir()
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{i}.png")
+    monkeypatch.setattr(fid, "InceptionExtractor", PooledPixels)
+    result = train_gen.main([
+        *TINY, "--model.grid=4", "--model.in_channels=4", "--model.num_classes=10", "--data.source=cache",
+        f"--data.path={tmp_path / 'cache'}", f"--fae_decoder={tmp_path / 'fae.safetensors'}", "--run.steps=20",
+        "--run.eval_every=10", "--run.eval_samples=48", f"--run.eval_ref={tmp_path / 'ref'}",
+        f"--run.out_dir={tmp_path / 'run'}"])
+    fids = {s: t["fid"] for s, t in result["history"] if "fid" in t}
+    assert sorted(fids) == [10, 20] and all(v > 0 for v in fids.values())

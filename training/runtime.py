@@ -307,6 +307,10 @@ class Progress:
         """Forget what was logged after `step` (a rollback): the curve shows the path the run kept."""
         self.history = [(s, terms) for s, terms in self.history if s <= step]
 
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the next line's images/s and ETA."""
+        self.last_time += seconds
+
     def line(self, step: int, terms: dict[str, float]) -> str:
         now = time.perf_counter()
         rate = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
@@ -349,8 +353,12 @@ def _tensorboard(log_dir: str | None):
     return SummaryWriter(log_dir)
 
 
+EVAL_TERMS = ("fid", "frechet")
+"""History terms that are evaluations (drawn on a second axis), not losses."""
+
+
 def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: str) -> None:
-    """Write the logged loss terms against step as a PNG."""
+    """Write the logged loss terms against step as a PNG, evaluations (FID, Frechet) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,15 +367,24 @@ def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: s
     if not history:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [s for s, _ in history]
-    for key in history[0][1]:
-        ax.plot(steps, [terms[key] for _, terms in history], label=key)
+    evals = [k for k in EVAL_TERMS if any(k in terms for _, terms in history)]
+    for key in dict.fromkeys(k for _, terms in history for k in terms if k not in EVAL_TERMS):
+        points = [(s, terms[key]) for s, terms in history if key in terms]
+        ax.plot(*zip(*points), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend()
     ax.grid(alpha=0.3)
+    lines, labels = ax.get_legend_handles_labels()
+    if evals:  # evaluations on their own axis, as points: they come every eval_every steps
+        twin = ax.twinx()
+        for key, colour in zip(evals, ("tab:red", "tab:purple")):
+            twin.plot(*zip(*[(s, terms[key]) for s, terms in history if key in terms]), "o-", color=colour, label=key)
+        twin.set_ylabel(" / ".join(evals))
+        more_lines, more_labels = twin.get_legend_handles_labels()
+        lines, labels = lines + more_lines, labels + more_labels
+    ax.legend(lines, labels)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,6 +41,13 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
     if cfg.data.path and cfg.data.source != "cache":
         raise UsageError(f"--data.path is read only with --data.source=cache, and this run has data.source="
                          f"{cfg.data.source!r}; add --data.source=cache to train on the latent cache")
+    run = cfg.run
+    if run.eval_every and (run.eval_every % run.log_every or run.eval_samples <= 0):
+        raise UsageError(f"--run.eval_every={run.eval_every} needs a multiple of run.log_every={run.log_every} and "
+                         f"run.eval_samples > 0 (now {run.eval_samples})")
+    if run.eval_every and cfg.data.source == "cache" and not (run.eval_ref and cfg.fae_decoder):
+        raise UsageError("--run.eval_every on a latent cache scores decoded images: pass --run.eval_ref= ADM's "
+                         "reference batch (or an image folder) and --fae_decoder= the whole-FAE file")
     if cfg.data.source == "cache" and not Path(cfg.data.path).is_dir():
         raise FileNotFoundError(f"--data.path={cfg.data.path!r} is no folder; pass the latent cache that "
                                 f"training/extract_latents.py wrote (--out there)")
@@ -88,6 +95,38 @@ def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[
               for k in range(toy.num_classes)}
     scores["overall"] = frechet_distance(*moments(flat), *toy.mixture_moments())
     return scores, (samples, labels)
+
+
+class TrainingEval:
+    """The in-training evaluation (run.eval_every): a fixed seeded sample set with the EMA weights, scored as
+    the Frechet distance to the toy's true distribution, or as the FID of the images the FAE decodes from
+    it against run.eval_ref (the reference statistics and the Inception network are loaded up front, on
+    rank 0, so that a wrong path fails before training). Every rank gets the same number back."""
+
+    def __init__(self, cfg: GenTrainConfig, d, decoder):
+        self.cfg, self.d, self.decoder = cfg, d, decoder
+        self.name = "frechet" if cfg.data.source == "toy" else "fid"
+        self.extractor = self.reference = None
+        if self.name == "fid" and d.is_main:
+            from fae_fast.eval.fid import InceptionExtractor, load_reference
+            self.extractor = InceptionExtractor(d.device)
+            self.reference = load_reference(cfg.run.eval_ref, self.extractor)
+
+    def __call__(self, model, ema) -> dict[str, float]:
+        with ema.applied():
+            if self.name == "frechet":
+                return {"frechet": toy_frechet(model, self.cfg, self.d)[0]["overall"]}
+            labels = torch.arange(self.cfg.run.eval_samples) % self.cfg.model.num_classes
+            samples, _ = sample_share(model, self.cfg, labels, self.d, seed=self.cfg.run.seed + 4321)
+        value = [self._fid(samples) if self.d.is_main else 0.0]
+        dist.broadcast_object_list(value, src=0)
+        return {"fid": value[0]}
+
+    def _fid(self, samples: torch.Tensor) -> float:
+        from fae_fast.eval.fid import extract_features, score
+
+        images = (self.decoder(part).cpu().numpy() for part in samples.split(64))  # uint8 (B, S, S, 3)
+        return score(extract_features(images, self.extractor), self.reference, isc=False, prc=False)["fid"]
 
 
 def save_toy_projection(cfg: GenTrainConfig, path: Path, before, after) -> None:
@@ -263,6 +302,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
                         history_path=str(Path(run.out_dir) / "history.json"))
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
     spikes, rollbacks = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience), []
+    evaluate = TrainingEval(cfg, d, decoder) if run.eval_every else None
     meter, last_ckpt = TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
     step = start
@@ -293,6 +333,10 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         if done % run.log_every == 0 or done == run.steps:
             terms = meter.means()  # over the steps since the last line and over ranks
             guard.check(terms, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
+            if evaluate is not None and done % run.eval_every == 0:
+                t_eval = time.perf_counter()
+                terms |= evaluate(model, ema)
+                progress.pause(time.perf_counter() - t_eval)
             print0(progress.line(done, terms))
         if save:
             guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
