@@ -236,7 +236,7 @@ def test_command_line():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--stage=decode"], "stage 'decode' is not one of"),
+    (["--stage=decode"], "--stage 'decode' is unknown; choose one of: feature, pixel, pixel-finetune"),
     (["--stage=pixel-finetune", "--fae_weights="], "pass --fae_weights="),
     (["--fae.feature_dim=96"], "set --fae.feature_dim=192"),
     (["--data.source=folder"], "needs data.root"),
