@@ -87,7 +87,9 @@ def test_a_spike_rolls_back_skips_its_batches_and_matches_a_run_without_them(tmp
     for (step, ta), (_, tb) in zip(a["history"], b["history"]):
         assert ta["loss"] == pytest.approx(tb["loss"], rel=1e-6), step
     ema_a, ema_b = load_file(str(poisoned / "ema.safetensors")), load_file(str(clean / "ema.safetensors"))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    exact = not torch.cuda.is_available()  # CPU: bit for bit; CUDA attention backward may sum in another order
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
 
 
 def test_too_many_rollbacks_stop_the_run_naming_steps_and_checkpoint(tmp_path, monkeypatch):
