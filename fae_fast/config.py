@@ -220,10 +220,11 @@ class RunConfig:
     eval_samples: int = 0
     """Samples drawn at the end to score the run (toy: Frechet distance to the true distribution)."""
     eval_every: int = 0
-    """Steps between evaluations during training (0: none; a multiple of log_every): eval_samples samples from
-    a fixed seed with the EMA weights and the sampler config, scored against the toy's true distribution
-    (Frechet, data.source='toy') or, with fae_decoder and eval_ref, as the FID of the decoded images; logged
-    beside the loss (history.json, tensorboard) and drawn on loss.png."""
+    """Steps between evaluations during training (0 or eval_samples=0: none; a multiple of log_every):
+    eval_samples samples from a fixed seed with the EMA weights and the sampler config, scored against the
+    toy's true distribution (Frechet, data.source='toy') or, on a latent cache with eval_ref and fae_decoder,
+    as the FID of the decoded images (a cache run without eval_ref is not evaluated); logged beside the loss
+    (history.json, tensorboard) and drawn on loss.png."""
     eval_ref: str = ""
     """Reference of the in-training FID (data.source='cache'): ADM's reference batch .npz or an image folder,
     scored with the TF-Inception network as evaluate.py does (FID-10k with eval_samples=10000)."""

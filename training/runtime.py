@@ -43,7 +43,8 @@ def _free_port() -> int:
 def init_distributed() -> Dist:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain `python` start becomes a
     one-process group, so the same code path (FSDP2, DCP) runs either way."""
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ  # a plain `python` start: no launcher, no port to share
+    if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -59,7 +60,10 @@ def init_distributed() -> Dist:
         device = torch.device("cpu")
     if not dist.is_initialized():
         atexit.register(_leave_process_group)  # an error exit too: NCCL's leak warning must not bury the error
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # alone: an in-memory store, so that no port can be taken by another process between choice and use
+        store = dict(store=dist.HashStore(), rank=0, world_size=1) if alone else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None, **store)
     show_library_log(dist.get_rank() == 0)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -245,8 +249,11 @@ class SpikeGuard:
         return None
 
     def _judge(self, step: int, loss: float) -> Spike | None:
+        if not math.isfinite(loss):  # NaN / inf: the NonFiniteGuard stops the run and says so
+            self.run = []
+            return None
         median = statistics.median(self.clean) if len(self.clean) >= self.MIN_HISTORY else math.inf
-        if loss > self.factor * median or not math.isfinite(loss):
+        if loss > self.factor * median:
             self.run.append((step, loss))
             if len(self.run) >= self.patience:
                 spike = Spike(self.run[0][0], step, [v for _, v in self.run], median)

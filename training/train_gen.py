@@ -42,12 +42,11 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
         raise UsageError(f"--data.path is read only with --data.source=cache, and this run has data.source="
                          f"{cfg.data.source!r}; add --data.source=cache to train on the latent cache")
     run = cfg.run
-    if run.eval_every and (run.eval_every % run.log_every or run.eval_samples <= 0):
-        raise UsageError(f"--run.eval_every={run.eval_every} needs a multiple of run.log_every={run.log_every} and "
-                         f"run.eval_samples > 0 (now {run.eval_samples})")
-    if run.eval_every and cfg.data.source == "cache" and not (run.eval_ref and cfg.fae_decoder):
-        raise UsageError("--run.eval_every on a latent cache scores decoded images: pass --run.eval_ref= ADM's "
-                         "reference batch (or an image folder) and --fae_decoder= the whole-FAE file")
+    if evaluates_during_training(cfg) and run.eval_every % run.log_every:
+        raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
+    if run.eval_ref and not cfg.fae_decoder:
+        raise UsageError("--run.eval_ref scores images the FAE decodes from the samples: pass --fae_decoder= the "
+                         "whole-FAE file (fae.safetensors)")
     if cfg.data.source == "cache" and not Path(cfg.data.path).is_dir():
         raise FileNotFoundError(f"--data.path={cfg.data.path!r} is no folder; pass the latent cache that "
                                 f"training/extract_latents.py wrote (--out there)")
@@ -95,6 +94,13 @@ def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[
               for k in range(toy.num_classes)}
     scores["overall"] = frechet_distance(*moments(flat), *toy.mixture_moments())
     return scores, (samples, labels)
+
+
+def evaluates_during_training(cfg: GenTrainConfig) -> bool:
+    """run.eval_every > 0 with samples to draw and something to score them against: the toy's true
+    distribution, or run.eval_ref for a latent cache (without it a cache run is not evaluated)."""
+    run = cfg.run
+    return run.eval_every > 0 and run.eval_samples > 0 and (cfg.data.source == "toy" or bool(run.eval_ref))
 
 
 class TrainingEval:
@@ -302,7 +308,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
                         history_path=str(Path(run.out_dir) / "history.json"))
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
     spikes, rollbacks = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience), []
-    evaluate = TrainingEval(cfg, d, decoder) if run.eval_every else None
+    evaluate = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
     meter, last_ckpt = TermMeter(), ckpts.latest()
     t0 = time.perf_counter()
     step = start
