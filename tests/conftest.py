@@ -71,3 +71,16 @@ def program_env(processes: int = 1) -> dict[str, str]:
     if torch.cuda.device_count() < processes:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+class PooledPixels:
+    """A stand-in for the Inception network (its weights are not on these machines): uint8 images (B, 3, H, W)
+    -> 4x4 average-pooled pixels (B, 48), no logits. Constructed like InceptionExtractor(device, weights)."""
+
+    name = "pooled-pixels"
+
+    def __init__(self, device=None, weights_path=None):
+        pass
+
+    def __call__(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None

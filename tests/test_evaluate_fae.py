@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import PooledPixels
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -17,15 +18,6 @@ from training import evaluate_fae
 from training.checkpoint import FAE_CONFIG_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class PooledPixels:
-    """A stand-in for the Inception extractor (its weights are not here): 4x4 average-pooled pixels."""
-
-    name = "pooled-pixels"
-
-    def __call__(self, images):
-        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from fae_fast.data.synthetic import photo
 from fae_fast.losses import PerceptualWeightsWarning
 from training import train_fae
 
-from conftest import DIST_ENV, restore_env  # noqa: E402 (tests/ is on sys.path)
+from conftest import DIST_ENV, PooledPixels, restore_env  # noqa: E402 (tests/ is on sys.path)
 
 # the tiny recipe (vit_tiny_patch16_224 at 64 px, FAE-tiny at 192 channels) on a folder of generated
 # images; a wider pixel decoder and 16 latent channels so that a few dozen steps show learning, a short
@@ -271,18 +271,6 @@ def test_history_and_plot_are_written(stages):
     steps = [s for s, _ in json.loads((out / "history.json").read_text())]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
     assert (out / "loss.png").stat().st_size > 1000
-
-
-class PooledPixels:
-    """A stand-in for the Inception extractor (its weights are not here): 4x4 average-pooled pixels."""
-
-    name = "pooled-pixels"
-
-    def __init__(self, device):
-        pass
-
-    def __call__(self, images):
-        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None
 
 
 def test_pixel_stage_scores_rfid_through_the_extractor(images, tmp_path, monkeypatch):

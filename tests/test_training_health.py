@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import DIST_ENV, restore_env
+from conftest import DIST_ENV, PooledPixels, restore_env
 from safetensors.torch import load_file
 
 from fae_fast.data.latents import ToySource
@@ -110,18 +110,6 @@ def test_toy_frechet_is_logged_during_training_and_kept_on_resume(tmp_path):
     evals_again = {s: t["frechet"] for s, t in again["history"] if "frechet" in t}
     assert sorted(evals_again) == [20, 40, 60] and evals_again[40] == evals[40]
     assert (out / "loss.png").stat().st_size > 10_000
-
-
-class PooledPixels:
-    """A stand-in for the Inception network (its weights are not here): 4x4 average-pooled pixels."""
-
-    name = "pooled-pixels"
-
-    def __init__(self, device=None, weights_path=None):
-        pass
-
-    def __call__(self, images):
-        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None
 
 
 def test_fid_of_decoded_samples_is_logged_during_training(tmp_path, monkeypatch):
