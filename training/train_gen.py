@@ -72,15 +72,21 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def sample_share(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int) -> torch.Tensor:
-    """Sample this rank's slice (every world-th) of `labels`; all ranks gather the whole set in order."""
+def sample_local(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples (float32) of this rank's slice (every world-th) of `labels`, and that slice."""
     mine = labels[d.rank::d.world].to(d.device)
     g = torch.Generator(device=d.device).manual_seed(seed + d.rank)
     T = cfg.model.grid * cfg.model.grid
     noise = torch.randn(mine.shape[0], T, cfg.model.in_channels, device=d.device, generator=g)
     with autocast(cfg, d, use_fsdp(cfg, d)):
         out = sample_latents(model, mine, noise, cfg.sampler, generator=g)
-    return gather_cat(out.float()), gather_cat(mine)
+    return out.float(), mine
+
+
+def sample_share(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_local on every rank; all ranks gather the whole set (rank-major order) and its labels."""
+    out, mine = sample_local(model, cfg, labels, d, seed)
+    return gather_cat(out), gather_cat(mine)
 
 
 def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
@@ -106,33 +112,31 @@ def evaluates_during_training(cfg: GenTrainConfig) -> bool:
 class TrainingEval:
     """The in-training evaluation (run.eval_every): a fixed seeded sample set with the EMA weights, scored as
     the Frechet distance to the toy's true distribution, or as the FID of the images the FAE decodes from
-    it against run.eval_ref (the reference statistics and the Inception network are loaded up front, on
-    rank 0, so that a wrong path fails before training). Every rank gets the same number back."""
+    it against run.eval_ref. Each rank samples, decodes and extracts the features of its own share; rank 0
+    scores them all. The Inception network and the reference statistics are loaded up front, so that a
+    wrong path fails before training. Every rank gets the same number back."""
 
     def __init__(self, cfg: GenTrainConfig, d, decoder):
+        from fae_fast.eval.fid import InceptionExtractor, load_reference
+
         self.cfg, self.d, self.decoder = cfg, d, decoder
         self.name = "frechet" if cfg.data.source == "toy" else "fid"
-        self.extractor = self.reference = None
-        if self.name == "fid" and d.is_main:
-            from fae_fast.eval.fid import InceptionExtractor, load_reference
-            self.extractor = InceptionExtractor(d.device)
-            self.reference = load_reference(cfg.run.eval_ref, self.extractor)
+        self.extractor = InceptionExtractor(d.device) if self.name == "fid" else None
+        self.reference = load_reference(cfg.run.eval_ref, self.extractor) if self.name == "fid" and d.is_main else None
 
     def __call__(self, model, ema) -> dict[str, float]:
+        from fae_fast.eval.fid import Features, extract_features, score
+
         with ema.applied():
             if self.name == "frechet":
                 return {"frechet": toy_frechet(model, self.cfg, self.d)[0]["overall"]}
             labels = torch.arange(self.cfg.run.eval_samples) % self.cfg.model.num_classes
-            samples, _ = sample_share(model, self.cfg, labels, self.d, seed=self.cfg.run.seed + 4321)
-        value = [self._fid(samples) if self.d.is_main else 0.0]
+            mine, _ = sample_local(model, self.cfg, labels, self.d, seed=self.cfg.run.seed + 4321)
+        images = (self.decoder(part).cpu().numpy() for part in mine.split(64))  # uint8 (B, S, S, 3)
+        features = gather_cat(extract_features(images, self.extractor).features)  # (N, 2048), all ranks'
+        value = [score(Features(features, None), self.reference, isc=False, prc=False)["fid"] if self.d.is_main else 0.0]
         dist.broadcast_object_list(value, src=0)
         return {"fid": value[0]}
-
-    def _fid(self, samples: torch.Tensor) -> float:
-        from fae_fast.eval.fid import extract_features, score
-
-        images = (self.decoder(part).cpu().numpy() for part in samples.split(64))  # uint8 (B, S, S, 3)
-        return score(extract_features(images, self.extractor), self.reference, isc=False, prc=False)["fid"]
 
 
 def save_toy_projection(cfg: GenTrainConfig, path: Path, before, after) -> None:
@@ -152,14 +156,15 @@ def toy_floor(cfg: GenTrainConfig) -> float:
 
 
 def grid_decoder(cfg: GenTrainConfig, d):
-    """sample.py's Decoder of cfg.fae_decoder on rank 0 (bf16 on CUDA), or None: grids then show latents.
+    """sample.py's Decoder of cfg.fae_decoder on rank 0 (on every rank when FID is scored during training;
+    bf16 on CUDA), or None: grids then show latents.
     Built at the start, so that a wrong file fails before training, not at the first grid."""
     if not cfg.fae_decoder:
         return None
     if cfg.data.source != "cache":
         raise ValueError(f"fae_decoder is set but data.source={cfg.data.source!r}: only latents of a latent cache "
                          f"(data.source=cache) decode to images; pass --fae_decoder= (empty) or train on a cache")
-    if not d.is_main:
+    if not d.is_main and not evaluates_during_training(cfg):  # grids: rank 0; FID: every rank decodes its share
         return None
     from training.sample import Decoder, SampleConfig
 
