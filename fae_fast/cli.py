@@ -20,6 +20,7 @@ import inspect
 import os
 import sys
 import textwrap
+import time
 import typing
 from collections.abc import Callable
 
@@ -219,4 +220,6 @@ def run_program(main: Callable[[list[str]], object], argv: list[str] | None = No
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             hint = "" if isinstance(err, UsageError) else " [--debug shows the traceback]"
             print(f"error: {message}{hint}", file=sys.stderr, flush=True)
+        else:  # torchrun stops every process once one exits: give rank 0 the time to say why
+            time.sleep(3)
         raise SystemExit(2 if isinstance(err, UsageError) else 1) from None

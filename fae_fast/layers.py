@@ -27,27 +27,36 @@ def resolve_impl(impl: str = "auto") -> str:
     return impl
 
 
-def _ops(impl: str):
-    """The functional ops for an impl: fused kernels or their PyTorch references (same signatures)."""
-    from fae_fast.kernels import gated_residual as gr
-    from fae_fast.kernels import modulated_norm as mn
-    from fae_fast.kernels import rope as rp
-    from fae_fast.kernels import swiglu as sg
+FUSED_OPS = {
+    "modulated_norm": "modulated_norm",
+    "gated_residual": "gated_residual",
+    "gated_residual_modulated_norm": "gated_residual",
+    "rope": "rope",
+    "rope_qkv": "rope",
+    "swiglu": "swiglu",
+    "swiglu_packed": "swiglu",
+}
+"""Op name -> the kernels/ file that holds it: `<name>` is the fused functional, `<name>_ref` its PyTorch
+reference with the same signature. A new fused op is one kernel file and one line here."""
 
-    if impl == "triton":
-        return (mn.modulated_norm, gr.gated_residual, gr.gated_residual_modulated_norm, rp.rope, rp.rope_qkv,
-                sg.swiglu, sg.swiglu_packed)
-    return (mn.modulated_norm_ref, gr.gated_residual_ref, gr.gated_residual_modulated_norm_ref, rp.rope_ref,
-            rp.rope_qkv_ref, sg.swiglu_ref, sg.swiglu_packed_ref)
+
+def op_table(impl: str) -> dict:
+    """{op name: function} of an impl: the fused kernels ('triton') or their references ('torch')."""
+    import importlib
+
+    suffix = "" if resolve_impl(impl) == "triton" else "_ref"
+    return {name: getattr(importlib.import_module(f"fae_fast.kernels.{module}"), name + suffix)
+            for name, module in FUSED_OPS.items()}
 
 
 class Ops:
-    """Functional ops bound to one impl, held by every module that uses them."""
+    """The functional ops of FUSED_OPS bound to one impl, by name (ops.modulated_norm, ...), held by every
+    module that uses them."""
 
     def __init__(self, impl: str = "auto"):
         self.impl = resolve_impl(impl)
-        (self.modulated_norm, self.gated_residual, self.gated_residual_modulated_norm,
-         self.rope, self.rope_qkv, self.swiglu, self.swiglu_packed) = _ops(self.impl)
+        for name, fn in op_table(self.impl).items():
+            setattr(self, name, fn)
 
 
 class ModulatedNorm(nn.Module):

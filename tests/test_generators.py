@@ -92,3 +92,19 @@ def test_triton_ops_on_a_cpu_without_the_interpreter_say_what_to_do():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "impl='triton' needs a CUDA GPU" in res.stderr and "TRITON_INTERPRET=1 set before" in res.stderr
+
+
+def test_every_fused_op_has_a_reference_with_its_signature():
+    """Ops dispatch by name (layers.FUSED_OPS): each reference takes the fused functional's arguments (and may add
+    keyword ones with defaults, such as upcast for the tests)."""
+    import inspect
+
+    from fae_fast.layers import FUSED_OPS, Ops, op_table
+
+    fused, ref = op_table("triton"), op_table("torch")
+    assert set(fused) == set(ref) == set(FUSED_OPS)
+    for name in FUSED_OPS:
+        theirs, ours = inspect.signature(fused[name]).parameters, inspect.signature(ref[name]).parameters
+        assert list(ours)[:len(theirs)] == list(theirs), name
+        assert all(p.default is not inspect.Parameter.empty for p in list(ours.values())[len(theirs):]), name
+        assert getattr(Ops("torch"), name) is ref[name] and getattr(Ops("triton"), name) is fused[name]

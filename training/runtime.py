@@ -400,15 +400,6 @@ def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: s
 # ----------------------------------------------------------------------------------------------------
 # Step pieces shared by the training programs (train_gen.py, train_fae.py)
 # ----------------------------------------------------------------------------------------------------
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Integer seed of (run seed, step, rank): a step draws the same noise whether or not the run resumed."""
-    return seed * 1_000_003 + step * 1009 + rank + 7
-
-
-def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank))
-
-
 def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, betas=None) -> torch.optim.AdamW:
     """AdamW of an OptimConfig (fused on CUDA, foreach elsewhere); lr and betas may be overridden."""
     fused = device.type == "cuda"

@@ -48,13 +48,13 @@ from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify  # n
 from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate  # noqa: E402
 from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,  # noqa: E402
                              hinge_g_loss, linear_weight_grad, load_perceptual_loss)
+from fae_fast.seeding import step_generator, step_seed  # noqa: E402
 from fae_fast.viz import save_grid  # noqa: E402
 from training.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOptimizer, export_weights,  # noqa: E402
                                  load_strict, read_weights)
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
-                              init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0, set_lr,
-                              step_generator, step_seed)
+                              init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0, set_lr)
 
 RFID_MIN_IMAGES = 2048  # the Inception feature dimension: fewer images give a rank-deficient covariance
 
@@ -96,7 +96,7 @@ class SyntheticImages:
         return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
     def batch(self, step: int):
-        g = torch.Generator().manual_seed(step_seed(self.data.seed, step, self.rank) + 0x5EED)  # not the noise stream
+        g = step_generator(self.data.seed, step, self.rank, "images")  # not the noise stream
         idx = torch.randint(len(self.freq), (self.local_batch,), generator=g)
         flip = (torch.rand(self.local_batch, generator=g) < 0.5) & self.data.random_flip
         idx, flip = idx.to(self.device), flip.to(self.device)
@@ -270,7 +270,7 @@ class FeatureStage:
     def step(self, step: int, pixels, encoder_pixels) -> dict[str, torch.Tensor]:
         """Forward and backward of one batch; the loss terms, detached."""
         x = encode_features(self.encoder, encoder_pixels)  # (B, T, F)
-        x_hat, kl = self.model(x, seed=step_seed(self.cfg.run.seed, step, self.d.rank))
+        x_hat, kl = self.model(x, seed=step_seed(self.cfg.run.seed, step, self.d.rank, "noise"))
         f = self.cfg.fae
         terms = feature_loss(x_hat, x, kl, beta=f.kl_beta, latent_elements=f.grid ** 2 * f.latent_dim)
         terms["loss"].backward()
@@ -394,7 +394,7 @@ class PixelStage:
                 return self.fae(x, sample=False)[0].float()
         if not noise:
             return x
-        eps = torch.randn(x.shape, generator=step_generator(self.dev, self.cfg.run.seed, step, self.d.rank),
+        eps = torch.randn(x.shape, generator=step_generator(self.cfg.run.seed, step, self.d.rank, "noise", self.dev),
                           device=self.dev)
         return x + self.cfg.encoder.noise_sigma * eps
 

@@ -25,13 +25,14 @@ from fae_fast.data.toy import ToyLatents  # noqa: E402
 from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
+from fae_fast.seeding import step_generator  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid  # noqa: E402
 from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import (EMA, NonFiniteGuard, Progress, Spike, SpikeGuard, TermMeter, data_index,  # noqa: E402
                               finish_distributed, init_distributed, make_adamw, measured_bf16_peak, merge_ranges,
-                              plot_curves, print0, set_lr, step_generator)
+                              plot_curves, print0, set_lr)
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
@@ -321,7 +322,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         x1, y = source.batch(data_index(step, cfg.data.skip))
         set_lr(optimizer, cfg.optim, step, run.steps)
         with autocast(cfg, d, sharded):
-            loss = train_step(model, x1, y, cfg, step_generator(d.device, run.seed, step, d.rank))
+            loss = train_step(model, x1, y, cfg, step_generator(run.seed, step, d.rank, "noise", d.device))
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -8,10 +8,7 @@ import torch
 
 from fae_fast.config import DataConfig, GeneratorConfig
 from fae_fast.data.toy import ToyLatents
-
-
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+from fae_fast.seeding import step_generator
 
 
 class ToySource:
@@ -23,7 +20,7 @@ class ToySource:
         self.local_batch = data.global_batch // world
 
     def batch(self, step: int):
-        x, y = self.toy.batch(self.local_batch, _step_generator(self.seed, step, self.rank))
+        x, y = self.toy.batch(self.local_batch, step_generator(self.seed, step, self.rank, "data"))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
