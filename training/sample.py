@@ -1,6 +1,6 @@
 """Draw an evaluation set from a trained generator on every GPU, decode it to images, write ADM's .npz.
 
-    torchrun --standalone --nproc_per_node=8 training/sample.py --preset=paper-cfg \\
+    torchrun --standalone --nproc_per_node=8 training/sample.py --recipe=paper-cfg \\
         --ckpt=runs/gen/ema.safetensors --fae=runs/fae/fae.safetensors --stats=/data/latents/stats.json \\
         --num_samples=50000 --out_dir=runs/samples-cfg
     python training/evaluate.py --samples=runs/samples-cfg/samples_50000x256x256x3.npz \\
@@ -50,7 +50,7 @@ GRID_CLASSES = [88, 979, 207, 360, 387, 974, 417, 279]
 
 @dataclass(kw_only=True)
 class SampleConfig:
-    """Everything sample.py needs; `--preset NAME` picks the sampler, `--field=value` changes one field."""
+    """Everything sample.py needs; `--recipe NAME` (or `--preset NAME`) picks the sampler, `--field=value` changes one field."""
 
     ckpt: str = ""
     """Generator weights: the ema.safetensors of a train_gen run, or a DCP checkpoint folder (its EMA)."""
