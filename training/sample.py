@@ -50,7 +50,8 @@ GRID_CLASSES = [88, 979, 207, 360, 387, 974, 417, 279]
 
 @dataclass(kw_only=True)
 class SampleConfig:
-    """Everything sample.py needs; `--recipe NAME` (or `--preset NAME`) picks the sampler, `--field=value` changes one field."""
+    """Everything sample.py needs; `--recipe NAME` (or `--preset NAME`) picks the sampler, `--field=value`
+    changes one field."""
 
     ckpt: str = ""
     """Generator weights: the ema.safetensors of a train_gen run, or a DCP checkpoint folder (its EMA)."""
