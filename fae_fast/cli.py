@@ -10,7 +10,7 @@ status 1. `--debug` shows the traceback instead.
 Why not tyro or jsonargparse: both were tried against these configs. They give the same nested
 `--section.field=value` and field docstrings in --help, but recipes would become subcommands (breaking
 `--recipe NAME` and every script that uses it), list-valued fields change syntax (`--sampler.cfg 0.3 1 1.5`
-instead of a Python literal), and their errors are multi-line boxes. Parsing here is ~150 lines with no
+instead of a Python literal), and their errors are multi-line boxes. This module is about 200 lines with no
 dependency.
 """
 import ast
