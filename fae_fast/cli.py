@@ -32,17 +32,16 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # Values and overrides
 # ----------------------------------------------------------------------------------------------------
-_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_BOOL_WORDS = _TRUE_WORDS + _FALSE_WORDS
 
 
 def _parse_value(text: str, annotation):
     origin = typing.get_origin(annotation)
     if annotation is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
+        if text.lower() not in _BOOL_WORDS:
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in _TRUE_WORDS
     if annotation in (int, float):
         try:
             return annotation(text)
@@ -188,13 +187,13 @@ def parse_command_line(argv: list[str], *, prog: str, summary: str, choices: dic
         if value not in names:
             raise UsageError(f"--{opt} {value!r} is unknown; {_did_you_mean(value, names)}choose one of: "
                              f"{', '.join(names)}")
-    cfg = build(picked)
+    cfg = apply_overrides(build(picked), rest)
     if wants_help:
         described = {opt: (picked[opt], {n: d if isinstance(d, str) else first_line(d) for n, d in names.items()})
                      for opt, (_, names) in choices.items()}
-        print(help_text(prog, summary, apply_overrides(cfg, rest), described))
+        print(help_text(prog, summary, cfg, described))
         raise SystemExit(0)
-    return apply_overrides(cfg, rest)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------

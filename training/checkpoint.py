@@ -34,6 +34,11 @@ FAE_CONFIG_NAME = "fae_config.json"
 """Written by train_fae.py beside the whole-FAE weights file (fae.safetensors): its FAEConfig fields."""
 
 
+def step_of(folder: Path) -> int:
+    """The step of a checkpoint folder step_XXXXXXXX."""
+    return int(_NAME.match(Path(folder).name).group(1))
+
+
 class ModelAndOptimizer(Stateful):
     """Model and optimizer state through DCP's FSDP2-aware state-dict helpers."""
 
@@ -81,7 +86,7 @@ class CheckpointManager:
     def _pick_intact(self, upto_step: int | None) -> str | None:
         done, reasons = self.complete(), []
         if upto_step is not None:
-            done = [p for p in done if int(_NAME.match(p.name).group(1)) <= upto_step]
+            done = [p for p in done if step_of(p) <= upto_step]
         for path in reversed(done):
             reason = damage(path)
             if reason is None:

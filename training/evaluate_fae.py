@@ -21,20 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
 from fae_fast.config import FAEConfig, config_from_json, encoder_config  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
 from fae_fast.eval.fid import InceptionExtractor  # noqa: E402
-from fae_fast.eval.recon import mean_psnr, psnr, reconstruction_features, rfid_from_features, to_uint8  # noqa: E402
+from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,  # noqa: E402
+                                 rfid_from_features, to_uint8)
 from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder  # noqa: E402
 from training.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix  # noqa: E402
-from training.runtime import finish_distributed, init_distributed, print0  # noqa: E402
-
-RFID_MIN_IMAGES = 2048  # the Inception feature dimension
-
+from training.runtime import finish_distributed, gather_objects, init_distributed, print0  # noqa: E402
 
 @dataclass(kw_only=True)
 class FAEEvalConfig:
@@ -148,7 +145,7 @@ def main(argv: list[str], extractor=None) -> dict:
                          f"{RFID_MIN_IMAGES} rFID needs; point --data.root at a larger held-out set")
     share = total // d.world + (d.rank < total % d.world)  # this rank's first images, the ranks' sum: total
     values, feats = score_rank(loader, encoder, parts, extractor, share, cfg.log_every)
-    values, feats = sum(_gather(values), []), sum(_gather(feats), [])
+    values, feats = sum(gather_objects(values), []), sum(gather_objects(feats), [])
     record = {"psnr": mean_psnr(torch.tensor(values)),
               "rfid": rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats])),
               "num_images": len(values), "fae": cfg.fae, "images": str(Path(cfg.data.root, cfg.data.split)),
@@ -161,12 +158,6 @@ def main(argv: list[str], extractor=None) -> dict:
               f"{record['images']} ({extractor.name}) | wrote {out}", flush=True)
     finish_distributed()
     return record
-
-
-def _gather(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 if __name__ == "__main__":

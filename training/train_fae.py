@@ -43,7 +43,8 @@ from fae_fast.cli import parse_command_line, run_program  # noqa: E402
 from fae_fast.config import to_dict  # noqa: E402
 from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader  # noqa: E402
 from fae_fast.encoders import FrozenEncoder  # noqa: E402
-from fae_fast.eval.recon import mean_psnr, psnr, reconstruction_features, rfid_from_features, to_uint8  # noqa: E402
+from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,  # noqa: E402
+                                 rfid_from_features, to_uint8)
 from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify  # noqa: E402
 from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate  # noqa: E402
 from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,  # noqa: E402
@@ -54,9 +55,9 @@ from training.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOpt
                                  load_strict, read_weights)
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
-                              init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0, set_lr)
+                              gather_objects, init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0,
+                              set_lr)
 
-RFID_MIN_IMAGES = 2048  # the Inception feature dimension: fewer images give a rank-deficient covariance
 
 
 def parse_args(argv: list[str]) -> FAETrainConfig:
@@ -498,13 +499,6 @@ class PixelStage:
             return None
 
 
-def gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _vgg_like() -> nn.Sequential:
     """VGG16's conv layers with random weights: the FLOP count needs the shape only."""
     from torchvision.models.vgg import cfgs, make_layers
@@ -529,11 +523,12 @@ def all_reduce_mean_grads(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The program
 # ----------------------------------------------------------------------------------------------------
-def resume(ckpts: CheckpointManager, state: dict, cfg: FAETrainConfig) -> int:
-    """Load the newest intact checkpoint into `state`, after checking stage, encoder and FAE config."""
+def resume(ckpts: CheckpointManager, state: dict, cfg: FAETrainConfig) -> tuple[int, Path | None]:
+    """Load the newest intact checkpoint into `state`, after checking stage, encoder and FAE config.
+    Returns its step and folder ((0, None) without one)."""
     latest = ckpts.latest_intact()
     if latest is None:
-        return 0
+        return 0, None
     saved = json.loads((latest / "config.json").read_text()).get("stage")
     if saved != cfg.stage:
         raise ValueError(f"checkpoint {latest} belongs to stage {saved!r}, not {cfg.stage!r}; give this stage "
@@ -541,7 +536,7 @@ def resume(ckpts: CheckpointManager, state: dict, cfg: FAETrainConfig) -> int:
     CheckpointManager.load(latest, state, to_dict(cfg), must_match=("encoder", "fae"))
     start = int(state["progress"]["step"])
     print0(f"resumed from {latest} at step {start}")
-    return start
+    return start, latest
 
 
 def describe(cfg: FAETrainConfig, stage, d) -> None:
@@ -567,13 +562,14 @@ def report_feature_norm(encoder: FrozenEncoder, encoder_pixels, cfg: FAETrainCon
            f"(encoder.noise_sigma={cfg.encoder.noise_sigma} is relative to this)")
 
 
-def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, start: int) -> list:
+def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, start: int,
+               resumed_from: Path | None = None) -> list:
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=stage.flops_per_image(start), peak_flops=measured_bf16_peak(d.device),
                         device=d.device, world=d.world, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
                         history_path=str(Path(run.out_dir) / "history.json"))
-    guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), ckpts.latest()
+    guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), resumed_from  # where the weights come from
     t0 = time.perf_counter()
     for step in range(start, run.steps):
         pixels, encoder_pixels = source.batch(step)
@@ -625,8 +621,8 @@ def main(argv: list[str]) -> dict:
     describe(cfg, stage, d)
     ckpts = CheckpointManager(out / "checkpoints")
     state = {**stage.state(), "ema": ema, "data": source, "progress": {"step": 0}}
-    start = resume(ckpts, state, cfg)
-    history = train_loop(stage, ema, source, cfg, d, ckpts, state, start)
+    start, resumed_from = resume(ckpts, state, cfg)
+    history = train_loop(stage, ema, source, cfg, d, ckpts, state, start, resumed_from)
     scores = {}
     if cfg.run.eval_samples > 0:
         with ema.applied():

@@ -28,11 +28,11 @@ from fae_fast.sampling import sample_latents  # noqa: E402
 from fae_fast.seeding import step_generator  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid  # noqa: E402
-from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights  # noqa: E402
+from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import (EMA, NonFiniteGuard, Progress, Spike, SpikeGuard, TermMeter, data_index,  # noqa: E402
-                              finish_distributed, init_distributed, make_adamw, measured_bf16_peak, merge_ranges,
-                              plot_curves, print0, set_lr)
+                              finish_distributed, gather_objects, init_distributed, make_adamw, measured_bf16_peak,
+                              merge_ranges, plot_curves, print0, set_lr)
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
@@ -68,9 +68,7 @@ def train_step(model: Generator, x1, y, cfg: GenTrainConfig, gen: torch.Generato
 
 def gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along dim 0 (rank order), on CPU."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, x.cpu())
-    return torch.cat(parts)
+    return torch.cat(gather_objects(x.cpu()))
 
 
 def sample_local(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +235,7 @@ def main(argv: list[str]) -> dict:
         start = load_checkpoint(latest, state, cfg)
         print0(f"resumed from {latest} at step {start}")
 
-    history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start, decoder)
+    history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start, latest, decoder)
 
     with ema.applied():
         after, after_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
@@ -276,10 +274,11 @@ def load_checkpoint(path: Path, state: dict, cfg: GenTrainConfig) -> int:
     return int(state["progress"]["step"])
 
 
-def roll_back(spike: Spike, cfg: GenTrainConfig, ckpts: CheckpointManager, state: dict, rollbacks: list[int]) -> int:
+def roll_back(spike: Spike, cfg: GenTrainConfig, ckpts: CheckpointManager, state: dict,
+              rollbacks: list[int]) -> tuple[Path, int]:
     """After a loss spike: load the newest intact checkpoint from before it, skip the spike's batches from
-    there on (data.skip), and return the step to continue from. Too many rollbacks, or no checkpoint before
-    the spike, stop the run naming the steps, losses and checkpoint."""
+    there on (data.skip), and return that checkpoint and the step to continue from. Too many rollbacks, or no
+    checkpoint before the spike, stop the run naming the steps, losses and checkpoint."""
     run = cfg.run
     shown = ", ".join(f"{v:.4g}" for v in spike.losses)
     what = (f"loss spike at steps {spike.first_step}-{spike.last_step} (losses {shown} against a median of "
@@ -295,17 +294,18 @@ def roll_back(spike: Spike, cfg: GenTrainConfig, ckpts: CheckpointManager, state
                                  f"run.spike_max_rollbacks={run.spike_max_rollbacks} "
                                  f"(spikes at steps {recent}); stopped. {target} is the newest checkpoint before "
                                  f"them: lower --optim.lr (now {cfg.optim.lr:g}) and run the same command")
-    resumed = int(target.name.split("_")[-1])
+    resumed = step_of(target)
     first = data_index(max(resumed, spike.first_step - run.spike_patience), cfg.data.skip)
     last = data_index(spike.last_step, cfg.data.skip)
     load_checkpoint(target, state, cfg)
     cfg.data.skip = merge_ranges([*cfg.data.skip, (first, last)])
     print0(f"{what}; rolled back to {target} (step {resumed}) and skipping data batches {first}-{last} "
            f"(data.skip is now {cfg.data.skip})")
-    return resumed
+    return target, resumed
 
 
-def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int, decoder=None) -> list:
+def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int,
+               resumed_from: Path | None = None, decoder=None) -> list:
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
                         flops_per_image=3 * forward_flops_per_sample(cfg.model),
@@ -315,7 +315,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
     guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
     spikes, rollbacks = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience), []
     evaluate = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
-    meter, last_ckpt = TermMeter(), ckpts.latest()
+    meter, last_ckpt = TermMeter(), resumed_from  # the checkpoint the weights now come from
     t0 = time.perf_counter()
     step = start
     while step < run.steps:
@@ -337,7 +337,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
             print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
         save = (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps
         if (done % run.log_every == 0 or save) and (spike := spikes.check()) is not None:
-            step = roll_back(spike, cfg, ckpts, state, rollbacks)  # judged before any save: checkpoints are clean
+            last_ckpt, step = roll_back(spike, cfg, ckpts, state, rollbacks)  # judged before any save: clean
             progress.rewind(step)
             spikes.restart()
             guard, meter = NonFiniteGuard(d.device), TermMeter()  # a NaN inside the spike was rolled back too

@@ -16,6 +16,9 @@ import torch
 from fae_fast.eval.fid import Extractor, extract_features
 from fae_fast.eval.frechet import frechet_distance, moments
 
+RFID_MIN_IMAGES = 2048
+"""Fewest images rFID is computed on: the Inception feature dimension (fewer give a rank-deficient covariance)."""
+
 
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """(B, 3, H, W) floats in `value_range` -> uint8 in [0, 255], rounded and clamped as a saved PNG."""
