@@ -5,11 +5,15 @@ torchrun for the multi-GPU scaling figure:
     torchrun --standalone --nproc_per_node=N benchmarks/train_step.py --provider fae_fast --size LightningDiT-XL/1
 
 Providers:
-  torch          plain PyTorch reference of the same model (impl='torch'), bf16 autocast, fused AdamW, eager
-  torch.compile  the same, each block under torch.compile
-  fae_fast       what train_gen.py runs: fused Triton kernels + per-block torch.compile + fused AdamW, with
-                 FSDP2 (bf16 params, fp32 reduce) on several GPUs and bf16 autocast on one (run.fsdp=auto)
-  fae_fast.fsdp  the same with FSDP2 also on one GPU
+  torch                plain PyTorch reference of the same model (impl='torch'), bf16 autocast, fused AdamW, eager
+  torch.compile        the same, each block under torch.compile
+  torch.compile.whole  the same, the whole model under one torch.compile (the strongest plain baseline)
+  torchao.float8       the plain reference with torchao's float8 training (tensorwise scales) on the same
+                       linears fae_fast runs in FP8, whole model compiled (needs torchao)
+  fae_fast             what train_gen.py runs: fused Triton kernels + per-block torch.compile + fused AdamW, with
+                       FSDP2 (bf16 params, fp32 reduce) on several GPUs and bf16 autocast on one (run.fsdp=auto)
+  fae_fast.fp8         the same with run.precision=fp8 (fae_fast/fp8.py)
+  fae_fast.fsdp        fae_fast with FSDP2 also on one GPU
 """
 import argparse
 import json
@@ -24,13 +28,28 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fae_fast.config import generator_config  # noqa: E402
+from fae_fast.fp8 import use_fp8  # noqa: E402
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
 from training.runtime import init_distributed, measured_bf16_peak  # noqa: E402
 
 
+PROVIDERS = ("torch", "torch.compile", "torch.compile.whole", "torchao.float8", "fae_fast", "fae_fast.fp8",
+             "fae_fast.fsdp")
+
+
+def torchao_float8(model: Generator) -> None:
+    """torchao's float8 training (tensorwise, its default recipe) on the linears fae_fast runs in FP8."""
+    from torchao.float8 import convert_to_float8_training
+
+    targets = {id(m) for mod in model.fp8_modules() for m in mod.modules()}
+    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: id(module) in targets)
+
+
 def build(provider: str, size: str, device):
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
     cfg = generator_config(size)
     torch.manual_seed(0)
     with device:
@@ -38,7 +57,13 @@ def build(provider: str, size: str, device):
     if provider == "torch.compile":
         for block in model.blocks:
             block.compile()
-    sharded = provider == "fae_fast.fsdp" or (provider == "fae_fast" and dist.get_world_size() > 1)
+    if provider == "torchao.float8":
+        torchao_float8(model)
+    if provider in ("torch.compile.whole", "torchao.float8"):
+        model.compile()
+    sharded = provider == "fae_fast.fsdp" or (provider.startswith("fae_fast") and dist.get_world_size() > 1)
+    if provider == "fae_fast.fp8":
+        use_fp8(model, device)
     if provider.startswith("fae_fast"):
         parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -128,8 +153,7 @@ def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profi
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--provider", default="fae_fast",
-                        choices=["torch", "torch.compile", "fae_fast", "fae_fast.fsdp"])
+    parser.add_argument("--provider", default="fae_fast", choices=PROVIDERS)
     parser.add_argument("--size", default="LightningDiT-XL/1")
     parser.add_argument("--batch", type=int, default=128, help="per GPU")
     parser.add_argument("--steps", type=int, default=20)

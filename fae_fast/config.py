@@ -214,7 +214,9 @@ class RunConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
     precision: str = "bf16"
-    """'bf16' (bf16 params/compute, fp32 master weights and reductions) or 'fp32'."""
+    """'bf16' (bf16 params/compute, fp32 master weights and reductions), 'fp8' (bf16, and the blocks'
+    attention and MLP linears run their forward and input-gradient GEMMs in FP8 with rowwise scales:
+    fae_fast/fp8.py; CUDA with FP8 tensor cores, e.g. H100/H200) or 'fp32'."""
     fsdp: str = "auto"
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     eval_samples: int = 0

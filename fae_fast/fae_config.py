@@ -113,6 +113,9 @@ def validate(cfg: FAETrainConfig) -> None:
     if cfg.encoder.feature_dim != cfg.fae.feature_dim:
         raise ValueError(f"encoder.feature_dim={cfg.encoder.feature_dim} differs from fae.feature_dim="
                          f"{cfg.fae.feature_dim}; set --fae.feature_dim={cfg.encoder.feature_dim}")
+    if cfg.run.precision not in ("bf16", "fp32"):
+        raise ValueError(f"run.precision={cfg.run.precision!r} is not 'bf16' or 'fp32' (FP8 is for the generator's "
+                         f"blocks: training/train_gen.py --run.precision=fp8)")
     if cfg.data.source not in ("folder", "synthetic"):
         raise ValueError(f"data.source={cfg.data.source!r} is not 'folder' or 'synthetic'")
     if cfg.data.source == "folder" and not cfg.data.root:

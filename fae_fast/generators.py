@@ -91,6 +91,11 @@ class Generator(nn.Module):
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
+    def fp8_modules(self) -> list[nn.Module]:
+        """The modules whose linears run in FP8 under run.precision=fp8: each block's attention and MLP
+        (the adaLN, embedding and output linears are small or precision-sensitive and stay bf16)."""
+        return [m for block in self.blocks for m in (block.attn, block.mlp)]
+
     def drop_labels(self, y, generator=None):
         """Training-time label dropout for classifier-free guidance (outside forward: explicit RNG)."""
         return self.y_embed.drop(y, generator)

@@ -205,13 +205,25 @@ _INTERPRETING = tl.constexpr(interpreting())
 def cast_rtne(x, dtype: tl.constexpr):
     """fp32 x cast to `dtype` (an output pointer's element type) rounding to nearest even, as the GPU's
     plain cast does. Triton's interpreter truncates fp32 -> bf16 instead (up to a whole ulp of error,
-    which fails the bf16 "2x torch" tests on CPU), so there the rounding is done on the bits."""
+    which fails the bf16 "2x torch" tests on CPU), so there the rounding is done on the bits; its fp32 ->
+    fp8 e4m3 cast loses the carry into the exponent, so there the value is first rounded in fp32. fp8
+    inputs must already lie within the format's range (the quantising kernels clamp them)."""
     if _INTERPRETING:  # a constexpr: compiled GPU code is the plain cast alone
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into the kept 16 bits: round half to even
             rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             return tl.where(x != x, x.to(dtype), rounded)  # NaN keeps its (truncated) bits
+        if dtype == tl.float8e4nv:
+            # the interpreter drops the carry when rounding overflows the mantissa (127.5 -> 64): round to
+            # the e4m3 grid in fp32 first (step 2^(e-3), e the exponent, at least e4m3's smallest, -6), so
+            # that the cast itself is exact. (|x| + m) - m with m = 1.5 * 2^23 * step rounds half to even.
+            bits = x.to(tl.uint32, bitcast=True)
+            exponent = ((bits >> 23) & 0xFF).to(tl.int32) - 127
+            step = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+            magic = 12582912.0 * step
+            rounded = ((tl.abs(x) + magic) - magic).to(tl.uint32, bitcast=True) | (bits & 0x80000000)  # keep -0.0
+            return rounded.to(tl.float32, bitcast=True).to(dtype)
     return x.to(dtype)
 
 

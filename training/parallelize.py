@@ -11,12 +11,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
-    """bf16 parameters and compute with fp32 gradient reduction, or None for full fp32."""
-    if precision == "bf16":
+    """bf16 parameters and compute with fp32 gradient reduction ('bf16', and 'fp8', whose FP8 linears
+    quantise the bf16 weights themselves), or None for full fp32."""
+    if precision in ("bf16", "fp8"):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if precision == "fp32":
         return None
-    raise ValueError(f"run.precision={precision!r} is not 'bf16' or 'fp32'")
+    raise ValueError(f"run.precision={precision!r} is not 'bf16', 'fp8' or 'fp32'")
 
 
 def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf16", compile: bool = True,

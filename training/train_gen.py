@@ -23,6 +23,7 @@ from fae_fast.config import RECIPES, GenTrainConfig, recipe, to_dict  # noqa: E4
 from fae_fast.data.latents import make_source  # noqa: E402
 from fae_fast.data.toy import ToyLatents  # noqa: E402
 from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
+from fae_fast.fp8 import use_fp8  # noqa: E402
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
 from fae_fast.seeding import step_generator  # noqa: E402
@@ -43,6 +44,8 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
         raise UsageError(f"--data.path is read only with --data.source=cache, and this run has data.source="
                          f"{cfg.data.source!r}; add --data.source=cache to train on the latent cache")
     run = cfg.run
+    if run.precision not in ("bf16", "fp8", "fp32"):
+        raise UsageError(f"--run.precision={run.precision!r} is not 'bf16', 'fp8' or 'fp32'")
     if evaluates_during_training(cfg) and run.eval_every % run.log_every:
         raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
     if run.eval_ref and not cfg.fae_decoder:
@@ -197,7 +200,7 @@ def use_fsdp(cfg: GenTrainConfig, d) -> bool:
 
 def autocast(cfg: GenTrainConfig, d, sharded: bool):
     """bf16 autocast where FSDP2's mixed-precision policy does not already give bf16 compute."""
-    enabled = cfg.run.precision == "bf16" and not sharded
+    enabled = cfg.run.precision in ("bf16", "fp8") and not sharded
     return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -205,8 +208,10 @@ def build(cfg: GenTrainConfig, d):
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank before sharding
     with d.device:
         model = Generator(cfg.model, impl=cfg.run.impl)
+    if cfg.run.precision == "fp8":
+        use_fp8(model, d.device)
     choose_attention_backend(cfg.model, cfg.data.global_batch // d.world,  # this rank's training shape
-                             torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32, d.device)
+                             torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
     return model, make_adamw(model.parameters(), cfg.optim, d.device)

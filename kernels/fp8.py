@@ -1,0 +1,84 @@
+"""Rowwise FP8 quantisation in one pass: q = x / s rounded to float8 e4m3, s per row the smallest power of two
+with amax(|row|) <= 448 * s, so that each row's largest value lands in e4m3's top binade. The scale is
+computed inside the kernel from the row it holds in registers (no amax pass, no history), and comes out
+as the fp32 column (rows, 1) that `torch._scaled_mm` takes with rowwise scaling: x ~ q * s.
+
+A power-of-two scale makes x / s exact, so the one rounding is the cast (to nearest even), the same on
+every device and in the PyTorch reference, bit for bit; against amax / 448 it gives up at most the top
+binade's headroom, not precision (e4m3's relative step is the same in every normal binade).
+
+x may be any 2-D strided view, so the transposed weight (its columns quantised) needs no copy.
+fp32, bf16 and fp16 inputs; an all-zero row gets zeros and the scale of amax 1e-12.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .utils import cast_rtne, cdiv, row_block, row_num_warps, tile_rows
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2^8
+AMAX_FLOOR = 1e-12  # an all-zero row still gets a finite scale
+_E4M3_MAX, _AMAX_FLOOR = tl.constexpr(E4M3_MAX), tl.constexpr(AMAX_FLOOR)  # the same, readable inside kernels
+
+
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference: (q (M, K) float8_e4m3fn, s (M, 1) fp32) with x ~ q * s, the same arithmetic as
+    the kernel."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR)
+    mantissa, exponent = torch.frexp(amax)  # amax = mantissa * 2^exponent, mantissa in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(amax), exponent - 9 + (mantissa > 0.875).int())  # amax <= 448 * scale
+    q = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+@triton.jit
+def _power_of_two_scale(amax):
+    """(s, 1 / s) with s the smallest power of two such that amax <= 448 * s, from amax's bits: amax =
+    m * 2^E with m in [1, 2), and 448 = 1.75 * 2^8, so s = 2^(E - 8), or 2^(E - 7) when m > 1.75."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Q, S, n_rows, n_cols, stride_r, stride_c, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i quantises rows [i * ROWS, ...) of x (n_rows, n_cols), whole rows at a time."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+    scale, inverse = _power_of_two_scale(tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR))
+    q = tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX)  # exact: a power of two
+    tl.store(Q + rows64 * n_cols + cols[None, :], cast_rtne(q, Q.dtype.element_ty), mask=mask)
+    tl.store(S + rows, scale, mask=rows < n_rows)
+
+
+def quantize_rows_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows needs a 2-D tensor (rows, cols), got shape {tuple(x.shape)}")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:
+        return q, s
+    block = row_block(K)
+    rows = tile_rows(block, M)
+    _quantize_rows_kernel[(cdiv(M, rows),)](x, q, s, M, K, x.stride(0), x.stride(1), ROWS=rows, BLOCK=block,
+                                            num_warps=row_num_warps(rows * block))
+    return q, s
+
+
+_quantize_rows_op = torch.library.custom_op("fae_fast::quantize_rows", quantize_rows_fwd, mutates_args=())
+
+
+@_quantize_rows_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), any strides, fp32/bf16/fp16 -> (q (M, K) float8_e4m3fn contiguous, s (M, 1) fp32) with
+    x ~ q * s, s the row's power-of-two scale. Not differentiable (the FP8 linear's backward is explicit)."""
+    return _quantize_rows_op(x)
