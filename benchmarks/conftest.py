@@ -1,21 +1,90 @@
 """pytest-benchmark setup for the GPU suites: GPU name, git revision and the copy-bandwidth ceiling
 measured once per session on the same GPU, so that every result is a fraction of a ceiling measured
-in the same run. Without CUDA every benchmark is skipped with one clear reason."""
+in the same run; the regression guard (benchmarks/guard.py): by default only its cases run, `--bench-full`
+runs every benchmark. Without CUDA every benchmark is skipped with one clear reason."""
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.guard import BASELINES, MARGIN, baseline_file, judge, load_baseline, save_baseline, table
+
+HERE = Path(__file__).parent
+GUARD_FILE = HERE / "test_guard.py"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fae_fast benchmarks")
+    group.addoption("--bench-full", action="store_true",
+                    help="run every benchmark (sweeps, every size and provider), not only the guarded cases")
+    group.addoption("--bench-record", action="store_true",
+                    help="write this run's ratios as the baseline of this GPU kind (benchmarks/baselines/)")
+    group.addoption("--bench-baselines", default=str(BASELINES),
+                    help="folder of the per-GPU baseline files (default benchmarks/baselines)")
+    group.addoption("--bench-margin", type=float, default=MARGIN,
+                    help=f"relative fall of a ratio below its baseline that fails a case (default {MARGIN})")
+
 
 def pytest_collection_modifyitems(config, items):
+    ours = [item for item in items if HERE in Path(item.fspath).parents]
+    if not config.getoption("--bench-full", default=False):
+        unguarded = [item for item in ours if Path(item.fspath) != GUARD_FILE]
+        if unguarded:
+            config.hook.pytest_deselected(items=unguarded)
+            items[:] = [item for item in items if item not in set(unguarded)]
+            config._bench_deselected = len(unguarded)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU; run `pytest benchmarks/` on a GPU machine")
-    here = Path(__file__).parent
     for item in items:
-        if here in Path(item.fspath).parents:
+        if HERE in Path(item.fspath).parents:
             item.add_marker(skip)
+
+
+class Guard:
+    """Judges each guarded Result against this GPU kind's stored ratios as it comes (a case fails when a
+    ratio fell more than the margin), and keeps the rows for the closing table and the baseline file."""
+
+    def __init__(self, config, gpu_name: str, revision: str, folder: Path = BASELINES):
+        self.gpu, self.revision = gpu_name, revision
+        self.path = baseline_file(gpu_name, folder)
+        self.stored = load_baseline(self.path)
+        self.recording = config.getoption("--bench-record") or self.stored is None
+        self.margin = config.getoption("--bench-margin")
+        self.rows = []
+
+    def check(self, result):
+        stored = (self.stored or {}).get(result.case)
+        verdict, why = judge(result, stored, self.margin)
+        self.rows.append((result, stored, "recorded" if self.recording else verdict))
+        if verdict == "slower" and not self.recording:
+            pytest.fail(f"{result.case} on {self.gpu} regressed: {why}. If the change is meant, run "
+                        f"`pytest benchmarks/ --bench-record` and commit {self.path.name}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def guard(request, gpu_ceilings):
+    g = Guard(request.config, gpu_ceilings["gpu"], gpu_ceilings["git"],
+              Path(request.config.getoption("--bench-baselines")))
+    request.config._bench_guard = g
+    return g
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    deselected = getattr(config, "_bench_deselected", 0)
+    if deselected:
+        terminalreporter.write_line(f"benchmarks: {deselected} unguarded benchmarks not run (--bench-full runs them)")
+    g = getattr(config, "_bench_guard", None)
+    if g is None or not g.rows:
+        return
+    terminalreporter.section(f"benchmark guard, {g.gpu} (margin {g.margin:.0%})")
+    terminalreporter.write_line(table(g.rows))
+    if g.recording:
+        if g.stored is None:
+            terminalreporter.write_line(f"no stored baseline for {g.gpu}: recorded this run's ratios")
+        save_baseline(g.path, g.gpu, g.revision, [r for r, _, _ in g.rows])
+        terminalreporter.write_line(f"wrote {g.path} (commit it to guard this GPU kind)")
 
 
 def _git_revision() -> str:

@@ -1,0 +1,78 @@
+"""The guarded cases `pytest benchmarks/` runs by default (benchmarks/guard.py says how they are judged):
+every fused op forward + backward at the XL shapes against torch.compile of its reference, the FP8
+quantising pass, one XL block per family against the compiled plain block, and one LightningDiT-XL/1
+training step (its MFU). Times are medians of CUDA-event timings of back-to-back launches."""
+import pytest
+import torch
+
+from benchmarks.conftest import _time_ms
+from benchmarks.guard import Result
+from benchmarks.test_bench_block import B as BLOCK_BATCH, block_step, make_block
+from benchmarks.test_bench_elementwise import LAUNCHES_PER_CALL, _timed, reparameterize_case, rope_case, swiglu_case
+from benchmarks.test_bench_norms import fused_case, gated_residual_case, modulated_norm_case
+from fae_fast.generators import forward_flops_per_sample
+
+OPS = {  # the XL generator's shapes (width 1152, 16 heads of 72, SwiGLU hidden 3072) and the FAE encoder's
+    "modulated_norm-layer": lambda: modulated_norm_case(1152, "layer", False),
+    "modulated_norm-rms_w": lambda: modulated_norm_case(1152, "rms", True),
+    "gated_residual": lambda: gated_residual_case(1152),
+    "gated_residual_modulated_norm-layer": lambda: fused_case(1152, "layer", False),
+    "gated_residual_modulated_norm-rms_w": lambda: fused_case(1152, "rms", True),
+    "rope_qkv+qknorm": lambda: rope_case(16, 72, norm=True),
+    "swiglu_packed": lambda: swiglu_case(3072),
+    "reparameterize": lambda: reparameterize_case(32),
+}
+
+
+def op_ms(fn, case: dict) -> float:
+    """ms of one forward + backward of fn (median of 20 timings of LAUNCHES_PER_CALL back-to-back calls)."""
+    timed = _timed(fn, case, "full")
+    return _time_ms(timed, warmup=2, iters=20) / LAUNCHES_PER_CALL
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_fused_op(guard, gpu_ceilings, op):
+    case = OPS[op]()
+    torch._dynamo.reset()
+    ours = op_ms(case["impls"]["fae_fast"], case)
+    compiled = op_ms(torch.compile(case["impls"]["torch"], dynamic=False), case)
+    moved = case["bytes"]["fwd"] + case["bytes"]["bwd"]
+    guard.check(Result(f"{op} fwd+bwd", ours, compiled / ours, moved / (ours * 1e-3) / gpu_ceilings["copy_bytes_per_s"],
+                       "copy"))
+
+
+def test_fp8_quantise(guard, gpu_ceilings):
+    from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_ref
+
+    x = torch.randn(128 * 256, 1152, device="cuda", dtype=torch.bfloat16)  # one XL activation
+    ours = _time_ms(lambda: quantize_rows(x))
+    torch._dynamo.reset()
+    reference = torch.compile(quantize_rows_ref, dynamic=False)
+    compiled = _time_ms(lambda: reference(x))
+    moved = x.numel() * 3 + x.shape[0] * 4  # read bf16, write e4m3 and the row scales
+    guard.check(Result("quantize_rows 32768x1152", ours, compiled / ours,
+                       moved / (ours * 1e-3) / gpu_ceilings["copy_bytes_per_s"], "copy"))
+
+
+@pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
+def test_xl_block(guard, gpu_ceilings, size):
+    times = {}
+    for provider in ("fae_fast", "torch.compile"):
+        cfg, block = make_block(size, provider)
+        times[provider] = _time_ms(block_step(cfg, block), warmup=3, iters=10)
+    flops = BLOCK_BATCH * forward_flops_per_sample(cfg) / cfg.depth * 3
+    ours = times["fae_fast"]
+    guard.check(Result(f"{size} block fwd+bwd", ours, times["torch.compile"] / ours,
+                       flops / (ours * 1e-3) / gpu_ceilings["bf16_flops_per_s"], "bf16"))
+
+
+def test_train_step(guard, gpu_ceilings):
+    from benchmarks.train_step import prepare
+    from training.runtime import init_distributed
+
+    batch = 128
+    cfg, step, _ = prepare("fae_fast", "LightningDiT-XL/1", batch, init_distributed().device)
+    ours = _time_ms(step, warmup=3, iters=10)
+    flops = batch * 3 * forward_flops_per_sample(cfg)
+    guard.check(Result("LightningDiT-XL/1 train step, batch 128", ours, None,
+                       flops / (ours * 1e-3) / gpu_ceilings["bf16_flops_per_s"], "bf16"))
