@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels and torchrun training programs for Feature Auto-Encoders and latent diffusion transformers",
     python_requires=">=3.10",
-    packages=["fae_fast", "fae_fast.data", "fae_fast.eval", "fae_fast.kernels"],
+    packages=["fae_fast", "fae_fast.data", "fae_fast.eval", "fae_fast.train", "fae_fast.kernels"],
     package_dir={"fae_fast": "fae_fast", "fae_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",

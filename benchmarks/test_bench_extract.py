@@ -20,7 +20,7 @@ import torch
 from benchmarks.conftest import _time_ms
 from fae_fast.data.synthetic import write_imagenet_like
 from training import extract_latents as ex
-from training.runtime import init_distributed
+from fae_fast.train.runtime import init_distributed
 
 ROWS = 256  # rows per forward: 128 images + their twins (extract_latents --batch 128), or 256 images
 ENCODER = "DINOv2-g/14"

@@ -17,7 +17,7 @@ import torch
 from benchmarks.conftest import _time_ms
 from fae_fast.fae import FAEEncoder, reparameterize
 from fae_fast.fae_config import fae_recipe
-from training.runtime import EMA, init_distributed
+from fae_fast.train.runtime import EMA, init_distributed
 from training.train_fae import FeatureStage, encode_features, make_image_source, optimizer_step
 
 BATCH = 128

@@ -15,7 +15,8 @@ from fae_fast.config import SamplerConfig, generator_config
 from fae_fast.eval.protocol import index_labels, index_normal
 from fae_fast.generators import Generator, forward_flops_per_sample
 from fae_fast.sampling import sample_latents
-from training.sample import SampleConfig, cast_params, prepare_for_speed
+from fae_fast.inference import cast_params
+from training.sample import SampleConfig, prepare_for_speed
 
 BATCH, STEPS, PROTOCOL_IMAGES, PROTOCOL_STEPS = 256, 5, 50_000, 250
 

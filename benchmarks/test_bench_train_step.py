@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.train_step import prepare
 from fae_fast.generators import forward_flops_per_sample
-from training.runtime import init_distributed
+from fae_fast.train.runtime import init_distributed
 
 BATCH = 128
 

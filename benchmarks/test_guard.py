@@ -68,7 +68,7 @@ def test_xl_block(guard, gpu_ceilings, size):
 
 def test_train_step(guard, gpu_ceilings):
     from benchmarks.train_step import prepare
-    from training.runtime import init_distributed
+    from fae_fast.train.runtime import init_distributed
 
     batch = 128
     cfg, step, _ = prepare("fae_fast", "LightningDiT-XL/1", batch, init_distributed().device)

@@ -31,8 +31,8 @@ from fae_fast.config import generator_config  # noqa: E402
 from fae_fast.fp8 import use_fp8  # noqa: E402
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
-from training.parallelize import parallelize  # noqa: E402
-from training.runtime import init_distributed, measured_bf16_peak  # noqa: E402
+from fae_fast.train.parallelize import parallelize  # noqa: E402
+from fae_fast.train.runtime import init_distributed, measured_bf16_peak  # noqa: E402
 
 
 PROVIDERS = ("torch", "torch.compile", "torch.compile.whole", "torchao.float8", "fae_fast", "fae_fast.fp8",

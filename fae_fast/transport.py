@@ -243,8 +243,13 @@ def sample_sde(
     shift: float = 1.0,
     diffusion: str = "sigma",
     generator: torch.Generator | None = None,
+    step_noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor:
     """Euler-Maruyama on dx = [v + w/2 * s] dt + sqrt(w) dW from t = 0 to 1, w(t) = 2 * g * (1 - t).
+
+    The standard normal increment of step i is drawn from `generator`, or is step_noise(i) (shaped like
+    noise) when given: sample.py draws each sample's increments from its own index, so that a sample does
+    not depend on which batch or GPU drew it.
 
     With the score s = (t*v - x)/(1 - t) the drift is v + g*(t*v - x): no 1/(1-t) left, so neither end
     is singular (at t = 0 the score is exactly -x). "sigma" (g = 1) is SiT's default. The last step is
@@ -265,5 +270,6 @@ def sample_sde(
         # x + dt*[(1 + g*t)*v - g*x] + sqrt(2*g*(1-t)*dt) * xi
         x.mul_(1 - g * dt).add_(v, alpha=(1 + g * t) * dt)
         if g:
-            x.add_(xi.normal_(generator=generator), alpha=math.sqrt(2 * g * (1 - t) * dt))
+            increment = xi.normal_(generator=generator) if step_noise is None else step_noise(i)
+            x.add_(increment, alpha=math.sqrt(2 * g * (1 - t) * dt))
     return x

@@ -65,7 +65,9 @@ def program_env(processes: int = 1) -> dict[str, str]:
     """Environment of a program run in a subprocess: no inherited process-group variables, one thread per
     process, and the GPUs hidden where the machine has fewer than `processes` (every run of a test that
     compares world sizes then shares one device type)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",  # fae_fast importable without install
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
     for k in DIST_ENV:
         env.pop(k, None)
     if torch.cuda.device_count() < processes:

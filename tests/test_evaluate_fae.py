@@ -15,7 +15,7 @@ from fae_fast.encoders import FrozenEncoder
 from fae_fast.eval.recon import mean_psnr, psnr, rfid_from_features, to_uint8
 from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder
 from training import evaluate_fae
-from training.checkpoint import FAE_CONFIG_NAME
+from fae_fast.train.checkpoint import FAE_CONFIG_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from fae_fast.config import generator_config
 from fae_fast.generators import Generator
-from training.parallelize import parallelize
-from training.runtime import init_distributed
+from fae_fast.train.parallelize import parallelize
+from fae_fast.train.runtime import init_distributed
 
 from conftest import DIST_ENV, restore_env  # noqa: E402 (tests/ is on sys.path)
 from kernel_testing import TOL  # noqa: E402

@@ -7,7 +7,6 @@ the only tolerance is for the stats, which are float64 reductions in another ord
 """
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 from fae_fast.config import DataConfig, generator_config
 from fae_fast.data import latent_cache as lc
 from fae_fast.data.latents import make_source
+from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, T, C = 60, 16, 4  # 60 images of 4x4 tokens x 4 channels, shards of 16 (the last holds 12)
@@ -253,9 +253,7 @@ def test_batch_larger_than_the_cache(cache):
 def test_train_gen_refuses_an_incomplete_cache_in_one_sentence(cache, tmp_path):
     folder = _copy(cache, tmp_path)
     (folder / "index.json").unlink()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = program_env()
     res = subprocess.run([sys.executable, str(ROOT / "training" / "train_gen.py"), "--data.source=cache",
                           f"--data.path={folder}", "--model.grid=4", "--model.in_channels=4", "--run.compile=false",
                           "--data.global_batch=12", f"--run.out_dir={tmp_path / 'run'}"],
@@ -285,7 +283,7 @@ def test_train_gen_decodes_its_sample_grids_with_the_fae(cache, tmp_path):
 
     from fae_fast.config import fae_config
     from fae_fast.fae import FeatureDecoder, PixelDecoder
-    from training.checkpoint import FAE_CONFIG_NAME
+    from fae_fast.train.checkpoint import FAE_CONFIG_NAME
 
     fcfg = fae_config("FAE-tiny")
     torch.manual_seed(0)
@@ -293,9 +291,7 @@ def test_train_gen_decodes_its_sample_grids_with_the_fae(cache, tmp_path):
     tensors |= {f"pixel_decoder.{k}": v for k, v in PixelDecoder(fcfg, impl="torch").state_dict().items()}
     save_file(tensors, str(tmp_path / "fae.safetensors"))
     (tmp_path / FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fcfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = program_env()
     common = [sys.executable, str(ROOT / "training" / "train_gen.py"), "--model.grid=4", "--model.in_channels=4",
               "--model.num_classes=10",
               "--run.compile=false", "--data.global_batch=12", "--run.steps=4", "--run.ckpt_every=0",

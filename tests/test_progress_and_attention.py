@@ -6,12 +6,12 @@ import logging
 import torch
 
 from fae_fast import attention
-from training.runtime import Progress
+from fae_fast.train.runtime import Progress
 
 
 def test_progress_line_gives_per_rank_rate_and_mfu(monkeypatch):
     clock = iter([0.0, 10.0])
-    monkeypatch.setattr("training.runtime.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("fae_fast.train.runtime.time.perf_counter", lambda: next(clock))
     progress = Progress(total_steps=100, start_step=0, global_batch=512, flops_per_image=1e9, peak_flops=1e12,
                         device=torch.device("cpu"), world=4)
     line = progress.line(10, {"loss": 0.5})

@@ -17,6 +17,8 @@ from fae_fast.eval.npz import (check_coverage, iter_npz_array, list_chunks, pend
                                write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import STREAM_SDE, index_labels, index_normal, philox4x32
 from fae_fast.generators import Generator
+from fae_fast.inference import load_stats
+from fae_fast.transport import sample_sde
 from training import sample
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
@@ -93,7 +95,7 @@ def test_balanced_labels_hold_each_class_equally_often():
 def test_a_sample_does_not_depend_on_its_batch(tmp_path, preset, method):
     tiny_generator(tmp_path)
     cfg = config(tmp_path / "ema.safetensors", preset, f"--sampler.method={method}")
-    model = sample.load_generator(cfg, torch.device("cpu"), torch.float32)
+    model = sample.load_generator_of(cfg, torch.device("cpu"), torch.float32)
     z, y = sample.sample_batch(model, torch.arange(7), cfg)
     parts = [sample.sample_batch(model, torch.arange(a, b), cfg) for a, b in [(0, 2), (2, 3), (3, 7)]]
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), z, rtol=0, atol=1e-5)
@@ -104,8 +106,9 @@ def test_a_sample_does_not_depend_on_its_batch(tmp_path, preset, method):
     assert not torch.allclose(sample.sample_batch(model, torch.arange(7), ode)[0], z, atol=1e-3)  # noise/CFG used
 
 
-def test_sde_by_index_reaches_a_gaussian_target():
-    """Euler-Maruyama with per-index increments on the exact velocity of N(m, sigma^2): the samples'
+def test_sde_with_per_index_increments_reaches_a_gaussian_target():
+    """Euler-Maruyama with per-index increments (sample.py's SDE: transport.sample_sde with step_noise) on
+    the exact velocity of N(m, sigma^2): the samples'
     moments within 5 standard errors (time shift 0.4, 200 steps, as transport's own tests do)."""
     m, s = torch.tensor([-1.0, 0.5, 2.0]), torch.tensor([0.5, 1.0, 2.0])
 
@@ -114,9 +117,8 @@ def test_sde_by_index_reaches_a_gaussian_target():
         return m + (t * s**2 - (1 - t)) / (t**2 * s**2 + (1 - t) ** 2) * (x - t * m)
 
     n, idx = 20_000, torch.arange(20_000)
-    sampler = SamplerConfig(method="euler_maruyama", steps=200, time_shift=0.4)
-    x = sample.sample_sde_by_index(velocity, index_normal(0, idx, (3,)), sampler,
-                                   lambda k: index_normal(0, idx, (3,), STREAM_SDE + k))
+    x = sample_sde(velocity, index_normal(0, idx, (3,)), steps=200, shift=0.4,
+                   step_noise=lambda k: index_normal(0, idx, (3,), STREAM_SDE + k))
     assert ((x.mean(0) - m).abs() < 5 * s / math.sqrt(n)).all(), x.mean(0)
     assert ((x.std(0) - s).abs() < 5 * s / math.sqrt(2 * n)).all(), x.std(0)
 
@@ -193,13 +195,13 @@ def test_adm_npz_round_trip(tmp_path):
 def test_a_dcp_checkpoint_loads_its_ema_weights(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from training.runtime import EMA
+    from fae_fast.train.runtime import EMA
 
     model = tiny_generator(tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
     dcp.save({"ema": EMA(model, 0.9), "progress": {"step": 10}}, checkpoint_id=str(ckpt), no_dist=True)
     (ckpt / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
-    loaded = sample.load_generator(config(ckpt), torch.device("cpu"), torch.float32)
+    loaded = sample.load_generator_of(config(ckpt), torch.device("cpu"), torch.float32)
     for (name, a), b in zip(model.named_parameters(), loaded.parameters()):
         assert torch.equal(a, b), name
 
@@ -207,14 +209,14 @@ def test_a_dcp_checkpoint_loads_its_ema_weights(tmp_path):
 def test_checkpoint_problems_name_the_fix(tmp_path):
     model = tiny_generator(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist; pass --ckpt"):
-        sample.load_generator(config(tmp_path / "nope.safetensors"), torch.device("cpu"), torch.float32)
+        sample.load_generator_of(config(tmp_path / "nope.safetensors"), torch.device("cpu"), torch.float32)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="pass --model_config"):
-        sample.load_generator(config(tmp_path / "ema.safetensors"), torch.device("cpu"), torch.float32)
+        sample.load_generator_of(config(tmp_path / "ema.safetensors"), torch.device("cpu"), torch.float32)
     other = tmp_path / "deeper.json"
     other.write_text(json.dumps({"model": {**dataclasses.asdict(model.cfg), "depth": 3}}))
     with pytest.raises(ValueError, match="do not fit the Generator config"):
-        sample.load_generator(config(tmp_path / "ema.safetensors", "paper-cfg", f"--model_config={other}"),
+        sample.load_generator_of(config(tmp_path / "ema.safetensors", "paper-cfg", f"--model_config={other}"),
                               torch.device("cpu"), torch.float32)
 
 
@@ -324,13 +326,13 @@ def test_decoder_problems_name_the_fix(tmp_path):
     fae, stats = tiny_fae(tmp_path)
     no_stats = config(tmp_path / "ema.safetensors", "paper-cfg", f"--fae={fae}", "--fae_size=FAE-tiny")
     with pytest.raises(ValueError, match="--stats is needed with --fae"):
-        sample.Decoder(no_stats, model.cfg, torch.device("cpu"), torch.float32)
+        sample.decoder_of(no_stats, model.cfg, torch.device("cpu"), torch.float32)
     wrong_file = dataclasses.replace(no_stats, fae=str(tmp_path / "ema.safetensors"), stats=str(stats))
     with pytest.raises(ValueError, match="keys need the prefix 'feature_decoder.'"):
-        sample.Decoder(wrong_file, model.cfg, torch.device("cpu"), torch.float32)
+        sample.decoder_of(wrong_file, model.cfg, torch.device("cpu"), torch.float32)
     wrong_size = dataclasses.replace(no_stats, fae_size="FAE-DINOv2-B", stats=str(stats))
     with pytest.raises(ValueError, match="the FAE decodes 16x16x32 latents but the generator makes 4x4x4"):
-        sample.Decoder(wrong_size, model.cfg, torch.device("cpu"), torch.float32)
+        sample.decoder_of(wrong_size, model.cfg, torch.device("cpu"), torch.float32)
 
 
 @needs_fae
@@ -342,9 +344,9 @@ def test_bf16_weights_as_on_cuda_stay_close_to_fp32(tmp_path):
     cfg = config(tmp_path / "ema.safetensors", "paper-cfg", f"--fae={fae}", "--fae_size=FAE-tiny", f"--stats={stats}")
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = sample.load_generator(cfg, torch.device("cpu"), dtype)
+        model = sample.load_generator_of(cfg, torch.device("cpu"), dtype)
         assert model.blocks[0].attn.rope_angles.dtype == torch.float32
-        runs[dtype] = model, sample.Decoder(cfg, model.cfg, torch.device("cpu"), dtype)
+        runs[dtype] = model, sample.decoder_of(cfg, model.cfg, torch.device("cpu"), dtype)
     z32 = sample.sample_batch(runs[torch.float32][0], torch.arange(16), cfg)[0]
     z16 = sample.sample_batch(runs[torch.bfloat16][0], torch.arange(16), cfg)[0]
     assert (z32 - z16).abs().max() < 0.05
@@ -355,7 +357,7 @@ def test_bf16_weights_as_on_cuda_stay_close_to_fp32(tmp_path):
 def test_damaged_and_missing_inputs_name_the_file(tmp_path):
     """Garbage or truncated safetensors, a garbage --stats JSON, a missing --fae: one sentence each, naming the
     file, and the missing file is reported before anything about shapes."""
-    from training.checkpoint import read_weights
+    from fae_fast.train.checkpoint import read_weights
 
     garbage = tmp_path / "ema.safetensors"
     garbage.write_bytes(b"\xff" * 64)
@@ -368,7 +370,7 @@ def test_damaged_and_missing_inputs_name_the_file(tmp_path):
         read_weights(tmp_path / "cut.safetensors", "generator")
     (tmp_path / "stats.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"latent statistics file {tmp_path / 'stats.json'} is not the JSON"):
-        sample.load_stats(str(tmp_path / "stats.json"), 4)
+        load_stats(str(tmp_path / "stats.json"), 4)
     cfg = sample.parse_args([f"--fae={tmp_path / 'missing.safetensors'}", "--stats=identity", "--fae_size=FAE-DINOv2-g"])
     with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
-        sample.Decoder(cfg, generator_config("SiT-tiny/1", grid=4, in_channels=4), torch.device("cpu"), torch.float32)
+        sample.decoder_of(cfg, generator_config("SiT-tiny/1", grid=4, in_channels=4), torch.device("cpu"), torch.float32)

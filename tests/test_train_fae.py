@@ -164,7 +164,7 @@ def test_sample_and_extraction_read_the_whole_fae_file(stages):
     fcfg = train_fae.parse_args([*COMMON, "--data.source=synthetic"]).fae
     scfg = sample.SampleConfig(fae=str(out / "finetune" / "fae.safetensors"), stats="identity", impl="torch")
     gcfg = sample.GeneratorConfig(in_channels=fcfg.latent_dim, grid=fcfg.grid)
-    decoder = sample.Decoder(scfg, gcfg, torch.device("cpu"), torch.float32)
+    decoder = sample.decoder_of(scfg, gcfg, torch.device("cpu"), torch.float32)
 
     features, pixels = FeatureDecoder(fcfg, impl="torch"), PixelDecoder(fcfg, impl="torch")
     feature_ema = load_file(str(out / "feature" / "ema.safetensors"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import CheckpointManager
+from fae_fast.train.checkpoint import CheckpointManager
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]

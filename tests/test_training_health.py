@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fae_fast.data.latents import ToySource
 from training import train_gen
-from training.runtime import SpikeGuard, data_index, merge_ranges
+from fae_fast.train.runtime import SpikeGuard, data_index, merge_ranges
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -123,7 +123,7 @@ def test_fid_of_decoded_samples_is_logged_during_training(tmp_path, monkeypatch)
     from fae_fast.data import latent_cache as lc
     from fae_fast.eval import fid
     from fae_fast.fae import FeatureDecoder, PixelDecoder
-    from training.checkpoint import FAE_CONFIG_NAME
+    from fae_fast.train.checkpoint import FAE_CONFIG_NAME
 
     rng = np.random.default_rng(0)
     lc.write_cache(tmp_path / "cache", rng.normal(size=(40, 2, 16, 4)).astype(np.float16), rng.integers(0, 10, 40),

@@ -11,19 +11,17 @@ Inception (`pip install -e .[eval]`); its weights file must be downloadable or a
 without it the program stops with the path to put it at. Prints one line and writes a JSON file.
 """
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from fae_fast.cli import parse_command_line, run_program  # noqa: E402
-from fae_fast.eval.fid import (FeatureProgress, InceptionExtractor, count_images, extract_features,  # noqa: E402
+from fae_fast.cli import parse_command_line, run_program
+from fae_fast.eval.fid import (FeatureProgress, InceptionExtractor, count_images, extract_features,
                                iter_images, load_reference, score)
-from fae_fast.eval.npz import npz_array_shape  # noqa: E402
+from fae_fast.eval.npz import npz_array_shape
 
 
 @dataclass(kw_only=True)

@@ -13,25 +13,23 @@ images cannot give a full-rank covariance and are refused. Writes one JSON file 
 """
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
-from fae_fast.config import FAEConfig, config_from_json, encoder_config  # noqa: E402
-from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
-from fae_fast.encoders import FrozenEncoder  # noqa: E402
-from fae_fast.eval.fid import InceptionExtractor  # noqa: E402
-from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,  # noqa: E402
+from fae_fast.cli import UsageError, parse_command_line, run_program
+from fae_fast.config import FAEConfig, config_from_json, encoder_config
+from fae_fast.data.images import ImageDataConfig, make_image_loader
+from fae_fast.encoders import FrozenEncoder
+from fae_fast.eval.fid import InceptionExtractor
+from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
                                  rfid_from_features, to_uint8)
-from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder  # noqa: E402
-from training.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix  # noqa: E402
-from training.runtime import finish_distributed, gather_objects, init_distributed, print0  # noqa: E402
+from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder
+from fae_fast.train.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix
+from fae_fast.train.runtime import finish_distributed, gather_objects, init_distributed, print0
 
 @dataclass(kw_only=True)
 class FAEEvalConfig:

@@ -19,27 +19,25 @@ import datetime
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import numpy as np
+import torch
+import torch.distributed as dist
 
-from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
-from fae_fast.config import (ENCODER_SIZES, FAE_SIZES, EncoderConfig, FAEConfig, encoder_config,  # noqa: E402
+from fae_fast.cli import UsageError, parse_command_line, run_program
+from fae_fast.config import (ENCODER_SIZES, FAE_SIZES, EncoderConfig, FAEConfig, encoder_config,
                              fae_config, validate_encoder)
-from fae_fast.data import latent_cache as lc  # noqa: E402
-from fae_fast.data.images import ImageDataConfig, make_image_loader  # noqa: E402
-from fae_fast.encoders import FrozenEncoder  # noqa: E402
-from fae_fast.fae import FAEEncoder  # noqa: E402
-from training.checkpoint import load_strict, read_weights, with_prefix  # noqa: E402
-from training.runtime import finish_distributed, init_distributed, print0  # noqa: E402
+from fae_fast.data import latent_cache as lc
+from fae_fast.data.images import ImageDataConfig, make_image_loader
+from fae_fast.encoders import FrozenEncoder
+from fae_fast.fae import FAEEncoder
+from fae_fast.train.checkpoint import load_strict, read_weights, with_prefix
+from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
 # The FAE size that belongs to each registered encoder (the FAE reads that encoder's features).
 ENCODER_FAE = {"DINOv2-g/14": "FAE-DINOv2-g", "DINOv2-B/14": "FAE-DINOv2-B",

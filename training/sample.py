@@ -19,30 +19,27 @@ import dataclasses
 import datetime
 import json
 import math
-import sys
 import zipfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import numpy as np
+import torch
+import torch.distributed as dist
 
-from fae_fast.adapters import load_published  # noqa: E402
-from fae_fast.cli import parse_command_line, run_program  # noqa: E402
-from fae_fast.config import FAEConfig, GeneratorConfig, SamplerConfig, config_from_json, fae_config  # noqa: E402
-from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,  # noqa: E402
+from fae_fast.cli import parse_command_line, run_program
+from fae_fast.config import GeneratorConfig, SamplerConfig
+from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,
                                remove_partial_chunks, write_adm_npz, write_chunk)
-from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal  # noqa: E402
-from fae_fast.generators import Generator, choose_attention_backend  # noqa: E402
-from fae_fast.sampling import sample_latents  # noqa: E402
-from fae_fast.transport import cfg_scale, guided_velocity, timesteps, validate_cfg_intervals  # noqa: E402
-from fae_fast.viz import latents_to_images, save_grid  # noqa: E402
-from training.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix  # noqa: E402
-from training.runtime import finish_distributed, init_distributed, print0  # noqa: E402
+from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal
+from fae_fast.generators import Generator, choose_attention_backend
+from fae_fast.inference import LatentDecoder, load_generator
+from fae_fast.sampling import sample_latents
+from fae_fast.transport import cfg_scale, guided_velocity, sample_sde, timesteps, validate_cfg_intervals
+from fae_fast.viz import latents_to_images, save_grid
+from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
 # DiT's sample classes: macaw, valley, golden retriever, otter, lesser panda, geyser, balloon, arctic fox
 GRID_CLASSES = [88, 979, 207, 360, 387, 974, 417, 279]
@@ -127,146 +124,21 @@ def parse_args(argv: list[str]) -> SampleConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading: generator, decoders, statistics
+# Loading (the library's fae_fast.inference, with this program's options)
 # ----------------------------------------------------------------------------------------------------
-def generator_config_path(cfg: SampleConfig) -> Path:
-    """Where the generator's config.json is: model_config, beside ckpt, or in the run's newest checkpoint."""
-    from training.checkpoint import CheckpointManager
-
-    ckpt = Path(cfg.ckpt)
-    folder = ckpt if ckpt.is_dir() else ckpt.parent
-    candidates = [Path(cfg.model_config)] if cfg.model_config else [folder / "config.json"]
-    if not cfg.model_config and (latest := CheckpointManager(folder / "checkpoints").latest()) is not None:
-        candidates.append(latest / "config.json")
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no generator config found for {ckpt} (looked at {', '.join(map(str, candidates))}); "
-                            f"pass --model_config=PATH to a train_gen config.json")
+def load_generator_of(cfg: SampleConfig, device: torch.device, dtype: torch.dtype) -> Generator:
+    return load_generator(cfg.ckpt, device, dtype, impl=cfg.impl, model_config=cfg.model_config,
+                          published=cfg.published)
 
 
-def cast_params(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Parameters to dtype, buffers kept (RoPE angles stay fp32), as FSDP2's mixed precision does in training."""
-    for p in module.parameters():
-        p.data = p.data.to(dtype)
-    return module
-
-
-def cast_block_inputs(blocks: torch.nn.ModuleList, dtype: torch.dtype) -> None:
-    """Cast the floating inputs of each block to dtype, as FSDP2's per-block mixed precision does in
-    training: an fp32 position table added before the first block would otherwise promote the stream."""
-    def hook(module, args):
-        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-    for block in blocks:
-        block.register_forward_pre_hook(hook)
-
-
-def load_generator(cfg: SampleConfig, device: torch.device, dtype: torch.dtype) -> Generator:
-    ckpt = Path(cfg.ckpt)
-    if not cfg.ckpt or not ckpt.exists():
-        raise FileNotFoundError(f"generator checkpoint {cfg.ckpt!r} does not exist; pass --ckpt=runs/<name>/"
-                                f"ema.safetensors or a checkpoints/step_XXXXXXXX folder")
-    if cfg.published:
-        model = load_published(ckpt, cfg.published, impl=cfg.impl)
-        return cast_params(model.to(device).eval().requires_grad_(False), dtype)
-    config_path = generator_config_path(cfg)
-    model = Generator(config_from_json(config_path, GeneratorConfig, ("model",)), impl=cfg.impl)
-    load_strict(model, read_weights(ckpt, "generator"), str(ckpt), f"pass --model_config= the config.json of the run that wrote it "
-                                            f"(used: {config_path})")
-    return cast_params(model.to(device).eval().requires_grad_(False), dtype)
-
-
-def load_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the latent cache, each (C,), from JSON or safetensors; 'identity' gives (0, 1)."""
-    if path == "identity":
-        return torch.zeros(channels), torch.ones(channels)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"latent statistics file {path!r} does not exist; pass --stats= the stats file "
-                                f"extract_latents.py wrote (or 'identity' for unnormalised latents)")
-    if path.endswith(".json"):
-        try:
-            saved = {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(Path(path).read_text()).items()
-                     if k in ("mean", "std")}
-        except (ValueError, AttributeError, TypeError) as err:
-            raise ValueError(f"latent statistics file {path} is not the JSON extract_latents.py writes ({type(err).__name__}: "
-                             f"{str(err)[:80]}); pass --stats= the cache's stats.json") from None
-    else:
-        saved = read_weights(path, "latent statistics")
-    if "mean" not in saved or "std" not in saved or saved["mean"].shape[-1] != channels:
-        raise ValueError(f"{path} must hold 'mean' and 'std' of shape ({channels},) for {channels} latent channels")
-    return saved["mean"].float(), saved["std"].float()
-
-
-def fae_config_for(cfg: SampleConfig) -> FAEConfig:
-    """--fae_config when given, else the fae_config.json train_fae.py wrote beside --fae, else --fae_size."""
-    beside = Path(cfg.fae).with_name(FAE_CONFIG_NAME)
-    if cfg.fae_config:
-        return config_from_json(Path(cfg.fae_config), FAEConfig, ("fae", "model"))
-    if beside.is_file():
-        print0(f"FAE config from {beside}")
-        return config_from_json(beside, FAEConfig, ("fae", "model"))
-    return fae_config(cfg.fae_size)
-
-
-class Decoder:
-    """Normalised latents (B, T, C) -> de-normalise -> feature decoder -> pixel decoder -> uint8 (B, S, S, 3)."""
-
-    def __init__(self, cfg: SampleConfig, gcfg: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        from fae_fast.fae import FeatureDecoder, PixelDecoder
-
-        if not Path(cfg.fae).is_file():
-            raise FileNotFoundError(f"FAE weights file {cfg.fae} does not exist; pass --fae= the fae.safetensors "
-                                    f"that train_fae.py --stage=pixel-finetune wrote (feature_decoder.* and "
-                                    f"pixel_decoder.* weights)")
-        if not cfg.stats:
-            raise ValueError("--stats is needed with --fae: the generator samples normalised latents; pass the "
-                             "latent cache's stats file, or --stats=identity for unnormalised latents")
-        fcfg = fae_config_for(cfg)
-        if (fcfg.latent_dim, fcfg.grid) != (gcfg.in_channels, gcfg.grid):
-            raise ValueError(f"the FAE decodes {fcfg.grid}x{fcfg.grid}x{fcfg.latent_dim} latents but the generator "
-                             f"makes {gcfg.grid}x{gcfg.grid}x{gcfg.in_channels}; pass the matching --fae_size or "
-                             f"--fae_config")
-        tensors = read_weights(cfg.fae, "FAE")
-        self.parts = []
-        for prefix, cls in (("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):
-            part = cls(fcfg, impl=cfg.impl)
-            load_strict(part, with_prefix(tensors, prefix), cfg.fae,
-                        f"pass the --fae_size or --fae_config it was trained with (keys need the prefix {prefix!r})",
-                        prefix=prefix)
-            self.parts.append(cast_params(part.to(device).eval().requires_grad_(False), dtype))
-            cast_block_inputs(part.layers, dtype)
-        self.mean, self.std = (t.to(device) for t in load_stats(cfg.stats, gcfg.in_channels))
-        self.dtype = dtype
-
-    @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.mean.device, torch.float32)  # sample grids arrive on the host
-        features = self.parts[0]((z * self.std + self.mean).to(self.dtype))  # (B, T, F)
-        images = self.parts[1](features).float()  # (B, 3, S, S), [-1, 1] but not squashed
-        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+def decoder_of(cfg: SampleConfig, gcfg: GeneratorConfig, device: torch.device, dtype: torch.dtype) -> LatentDecoder:
+    return LatentDecoder(cfg.fae, cfg.stats, grid=gcfg.grid, channels=gcfg.in_channels, device=device, dtype=dtype,
+                         impl=cfg.impl, fae_config_file=cfg.fae_config, fae_size=cfg.fae_size)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_sde_by_index(velocity_fn, noise: torch.Tensor, sampler: SamplerConfig, step_noise) -> torch.Tensor:
-    """transport.sample_sde (Euler-Maruyama, 'sigma' diffusion g = 1) with the Brownian increment of step k
-    from step_noise(k), so that each sample's increments are its own (transport draws them batch-wide).
-    The last step is deterministic: noise added there could not be removed any more (SiT's practice)."""
-    ts = timesteps(sampler.steps, shift=sampler.time_shift)
-    t_dev, ts = ts.to(noise.device, torch.float32), ts.tolist()
-    x = noise.clone()
-    for k in range(sampler.steps):
-        t, dt = ts[k], ts[k + 1] - ts[k]
-        v = velocity_fn(x, t_dev[k].expand(len(x)))
-        x.mul_(1 - dt).add_(v, alpha=(1 + t) * dt)  # drift v + g*(t*v - x)
-        if k < sampler.steps - 1:
-            x.add_(step_noise(k), alpha=math.sqrt(2 * (1 - t) * dt))
-    return x
-
-
 def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, T, C) fp32 and labels (B,) of samples `indices` (B,), on the model's device; labels
@@ -288,7 +160,9 @@ def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
     def step_noise(k):
         return index_normal(cfg.seed, indices, noise.shape[1:], stream=STREAM_SDE + k)
 
-    return sample_sde_by_index(velocity, noise, cfg.sampler, step_noise), labels
+    with torch.no_grad():
+        x = sample_sde(velocity, noise, steps=cfg.sampler.steps, shift=cfg.sampler.time_shift, step_noise=step_noise)
+    return x, labels
 
 
 def sample_padded(model: Generator, start: int, end: int, cfg: SampleConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +210,7 @@ def seconds_per_call(fn, device: torch.device, repeats: int = 3) -> float:
 
 
 @torch.no_grad()
-def estimate_seconds_per_batch(model: Generator, decoder: Decoder | None, cfg: SampleConfig,
+def estimate_seconds_per_batch(model: Generator, decoder: LatentDecoder | None, cfg: SampleConfig,
                                device: torch.device) -> float:
     """Time of one batch of cfg.batch samples: timed forwards of B and 2B rows times the evaluation plan,
     plus one timed decode."""
@@ -379,14 +253,14 @@ def check_manifest(out: Path, wanted: dict, is_main: bool) -> None:
         tmp.replace(path)
 
 
-def final_path(out: Path, cfg: SampleConfig, gcfg: GeneratorConfig, decoder: Decoder | None) -> Path:
+def final_path(out: Path, cfg: SampleConfig, gcfg: GeneratorConfig, decoder: LatentDecoder | None) -> Path:
     if decoder is None:
         return out / f"latents_{cfg.num_samples}x{gcfg.grid ** 2}x{gcfg.in_channels}.npz"
     size = decoder.parts[1].cfg.image_size
     return out / f"samples_{cfg.num_samples}x{size}x{size}x3.npz"
 
 
-def save_sample_grid(model: Generator, decoder: Decoder | None, cfg: SampleConfig, path: Path) -> None:
+def save_sample_grid(model: Generator, decoder: LatentDecoder | None, cfg: SampleConfig, path: Path) -> None:
     """grid.png: one row per class of cfg.grid_classes, cfg.grid_seeds samples each (own noise indices)."""
     classes = torch.tensor([c % model.cfg.num_classes for c in cfg.grid_classes])
     labels = classes.repeat_interleave(cfg.grid_seeds)
@@ -484,8 +358,8 @@ def main(argv: list[str]) -> Path:
     dtype = torch.bfloat16 if cuda and cfg.precision == "bf16" else torch.float32
     out = Path(cfg.out_dir)
     check_manifest(out, manifest(cfg, dtype), d.is_main)
-    model = load_generator(cfg, d.device, dtype)
-    decoder = Decoder(cfg, model.cfg, d.device, dtype) if cfg.fae else None
+    model = load_generator_of(cfg, d.device, dtype)
+    decoder = decoder_of(cfg, model.cfg, d.device, dtype) if cfg.fae else None
     final = final_path(out, cfg, model.cfg, decoder)
     if final.is_file():  # written atomically after the coverage check: complete unless it is another run's
         try:

@@ -26,35 +26,33 @@ weights end in <out_dir>/ema.safetensors: the next stage's input and what latent
 import dataclasses
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
-from fae_fast.cli import parse_command_line, run_program  # noqa: E402
-from fae_fast.config import to_dict  # noqa: E402
-from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader  # noqa: E402
-from fae_fast.encoders import FrozenEncoder  # noqa: E402
-from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,  # noqa: E402
+from fae_fast.cli import parse_command_line, run_program
+from fae_fast.config import to_dict
+from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader
+from fae_fast.encoders import FrozenEncoder
+from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
                                  rfid_from_features, to_uint8)
-from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify  # noqa: E402
-from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate  # noqa: E402
-from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,  # noqa: E402
+from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify
+from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate
+from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,
                              hinge_g_loss, linear_weight_grad, load_perceptual_loss)
-from fae_fast.seeding import step_generator, step_seed  # noqa: E402
-from fae_fast.viz import save_grid  # noqa: E402
-from training.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOptimizer, export_weights,  # noqa: E402
+from fae_fast.seeding import step_generator, step_seed
+from fae_fast.viz import save_grid
+from fae_fast.train.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOptimizer, export_weights,
                                  load_strict, read_weights)
-from training.parallelize import parallelize  # noqa: E402
-from training.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,  # noqa: E402
+from fae_fast.train.parallelize import parallelize
+from fae_fast.train.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,
                               gather_objects, init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0,
                               set_lr)
 

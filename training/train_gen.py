@@ -9,29 +9,28 @@ dropout of a step are drawn from a generator seeded by (seed, step, rank), so a 
 exactly what an uninterrupted one would.
 """
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from fae_fast.cli import UsageError, parse_command_line, run_program  # noqa: E402
-from fae_fast.config import RECIPES, GenTrainConfig, recipe, to_dict  # noqa: E402
-from fae_fast.data.latents import make_source  # noqa: E402
-from fae_fast.data.toy import ToyLatents  # noqa: E402
-from fae_fast.eval.frechet import frechet_distance, moments  # noqa: E402
-from fae_fast.fp8 import use_fp8  # noqa: E402
-from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
-from fae_fast.sampling import sample_latents  # noqa: E402
-from fae_fast.seeding import step_generator  # noqa: E402
-from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
-from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid  # noqa: E402
-from training.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of  # noqa: E402
-from training.parallelize import parallelize  # noqa: E402
-from training.runtime import (EMA, NonFiniteGuard, Progress, Spike, SpikeGuard, TermMeter, data_index,  # noqa: E402
+from fae_fast.cli import UsageError, parse_command_line, run_program
+from fae_fast.config import RECIPES, GenTrainConfig, recipe, to_dict
+from fae_fast.data.latents import make_source
+from fae_fast.data.toy import ToyLatents
+from fae_fast.eval.frechet import frechet_distance, moments
+from fae_fast.fp8 import use_fp8
+from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample
+from fae_fast.inference import LatentDecoder
+from fae_fast.sampling import sample_latents
+from fae_fast.seeding import step_generator
+from fae_fast.transport import flow_matching_loss, sample_t
+from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid
+from fae_fast.train.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of
+from fae_fast.train.parallelize import parallelize
+from fae_fast.train.runtime import (EMA, NonFiniteGuard, Progress, Spike, SpikeGuard, TermMeter, data_index,
                               finish_distributed, gather_objects, init_distributed, make_adamw, measured_bf16_peak,
                               merge_ranges, plot_curves, print0, set_lr)
 
@@ -158,7 +157,7 @@ def toy_floor(cfg: GenTrainConfig) -> float:
 
 
 def grid_decoder(cfg: GenTrainConfig, d):
-    """sample.py's Decoder of cfg.fae_decoder on rank 0 (on every rank when FID is scored during training;
+    """The LatentDecoder of cfg.fae_decoder on rank 0 (on every rank when FID is scored during training;
     bf16 on CUDA), or None: grids then show latents.
     Built at the start, so that a wrong file fails before training, not at the first grid."""
     if not cfg.fae_decoder:
@@ -168,11 +167,9 @@ def grid_decoder(cfg: GenTrainConfig, d):
                          f"(data.source=cache) decode to images; pass --fae_decoder= (empty) or train on a cache")
     if not d.is_main and not evaluates_during_training(cfg):  # grids: rank 0; FID: every rank decodes its share
         return None
-    from training.sample import Decoder, SampleConfig
-
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    sample_cfg = SampleConfig(fae=cfg.fae_decoder, stats=str(Path(cfg.data.path) / "stats.json"), impl=cfg.run.impl)
-    return Decoder(sample_cfg, cfg.model, d.device, dtype)
+    return LatentDecoder(cfg.fae_decoder, str(Path(cfg.data.path) / "stats.json"), grid=cfg.model.grid,
+                         channels=cfg.model.in_channels, device=d.device, dtype=dtype, impl=cfg.run.impl)
 
 
 def save_sample_grid(model, cfg: GenTrainConfig, d, path: Path, decoder=None) -> None:
