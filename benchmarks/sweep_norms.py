@@ -42,8 +42,9 @@ from fae_fast.kernels.gated_residual import (  # noqa: E402
     gated_residual_ref,
 )
 from fae_fast.kernels.modulated_norm import (  # noqa: E402
-    modulated_norm, modulated_norm_bwd, modulated_norm_fwd, modulated_norm_ref, norm_residual_bwd,
+    modulated_norm, modulated_norm_bwd, modulated_norm_fwd, modulated_norm_ref,
 )
+from fae_fast.kernels.norm_rows import norm_residual_bwd  # noqa: E402
 from fae_fast.kernels.utils import RowLoop, norm_bwd_launch, norm_fwd_launch  # noqa: E402
 
 B, T = 256, 256

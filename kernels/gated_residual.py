@@ -9,7 +9,7 @@ h, y and writes dx, dy in one pass too. gate, scale, shift: (B, D) per sample or
 Backward of the residual: dx = dh_total, dy = dh_total * gate, dgate = dh_total * y (summed over the T
 tokens of each sample for a per-sample gate), where dh_total = dh + (grad of n through the norm). The
 per-sample sums, the backward kernel itself and its deterministic two-stage fp32 reduction are those of
-modulated_norm.py (`_modulated_norm_bwd_kernel`, `norm_residual_bwd`): one backward serves all three ops.
+modulated_norm.py (`norm_residual_bwd_kernel`, `norm_residual_bwd`): one backward serves all three ops.
 """
 from typing import Optional
 
@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .modulated_norm import (
-    SHAPE_INTS, _load_row, _load_tile, _mod_tile, _modulation, _modulation_rows, _norm_modulate, _program_span,
-    _store_norm, _tile, check_modulation, check_norm, lastdim_contiguous, mod_strides, modulated_norm_ref,
-    norm_residual_bwd, per_token, program_grid,
+from .modulated_norm import modulated_norm_ref
+from .norm_rows import (
+    SHAPE_INTS, check_modulation, check_norm, lastdim_contiguous, load_row, load_tile, mod_strides, mod_tile,
+    modulation, modulation_rows, norm_modulate, norm_residual_bwd, per_token, program_grid, program_span,
+    store_norm, token_tile,
 )
 from .utils import RowLoop, cast_rtne, fit_shared_memory, norm_fwd_launch, row_block, rows_2d, tile_bytes
 
@@ -53,27 +54,27 @@ def _gated_residual_fwd_kernel(
     """x, y (B * T, D) -> h (B * T, D); program (b, c) walks its tokens of sample b (modulated_norm.py's
     layout). With NORM, also n (B * T, D) = modulated norm of h as stored (rounded to h's dtype, so the
     backward sees the same h), mean, rstd (B * T,)."""
-    b, t0, t_end = _program_span(T, n_chunks, rows_per_program)
+    b, t0, t_end = program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
     r0 = b * T  # sample b's first row
     X, Y, H, N = X + r0 * stride_x, Y + r0 * stride_y, H + r0 * n_cols, N + r0 * n_cols
     MEAN, RSTD = MEAN + r0, RSTD + r0
     GATE, SCALE, SHIFT = GATE + b * stride_gb, SCALE + b * stride_sb, SHIFT + b * stride_hb
-    g_row = 0.0 if PER_TOKEN else _load_row(GATE, cols, col_ok)
+    g_row = 0.0 if PER_TOKEN else load_row(GATE, cols, col_ok)
     w, a_row, h_row = 1.0, 0.0, 0.0
     if NORM:
-        w, a_row, h_row = _modulation_rows(W, SCALE, SHIFT, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
+        w, a_row, h_row = modulation_rows(W, SCALE, SHIFT, cols, col_ok, HAS_WEIGHT, PER_TOKEN)
     for start in tl.range(t0, t_end, ROWS, num_stages=STAGES):
-        toks, tok_ok, mask = _tile(start, t_end, col_ok, ROWS)
-        g = _mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
-        h = _load_tile(X, toks, stride_x, cols, mask) + g * _load_tile(Y, toks, stride_y, cols, mask)
+        toks, tok_ok, mask = token_tile(start, t_end, col_ok, ROWS)
+        g = mod_tile(GATE, toks, stride_gt, cols, mask, g_row, PER_TOKEN)
+        h = load_tile(X, toks, stride_x, cols, mask) + g * load_tile(Y, toks, stride_y, cols, mask)
         h = cast_rtne(h, H.dtype.element_ty)
         tl.store(H + toks[:, None] * n_cols + cols[None, :], h, mask=mask)
         if NORM:
-            a, sh = _modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
-            n, mean, rstd = _norm_modulate(h.to(tl.float32), a, sh, mask, n_cols, eps, IS_RMS)
-            _store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
+            a, sh = modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
+            n, mean, rstd = norm_modulate(h.to(tl.float32), a, sh, mask, n_cols, eps, IS_RMS)
+            store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
 
 
 def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Optional[str] = None,

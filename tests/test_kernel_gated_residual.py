@@ -12,7 +12,8 @@ from fae_fast.kernels.gated_residual import (
     gated_residual, gated_residual_fwd, gated_residual_modulated_norm, gated_residual_modulated_norm_ref,
     gated_residual_ref,
 )
-from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_ref, norm_residual_bwd
+from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_ref
+from fae_fast.kernels.norm_rows import norm_residual_bwd
 from fae_fast.kernels.utils import RowLoop, fit_to_budget, pipelined_bytes
 
 FUSED_NAMES = ("h", "n", "dx", "dgate", "dy", "dscale", "dshift")
