@@ -32,7 +32,7 @@ class Counting(torch.nn.Module):
 
     def __init__(self, model: Generator):
         super().__init__()
-        self.model, self.calls, self.null_label = model, 0, model.null_label
+        self.model, self.calls, self.conditioning = model, 0, model.conditioning
 
     def forward(self, x, t, y):
         self.calls += 1

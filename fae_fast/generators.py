@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from fae_fast.attention import choose_backend
+from fae_fast.conditioning import ClassLabels
 from fae_fast.config import GeneratorConfig, validate_generator
 from fae_fast.layers import (Attention, LabelEmbedder, ModulatedNorm, Ops, TimestepEmbedder, make_mlp,
                              sincos_pos_embed_2d)
@@ -63,7 +64,8 @@ class Generator(nn.Module):
         D, p, tokens_per_side = cfg.width, cfg.patch_size, cfg.grid // cfg.patch_size
         self.x_embed = nn.Linear(p * p * cfg.in_channels, D)  # a conv with stride = kernel = p, as a matmul
         self.t_embed = TimestepEmbedder(D, time_scale=cfg.time_scale)
-        self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
+        self.conditioning = ClassLabels(cfg.num_classes, cfg.class_dropout)
+        self.y_embed = LabelEmbedder(cfg.num_classes, D)
         if cfg.pos_embed:
             self.register_buffer("pos_embed", sincos_pos_embed_2d(tokens_per_side, D)[None], persistent=False)
         else:
@@ -74,7 +76,7 @@ class Generator(nn.Module):
 
     @property
     def null_label(self) -> int:
-        return self.cfg.num_classes
+        return self.conditioning.null_label
 
     def initialize_weights(self):
         """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, and adaLN-Zero: every modulation
@@ -95,10 +97,6 @@ class Generator(nn.Module):
         """The modules whose linears run in FP8 under run.precision=fp8: each block's attention and MLP
         (the adaLN, embedding and output linears are small or precision-sensitive and stay bf16)."""
         return [m for block in self.blocks for m in (block.attn, block.mlp)]
-
-    def drop_labels(self, y, generator=None):
-        """Training-time label dropout for classifier-free guidance (outside forward: explicit RNG)."""
-        return self.y_embed.drop(y, generator)
 
     def forward(self, x, t, y):  # x (B, grid*grid, C) -> velocity of the same shape
         cfg = self.cfg

@@ -190,20 +190,13 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector. Label `num_classes` is the null label: training replaces labels by it with
-    probability `dropout` (see `drop`) so that one network also learns the unconditional velocity (CFG)."""
+    """Class label -> vector. Label `num_classes` is the null label (fae_fast.conditioning.ClassLabels drops
+    labels to it in training, so that one network also learns the unconditional velocity for CFG)."""
 
-    def __init__(self, num_classes: int, dim: int, dropout: float):
+    def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
+        self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)
-
-    def drop(self, labels, generator: torch.Generator | None = None):
-        """Labels with each replaced by the null label with probability `dropout` (training only)."""
-        if self.dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.dropout
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels):
         return self.table(labels)

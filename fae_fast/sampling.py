@@ -11,14 +11,17 @@ log = logging.getLogger("fae_fast.sampling")
 
 
 @torch.no_grad()
-def sample_latents(model, labels: torch.Tensor, noise: torch.Tensor, cfg: SamplerConfig,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integrate from noise (B, T, C) at t = 0 to latents at t = 1 for `labels` (B,)."""
+def sample_latents(model, condition: torch.Tensor, noise: torch.Tensor, cfg: SamplerConfig,
+                   generator: torch.Generator | None = None, step_noise=None) -> torch.Tensor:
+    """Integrate from noise (B, T, C) at t = 0 to latents at t = 1 for `condition` (class labels (B,), or
+    what model.conditioning takes), guided on cfg.cfg's intervals. The SDE's increments come from
+    `generator`, or are step_noise(step) when given (transport.sample_sde)."""
     validate_cfg_intervals(cfg.cfg)
+    null = model.conditioning.null(condition)
 
     def velocity(x, t):
-        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.cfg,
-                              channels=cfg.guide_channels).float()
+        return guided_velocity(model, x, t, condition, null=null, intervals=cfg.cfg,
+                               channels=cfg.guide_channels).float()
 
     if cfg.method in ("euler", "heun"):
         return sample_ode(velocity, noise, steps=cfg.steps, method=cfg.method, shift=cfg.time_shift)
@@ -27,6 +30,7 @@ def sample_latents(model, labels: torch.Tensor, noise: torch.Tensor, cfg: Sample
         log.info(f"{cfg.method} (atol {cfg.atol:g}, rtol {cfg.rtol:g}): {evaluations} velocity evaluations")
         return x
     if cfg.method == "euler_maruyama":
-        return sample_sde(velocity, noise, steps=cfg.steps, shift=cfg.time_shift, generator=generator)
+        return sample_sde(velocity, noise, steps=cfg.steps, shift=cfg.time_shift, generator=generator,
+                          step_noise=step_noise)
     raise ValueError(f"sampler.method={cfg.method!r} is not 'euler', 'heun', 'euler_maruyama' or one of "
                      f"{', '.join(ADAPTIVE_METHODS)}")

@@ -150,9 +150,9 @@ def guided_velocity(
     model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
     x: Tensor,
     t: Tensor,
-    labels: Tensor,
+    condition: Tensor,
     *,
-    null_label: int,
+    null: Tensor,
     intervals: Sequence[tuple[float, float, float]],
     channels: int = 0,
 ) -> Tensor:
@@ -160,14 +160,15 @@ def guided_velocity(
     channel (channels=0, fae_fast's default for FAE latents) or on the first `channels` only, the rest
     conditional: the public SiT / LightningDiT samplers guide the first 3 (channels=3 reproduces them).
 
-    model_fn(x, t, labels) -> v. Every sample shares one t (as in the samplers); reading it on the host
-    costs one scalar sync per step, small next to a forward. Scale 1 runs the conditional forward alone;
-    otherwise one forward of 2B: [x, x] with [labels, null].
+    model_fn(x, t, condition) -> v; null: the unconditional condition, shaped like `condition` (class labels
+    (B,), embeddings (B, L, D): fae_fast.conditioning). Every sample shares one t (as in the samplers);
+    reading it on the host costs one scalar sync per step, small next to a forward. Scale 1 runs the
+    conditional forward alone; otherwise one forward of 2B: [x, x] with [condition, null].
     """
     scale = cfg_scale(float(t.reshape(-1)[0]), intervals)
     if scale == 1.0:
-        return model_fn(x, t, labels)
-    v = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]))
+        return model_fn(x, t, condition)
+    v = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([condition, null]))
     v_c, v_u = v.chunk(2)
     guided = v_u + scale * (v_c - v_u)
     if channels:

@@ -51,7 +51,7 @@ def test_blocks_learn_after_the_zero_start():
 def test_label_dropout_uses_the_null_label():
     model = Generator(generator_config("SiT-tiny/1", num_classes=10, class_dropout=0.5), impl="torch")
     y = torch.randint(0, 10, (4000,))
-    dropped = model.drop_labels(y, torch.Generator().manual_seed(0))
+    dropped = model.conditioning.drop(y, torch.Generator().manual_seed(0))
     frac = (dropped == 10).float().mean().item()
     assert 0.45 < frac < 0.55
     assert torch.equal(dropped[dropped != 10], y[dropped != 10])

@@ -251,12 +251,12 @@ def test_guided_velocity_forward_count_and_value():
     model, x, labels = toy_model(calls), noise(6, 1), toy_labels(6)
     intervals = [(0.5, 1.0, 3.0)]
     t = torch.full((6,), 0.2)
-    torch.testing.assert_close(guided_velocity(model, x, t, labels, null_label=NULL, intervals=intervals),
+    torch.testing.assert_close(guided_velocity(model, x, t, labels, null=torch.full_like(labels, NULL), intervals=intervals),
                                model(x, t, labels), rtol=0, atol=0)
     assert [c[0] for c in calls] == [6, 6]  # one forward of B (and the reference call)
     calls.clear()
     t = torch.full((6,), 0.7)
-    v = guided_velocity(model, x, t, labels, null_label=NULL, intervals=intervals)
+    v = guided_velocity(model, x, t, labels, null=torch.full_like(labels, NULL), intervals=intervals)
     assert len(calls) == 1 and calls[0][0] == 12
     assert torch.equal(calls[0][1], torch.cat([labels, torch.full_like(labels, NULL)]))
     v_c, v_u = model(x, t, labels), model(x, t, torch.full_like(labels, NULL))
@@ -277,7 +277,7 @@ def test_guided_sampling_with_scale_one_is_conditional_sampling(sampler, interva
     calls = []
     model, x0, labels = toy_model(calls), noise(512, 1), toy_labels(512)
     guided = SAMPLERS[sampler](
-        lambda x, t: guided_velocity(model, x, t, labels, null_label=NULL, intervals=intervals), x0, 0.4)
+        lambda x, t: guided_velocity(model, x, t, labels, null=torch.full_like(labels, NULL), intervals=intervals), x0, 0.4)
     assert all(n == 512 for n, _ in calls)
     conditional = SAMPLERS[sampler](lambda x, t: model(x, t, labels), x0, 0.4)
     torch.testing.assert_close(guided, conditional, rtol=0, atol=0)
@@ -299,7 +299,7 @@ def test_guidance_acts_only_inside_its_interval(sampler):
     intervals = [(t_start, t_end, 4.0)]
     guided_log, cond_log = [], []
     guided = SAMPLERS[sampler](recorded(
-        lambda x, t: guided_velocity(model, x, t, labels, null_label=NULL, intervals=intervals), guided_log), x0, 0.4)
+        lambda x, t: guided_velocity(model, x, t, labels, null=torch.full_like(labels, NULL), intervals=intervals), guided_log), x0, 0.4)
     conditional = SAMPLERS[sampler](recorded(lambda x, t: model(x, t, labels), cond_log), x0, 0.4)
     inside = [t_start <= t < t_end for t, _, _ in guided_log]
     assert any(inside) and not all(inside)
@@ -410,13 +410,13 @@ def test_guidance_on_the_first_channels_only():
     conditional velocity, as their forward_with_cfg builds it on the (N, C, H, W) layout."""
     model = lambda x, t, y: x * (1.0 + y[:, None, None].float()) + t[:, None, None]  # noqa: E731
     x, labels, t = torch.randn(4, 9, 5), torch.tensor([0, 1, 2, 3]), torch.full((4,), 0.8)
-    v = guided_velocity(model, x, t, labels, null_label=7, intervals=[(0.0, 1.0, 4.0)], channels=3)
+    v = guided_velocity(model, x, t, labels, null=torch.full_like(labels, 7), intervals=[(0.0, 1.0, 4.0)], channels=3)
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, 7)]))
     out = out.transpose(1, 2)  # (2B, C, T): the public layout
     cond, uncond = out[:4, :3], out[4:, :3]
     want = torch.cat([uncond + 4.0 * (cond - uncond), out[:4, 3:]], dim=1).transpose(1, 2)
     torch.testing.assert_close(v, want)
-    every = guided_velocity(model, x, t, labels, null_label=7, intervals=[(0.0, 1.0, 4.0)])
+    every = guided_velocity(model, x, t, labels, null=torch.full_like(labels, 7), intervals=[(0.0, 1.0, 4.0)])
     torch.testing.assert_close(v[..., :3], every[..., :3])
     assert (v[..., 3:] - every[..., 3:]).abs().max() > 0.1
 
@@ -444,6 +444,7 @@ def test_dopri5_lands_on_the_exact_gaussian_map_within_its_tolerance():
 
 
 def test_sampler_config_routes_adaptive_methods(caplog):
+    from fae_fast.conditioning import ClassLabels
     from fae_fast.config import SamplerConfig
     from fae_fast.sampling import sample_latents
 
@@ -451,7 +452,7 @@ def test_sampler_config_routes_adaptive_methods(caplog):
     velocity = gaussian_velocity(m, s)
 
     class Model:
-        null_label = 1
+        conditioning = ClassLabels(1)  # labels 0, null label 1
 
         def __call__(self, x, t, labels):
             return velocity(x, t)

@@ -34,10 +34,10 @@ from fae_fast.config import GeneratorConfig, SamplerConfig
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal
+from fae_fast.families import family_of
 from fae_fast.generators import Generator, choose_attention_backend
 from fae_fast.inference import LatentDecoder, load_generator
-from fae_fast.sampling import sample_latents
-from fae_fast.transport import cfg_scale, guided_velocity, sample_sde, timesteps, validate_cfg_intervals
+from fae_fast.transport import cfg_scale, timesteps
 from fae_fast.viz import latents_to_images, save_grid
 from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
@@ -149,20 +149,11 @@ def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
         labels = index_labels(cfg.seed, indices, gcfg.num_classes, cfg.labels)
     labels = labels.to(device)
     noise = index_normal(cfg.seed, indices, (gcfg.grid ** 2, gcfg.in_channels))
-    if cfg.sampler.method != "euler_maruyama":
-        return sample_latents(model, labels, noise, cfg.sampler), labels
-    validate_cfg_intervals(cfg.sampler.cfg)
 
-    def velocity(x, t):
-        return guided_velocity(model, x, t, labels, null_label=model.null_label, intervals=cfg.sampler.cfg,
-                              channels=cfg.sampler.guide_channels).float()
-
-    def step_noise(k):
+    def step_noise(k):  # each sample's SDE increments from its own index: independent of batch and GPU
         return index_normal(cfg.seed, indices, noise.shape[1:], stream=STREAM_SDE + k)
 
-    with torch.no_grad():
-        x = sample_sde(velocity, noise, steps=cfg.sampler.steps, shift=cfg.sampler.time_shift, step_noise=step_noise)
-    return x, labels
+    return family_of(gcfg).sample(model, labels, noise, cfg.sampler, step_noise=step_noise), labels
 
 
 def sample_padded(model: Generator, start: int, end: int, cfg: SampleConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,10 @@ from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
 from fae_fast.eval.frechet import frechet_distance, moments
 from fae_fast.fp8 import use_fp8
-from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample
+from fae_fast.families import family_of
+from fae_fast.generators import choose_attention_backend
 from fae_fast.inference import LatentDecoder
-from fae_fast.sampling import sample_latents
 from fae_fast.seeding import step_generator
-from fae_fast.transport import flow_matching_loss, sample_t
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid
 from fae_fast.train.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of
 from fae_fast.train.parallelize import parallelize
@@ -56,16 +55,9 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
     return cfg
 
 
-def train_step(model: Generator, x1, y, cfg: GenTrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Flow-matching loss of one batch: x1 (B, T, C) latents, y (B,) labels."""
-    tc = cfg.transport
-    y = model.drop_labels(y, gen)
-    t = sample_t(x1.shape[0], method=tc.t_sampling, mean=tc.logit_mean, std=tc.logit_std, shift=tc.time_shift,
-                 device=x1.device, generator=gen)
-    noise = torch.randn(x1.shape, device=x1.device, generator=gen)
-    per_sample = flow_matching_loss(lambda xt, tt: model(xt, tt, y).float(), x1, t, noise=noise,
-                                    cosine_weight=tc.cosine_weight)
-    return per_sample.mean()
+def train_step(model, x1, condition, cfg: GenTrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The family's loss of one batch, x1 (B, T, C) latents and their condition, averaged."""
+    return family_of(cfg.model).loss(model, x1, condition, cfg.transport, gen).mean()
 
 
 def gather_cat(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +72,7 @@ def sample_local(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int)
     T = cfg.model.grid * cfg.model.grid
     noise = torch.randn(mine.shape[0], T, cfg.model.in_channels, device=d.device, generator=g)
     with autocast(cfg, d, use_fsdp(cfg, d)):
-        out = sample_latents(model, mine, noise, cfg.sampler, generator=g)
+        out = family_of(cfg.model).sample(model, mine, noise, cfg.sampler, generator=g)
     return out.float(), mine
 
 
@@ -204,7 +196,7 @@ def autocast(cfg: GenTrainConfig, d, sharded: bool):
 def build(cfg: GenTrainConfig, d):
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank before sharding
     with d.device:
-        model = Generator(cfg.model, impl=cfg.run.impl)
+        model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
         use_fp8(model, d.device)
     choose_attention_backend(cfg.model, cfg.data.global_batch // d.world,  # this rank's training shape
@@ -310,7 +302,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
                resumed_from: Path | None = None, decoder=None) -> list:
     run = cfg.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
-                        flops_per_image=3 * forward_flops_per_sample(cfg.model),
+                        flops_per_image=3 * family_of(cfg.model).flops_per_sample(cfg.model),
                         peak_flops=measured_bf16_peak(d.device), device=d.device, world=d.world,
                         tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
                         history_path=str(Path(run.out_dir) / "history.json"))

@@ -1,0 +1,40 @@
+"""Conditioning: what a generator is conditioned on, its null (unconditional) value, and its dropout for
+classifier-free guidance, in one piece that the training loop, the samplers and guidance go through
+without knowing the kind. Guidance batches a condition with its null (`torch.cat([c, null(c)])`), so any
+kind whose values stack along dim 0 works: class labels (B,) today, text embeddings (B, L, D) next.
+"""
+import torch
+
+
+class ClassLabels:
+    """Class labels (B,) int64 in [0, num_classes); the null label is num_classes (the embedding table has
+    num_classes + 1 rows). Training replaces each label by the null one with probability `dropout`."""
+
+    kind = "class"
+
+    def __init__(self, num_classes: int, dropout: float = 0.0):
+        self.num_classes, self.dropout = num_classes, dropout
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def null(self, condition: torch.Tensor) -> torch.Tensor:
+        """The null condition for every sample of `condition`."""
+        return torch.full_like(condition, self.null_label)
+
+    def drop(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Each sample's condition replaced by the null one with probability `dropout` (training only)."""
+        if self.dropout <= 0:
+            return condition
+        dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < self.dropout
+        return torch.where(dropped, self.null(condition), condition)
+
+    def check(self, condition: torch.Tensor) -> None:
+        """One clear error unless `condition` is (B,) integer labels within [0, num_classes]."""
+        if condition.dim() != 1 or condition.is_floating_point():
+            raise ValueError(f"class conditioning takes integer labels (B,), got {condition.dtype} of shape "
+                             f"{tuple(condition.shape)}")
+        if condition.numel() and (int(condition.min()) < 0 or int(condition.max()) > self.null_label):
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} is the null "
+                             f"label), got [{int(condition.min())}, {int(condition.max())}]")

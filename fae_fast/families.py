@@ -1,0 +1,69 @@
+"""Generator families: what the training loop, the sampling programs and the benchmarks need to know of a
+kind of generator, behind one registry, so that they call a family instead of flow matching directly.
+
+A family is its config class (the `model` section of a run's config), how to build the model from it,
+its training loss, its sampler, and its FLOPs. The model carries its conditioning (`model.conditioning`,
+fae_fast/conditioning.py), which gives the null condition for guidance and the dropout for training.
+
+    family = family_of(cfg.model)
+    model = family.build(cfg.model, impl)
+    loss = family.loss(model, latents, condition, cfg.transport, generator).mean()
+    latents = family.sample(model, condition, noise, cfg.sampler)
+
+Registered: "flow_transformer" (SiT / LightningDiT, flow matching). A new family is one module that
+defines its GeneratorFamily and one line in FAMILIES (docs/ARCHITECTURE.md says what is left to make a
+family's config reach the command line).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fae_fast.config import GeneratorConfig, TransportConfig
+from fae_fast.generators import Generator, forward_flops_per_sample
+from fae_fast.sampling import sample_latents
+from fae_fast.transport import flow_matching_loss, sample_t
+
+
+@dataclass(frozen=True)
+class GeneratorFamily:
+    name: str
+    config_class: type
+    """The dataclass of the model's options (a run's `model` section)."""
+    build: Callable[..., torch.nn.Module]
+    """(config, impl='auto') -> model, with `model.conditioning`."""
+    loss: Callable[..., torch.Tensor]
+    """(model, latents (B, T, C), condition, transport config, torch.Generator) -> per-sample loss (B,);
+    draws every random number (condition dropout included) from the generator."""
+    sample: Callable[..., torch.Tensor]
+    """(model, condition, noise (B, T, C), SamplerConfig, generator=None, step_noise=None) -> latents."""
+    flops_per_sample: Callable[[object], float]
+    """Forward FLOPs per sample (a training step is about 3x)."""
+
+
+def flow_matching_step_loss(model: Generator, x1: torch.Tensor, condition: torch.Tensor, tc: TransportConfig,
+                            generator: torch.Generator) -> torch.Tensor:
+    """Flow matching of one batch: condition dropout, t from tc's schedule, Gaussian noise, all from
+    `generator` in that order; returns the per-sample loss (B,)."""
+    condition = model.conditioning.drop(condition, generator)
+    t = sample_t(x1.shape[0], method=tc.t_sampling, mean=tc.logit_mean, std=tc.logit_std, shift=tc.time_shift,
+                 device=x1.device, generator=generator)
+    noise = torch.randn(x1.shape, device=x1.device, generator=generator)
+    return flow_matching_loss(lambda xt, tt: model(xt, tt, condition).float(), x1, t, noise=noise,
+                              cosine_weight=tc.cosine_weight)
+
+
+FLOW_TRANSFORMER = GeneratorFamily(
+    name="flow_transformer", config_class=GeneratorConfig, build=Generator, loss=flow_matching_step_loss,
+    sample=sample_latents, flops_per_sample=forward_flops_per_sample)
+
+FAMILIES: dict[str, GeneratorFamily] = {family.name: family for family in (FLOW_TRANSFORMER,)}
+
+
+def family_of(config) -> GeneratorFamily:
+    """The registered family whose config class `config` is."""
+    for family in FAMILIES.values():
+        if isinstance(config, family.config_class):
+            return family
+    known = ", ".join(f"{f.name} ({f.config_class.__name__})" for f in FAMILIES.values())
+    raise ValueError(f"no generator family takes a {type(config).__name__} config; registered: {known}")
