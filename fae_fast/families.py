@@ -14,12 +14,14 @@ Registered: "flow_transformer" (SiT / LightningDiT, flow matching). A new family
 defines its GeneratorFamily and one line in FAMILIES (docs/ARCHITECTURE.md says what is left to make a
 family's config reach the command line).
 """
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fae_fast.config import GeneratorConfig, TransportConfig
+from fae_fast.config import GeneratorConfig, TransportConfig, config_from_json, to_dict
 from fae_fast.generators import Generator, forward_flops_per_sample
 from fae_fast.sampling import sample_latents
 from fae_fast.transport import flow_matching_loss, sample_t
@@ -67,3 +69,22 @@ def family_of(config) -> GeneratorFamily:
             return family
     known = ", ".join(f"{f.name} ({f.config_class.__name__})" for f in FAMILIES.values())
     raise ValueError(f"no generator family takes a {type(config).__name__} config; registered: {known}")
+
+
+LEGACY_FAMILY = "flow_transformer"
+"""The family of a saved run config that names none (written before families were recorded)."""
+
+
+def run_record(cfg) -> dict:
+    """A run config as saved with checkpoints: its sections, and the name of its model's family."""
+    return {**to_dict(cfg), "family": family_of(cfg.model).name}
+
+
+def model_config_from_json(path: str | Path) -> tuple[GeneratorFamily, object]:
+    """(family, model config) of a saved run config (a checkpoint's config.json), by the family it names."""
+    name = json.loads(Path(path).read_text()).get("family", LEGACY_FAMILY)
+    if name not in FAMILIES:
+        raise ValueError(f"{path} names generator family {name!r}, which this fae_fast does not register "
+                         f"(registered: {', '.join(FAMILIES)}); update fae_fast or pass another --model_config")
+    family = FAMILIES[name]
+    return family, config_from_json(path, family.config_class, ("model",))

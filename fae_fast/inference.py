@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from fae_fast.adapters import load_published
-from fae_fast.config import FAEConfig, GeneratorConfig, config_from_json, fae_config
-from fae_fast.generators import Generator
+from fae_fast.config import FAEConfig, config_from_json, fae_config
+from fae_fast.families import model_config_from_json
 from fae_fast.train.checkpoint import FAE_CONFIG_NAME, CheckpointManager, load_strict, read_weights, with_prefix
 from fae_fast.train.runtime import print0
 
@@ -53,7 +53,7 @@ def generator_config_path(ckpt: str | Path, model_config: str = "") -> Path:
 
 
 def load_generator(ckpt: str | Path, device, dtype: torch.dtype, *, impl: str = "auto", model_config: str = "",
-                   published: str = "") -> Generator:
+                   published: str = "") -> torch.nn.Module:
     """A frozen generator from a train_gen run (ema.safetensors or a checkpoint folder, its config found by
     `generator_config_path`) or, with published='sit' | 'lightningdit', from a public SiT / LightningDiT file
     (fae_fast.adapters)."""
@@ -63,7 +63,8 @@ def load_generator(ckpt: str | Path, device, dtype: torch.dtype, *, impl: str = 
     if published:
         return frozen(load_published(Path(ckpt), published, impl=impl), device, dtype)
     config_path = generator_config_path(ckpt, model_config)
-    model = Generator(config_from_json(config_path, GeneratorConfig, ("model",)), impl=impl)
+    family, config = model_config_from_json(config_path)
+    model = family.build(config, impl=impl)
     load_strict(model, read_weights(ckpt, "generator"), str(ckpt),
                 f"pass --model_config= the config.json of the run that wrote it (used: {config_path})")
     return frozen(model, device, dtype)

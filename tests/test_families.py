@@ -2,6 +2,7 @@
 resolves a config to its family, the family's loss is the flow-matching step train_gen.py has always run
 (same draws, same value), its sampler is sampling.sample_latents, guidance batches any condition that stacks
 along dim 0 with its null, and class conditioning refuses what it cannot take."""
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -92,3 +93,23 @@ def test_class_labels_null_drop_and_checks():
         labels.check(torch.randn(4))
     with pytest.raises(ValueError, match=r"\[0, 10\].*got \[0, 11\]"):
         labels.check(torch.tensor([0, 11]))
+
+
+def test_saved_run_configs_name_their_family_and_load_by_it(tmp_path):
+    from fae_fast.config import recipe
+    from fae_fast.families import model_config_from_json, run_record
+
+    cfg = recipe("demo")
+    record = run_record(cfg)
+    assert record["family"] == "flow_transformer" and record["model"]["depth"] == cfg.model.depth
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(record))
+    family, model_cfg = model_config_from_json(path)
+    assert family is FLOW_TRANSFORMER and model_cfg == cfg.model
+    del record["family"]  # a run saved before families were recorded: a flow transformer
+    path.write_text(json.dumps(record))
+    assert model_config_from_json(path)[0] is FLOW_TRANSFORMER
+    record["family"] = "normalizing_flow"
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="names generator family 'normalizing_flow'.*registered: flow_transformer"):
+        model_config_from_json(path)

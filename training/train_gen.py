@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from fae_fast.cli import UsageError, parse_command_line, run_program
-from fae_fast.config import RECIPES, GenTrainConfig, recipe, to_dict
+from fae_fast.config import RECIPES, GenTrainConfig, recipe
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
 from fae_fast.eval.frechet import frechet_distance, moments
 from fae_fast.fp8 import use_fp8
-from fae_fast.families import family_of
+from fae_fast.families import family_of, run_record
 from fae_fast.generators import choose_attention_backend
 from fae_fast.inference import LatentDecoder
 from fae_fast.seeding import step_generator
@@ -262,7 +262,7 @@ def report_toy(before: dict, after: dict, floor: float) -> None:
 def load_checkpoint(path: Path, state: dict, cfg: GenTrainConfig) -> int:
     """Load a checkpoint into `state`; the data batches it skipped (its config's data.skip) join cfg.data.skip.
     Returns its step."""
-    CheckpointManager.load(path, state, to_dict(cfg))
+    CheckpointManager.load(path, state, run_record(cfg))
     saved = json.loads((path / "config.json").read_text()).get("data", {}).get("skip", [])
     cfg.data.skip = merge_ranges([*saved, *cfg.data.skip])
     return int(state["progress"]["step"])
@@ -347,7 +347,7 @@ def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, sta
         if save:
             guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
             state["progress"]["step"] = done
-            last_ckpt = ckpts.save(done, state, to_dict(cfg))
+            last_ckpt = ckpts.save(done, state, run_record(cfg))
             progress.save()
         if run.sample_every and done % run.sample_every == 0:
             with ema.applied():
