@@ -69,6 +69,15 @@ class FAEConfig:
     """KL weight per latent element in stage Ia (not published; small so the latent stays informative)."""
 
 
+class LatentModel(typing.Protocol):
+    """What the data layer (the latent sources and the cache) reads of any generator family's config: the
+    latent grid it models, its channels, and its number of classes (its class conditioning)."""
+
+    grid: int
+    in_channels: int
+    num_classes: int
+
+
 @dataclass(kw_only=True)
 class GeneratorConfig:
     """SiT / LightningDiT flow-matching transformer on the latent grid (one block class, options)."""

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fae_fast.config import DataConfig, GeneratorConfig
+from fae_fast.config import DataConfig, LatentModel
 
 FORMAT = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -327,7 +327,7 @@ class LatentCache:
 # ----------------------------------------------------------------------------------------------------
 # The training source
 # ----------------------------------------------------------------------------------------------------
-def check_fits(cache: LatentCache, model: GeneratorConfig) -> None:
+def check_fits(cache: LatentCache, model: LatentModel) -> None:
     tokens = model.grid * model.grid
     if (cache.tokens, cache.channels) != (tokens, model.in_channels):
         raise ValueError(f"latent cache {str(cache.folder)!r} holds {cache.tokens} tokens x {cache.channels} "
@@ -351,7 +351,7 @@ class LatentCacheSource:
     with the cache's per-channel stats, (z - mean) / std, float32 on the device.
     """
 
-    def __init__(self, data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+    def __init__(self, data: DataConfig, model: LatentModel, *, rank: int, world: int, device):
         self.cache = LatentCache(data.path)
         check_fits(self.cache, model)
         if data.random_flip and not self.cache.flips:

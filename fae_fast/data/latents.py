@@ -6,7 +6,7 @@ are pure functions of (seed, step, rank), so a resumed run sees exactly the batc
 """
 import torch
 
-from fae_fast.config import DataConfig, GeneratorConfig
+from fae_fast.config import DataConfig, LatentModel
 from fae_fast.data.toy import ToyLatents
 from fae_fast.seeding import step_generator
 
@@ -14,7 +14,7 @@ from fae_fast.seeding import step_generator
 class ToySource:
     """Class-conditional Gaussian mixture latents (fae_fast.data.toy), generated on the fly."""
 
-    def __init__(self, data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+    def __init__(self, data: DataConfig, model: LatentModel, *, rank: int, world: int, device):
         self.toy = ToyLatents(model.num_classes, model.grid * model.grid, model.in_channels, seed=data.seed)
         self.seed, self.rank, self.device = data.seed, rank, device
         self.local_batch = data.global_batch // world
@@ -33,7 +33,7 @@ class ToySource:
 class SyntheticSource:
     """Random latents and labels made once on the device: measures the step, not the data path."""
 
-    def __init__(self, data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+    def __init__(self, data: DataConfig, model: LatentModel, *, rank: int, world: int, device):
         g = torch.Generator().manual_seed(data.seed + rank)
         B, T = data.global_batch // world, model.grid * model.grid
         self.x = torch.randn(B, T, model.in_channels, generator=g).to(device)
@@ -49,7 +49,7 @@ class SyntheticSource:
         pass
 
 
-def make_source(data: DataConfig, model: GeneratorConfig, *, rank: int, world: int, device):
+def make_source(data: DataConfig, model: LatentModel, *, rank: int, world: int, device):
     """The latent source a DataConfig names."""
     if data.global_batch % world:
         raise ValueError(f"data.global_batch={data.global_batch} does not divide by {world} ranks; "
