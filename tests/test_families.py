@@ -113,3 +113,25 @@ def test_saved_run_configs_name_their_family_and_load_by_it(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="names generator family 'normalizing_flow'.*registered: flow_transformer"):
         model_config_from_json(path)
+
+
+def test_the_command_line_overrides_whichever_family_config_a_recipe_built():
+    """A recipe of another family puts its own model config in the run config; `--model.x` then sets that
+    class's fields, with its own did-you-mean."""
+    from fae_fast.cli import UsageError, parse_command_line
+    from fae_fast.config import GenTrainConfig
+
+    @dataclass
+    class FlowConfig:
+        grid: int = 16
+        in_channels: int = 32
+        num_classes: int = 1000
+        blocks: int = 8
+
+    def parse(*argv):
+        return parse_command_line(list(argv), prog="train_gen.py", summary="", choices={"recipe": ("flow", {"flow": ""})},
+                                  build=lambda picked: GenTrainConfig(model=FlowConfig()))
+
+    assert parse("--model.blocks=4", "--model.grid=8").model == FlowConfig(grid=8, blocks=4)
+    with pytest.raises(UsageError, match="FlowConfig has no field 'blocs'; did you mean 'blocks'"):
+        parse("--model.blocs=4")
