@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fae_fast.config import FAEConfig, validate_fae
-from fae_fast.kernels import reparameterize as rp
+from fae_fast.kernels import reparameterize as reparameterize_kernel
 from fae_fast.layers import Attention, Ops, make_mlp, sincos_pos_embed_2d
 
 
@@ -78,14 +78,14 @@ def reparameterize(moments: torch.Tensor, *, sample: bool = True, seed: int | No
     if sample and impl == "triton":
         if seed is None:  # follow torch's global RNG so that torch.manual_seed makes runs repeatable
             seed = int(torch.randint(0, 2**31 - 1, ()))
-        z, kl = rp.reparameterize(moments, seed)
+        z, kl = reparameterize_kernel.reparameterize(moments, seed)
         return z, mu, kl
     if sample:
         generator = torch.Generator(moments.device).manual_seed(seed) if seed is not None else None
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     else:
         eps = torch.zeros_like(mu)
-    z, kl = rp.reparameterize_ref(moments, eps)
+    z, kl = reparameterize_kernel.reparameterize_ref(moments, eps)
     return (z if sample else mu), mu, kl
 
 

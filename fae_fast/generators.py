@@ -103,7 +103,7 @@ class Generator(nn.Module):
         if x.ndim != 3 or x.shape[1:] != (cfg.grid ** 2, cfg.in_channels):
             raise ValueError(f"generator expects latents (B, {cfg.grid ** 2}, {cfg.in_channels}) = (B, grid*grid, "
                              f"in_channels), got {tuple(x.shape)}; set model.grid and model.in_channels to the latents'")
-        x = patchify(x, self.cfg.grid, self.cfg.patch_size)
+        x = patchify_latents(x, self.cfg.grid, self.cfg.patch_size)
         h = self.x_embed(x.to(self.x_embed.weight.dtype))  # (B, T, D); bf16 under mixed precision
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
@@ -113,10 +113,10 @@ class Generator(nn.Module):
         out = self.final(h, c)  # (B, T, p*p*C [x2])
         if self.cfg.learn_sigma:
             out = out.view(*out.shape[:-1], self.cfg.patch_size**2, 2, -1)[..., 0, :].flatten(-2)
-        return unpatchify(out, self.cfg.grid, self.cfg.patch_size)
+        return unpatchify_latents(out, self.cfg.grid, self.cfg.patch_size)
 
 
-def patchify(x, grid: int, p: int):
+def patchify_latents(x, grid: int, p: int):
     """(B, grid*grid, C) cells -> (B, (grid/p)^2, p*p*C) tokens, each vector ordered (row, col, channel)."""
     if p == 1:
         return x
@@ -126,8 +126,8 @@ def patchify(x, grid: int, p: int):
     return x.reshape(B, n * n, p * p * C)
 
 
-def unpatchify(x, grid: int, p: int):
-    """Inverse of patchify."""
+def unpatchify_latents(x, grid: int, p: int):
+    """Inverse of patchify_latents."""
     if p == 1:
         return x
     B = x.shape[0]
