@@ -1,6 +1,6 @@
 """One LightningDiT-XL/1 / SiT-XL/1 training step at batch 128 on one GPU: fae_fast (fused kernels +
-per-block compile; also with FSDP2 on the one GPU) against the plain PyTorch reference of the same model, eager and compiled,
-in the same run. Reports images/s, MFU (fraction of the bf16 peak measured in this run), peak memory
+per-block compile; in FP8; with FSDP2 on the one GPU) against the plain PyTorch reference of the same model, eager,
+compiled per block, compiled whole, and with torchao's float8 training, in the same run. Reports images/s, MFU (fraction of the bf16 peak measured in this run), peak memory
 and the first (compiling) step's time."""
 import pytest
 import torch
@@ -13,8 +13,11 @@ BATCH = 128
 
 
 @pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
-@pytest.mark.parametrize("provider", ["torch", "torch.compile", "fae_fast", "fae_fast.fsdp"])
+@pytest.mark.parametrize("provider", ["torch", "torch.compile", "torch.compile.whole", "torchao.float8", "fae_fast",
+                                      "fae_fast.fp8", "fae_fast.fsdp"])
 def test_train_step(benchmark, report, provider, size):
+    if provider == "torchao.float8":
+        pytest.importorskip("torchao", reason="the torchao.float8 provider needs torchao (pip install torchao)")
     d = init_distributed()
     torch.cuda.empty_cache()
     cfg, step, first_step_s = prepare(provider, size, BATCH, d.device)
