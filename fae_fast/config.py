@@ -311,6 +311,12 @@ ENCODER_SIZES: dict[str, dict] = {
     "tiny": dict(timm_name="vit_tiny_patch16_224", image_size=64, patch_size=16, feature_dim=192, pretrained=False),
 }
 
+FAE_SIZE_OF_ENCODER: dict[str, str] = {
+    "DINOv2-g/14": "FAE-DINOv2-g", "DINOv2-B/14": "FAE-DINOv2-B", "SigLIP2-So400m/16": "FAE-SigLIP2-So400m",
+    "tiny": "FAE-tiny",
+}
+"""The FAE size that belongs to each registered encoder (the FAE reads that encoder's features)."""
+
 
 def _from_registry(registry: dict, name: str, kind: str) -> dict:
     if name not in registry:

@@ -1,14 +1,17 @@
 """Trained models loaded for inference, as training ran them: the generator (a train_gen run's weights and
-config, or a published SiT / LightningDiT file), the FAE's decoders with the latent cache's statistics
-(normalised latents -> uint8 images), and the casts that give bf16 inference FSDP2's mixed precision.
-Used by training/sample.py, by train_gen.py for its sample grids and in-training FID, and by users."""
+config, or a published SiT / LightningDiT file), the FAE's parts (encoder, feature decoder, pixel decoder)
+from one weights file, the FAE's decoders with the latent cache's statistics (normalised latents -> uint8
+images), the frozen encoder, and the casts that give bf16 inference FSDP2's mixed precision.
+Used by training/sample.py, extract_latents.py and evaluate_fae.py, by train_gen.py for its sample grids and
+in-training FID, and by users."""
 import json
 from pathlib import Path
 
 import torch
 
 from fae_fast.adapters import load_published
-from fae_fast.config import FAEConfig, config_from_json, fae_config
+from fae_fast.config import EncoderConfig, FAEConfig, config_from_json, fae_config
+from fae_fast.encoders import FrozenEncoder
 from fae_fast.families import model_config_from_json
 from fae_fast.train.checkpoint import FAE_CONFIG_NAME, CheckpointManager, load_strict, read_weights, with_prefix
 from fae_fast.train.runtime import print0
@@ -36,6 +39,50 @@ def cast_block_inputs(blocks: torch.nn.ModuleList, dtype: torch.dtype) -> None:
 def frozen(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
     """module on device, in eval mode, without gradients, its parameters in dtype."""
     return cast_params(module.to(device).eval().requires_grad_(False), dtype)
+
+
+def fae_weights(path: str) -> Path:
+    """What an `--fae` option names: an exported .safetensors file (the feature stage's ema.safetensors, or
+    the whole fae.safetensors of the pixel-finetune stage), a run folder holding ema.safetensors, or a DCP
+    checkpoint folder (its EMA)."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "ema.safetensors").is_file():
+        p = p / "ema.safetensors"
+    if not (p.is_file() or (p / ".metadata").is_file()):
+        raise FileNotFoundError(f"FAE weights {str(p)!r} do not exist; pass the feature stage's ema.safetensors "
+                                f"(or its run folder, or a step_XXXXXXXX checkpoint folder) as --fae")
+    return p
+
+
+FAE_PARTS = ("encoder", "feature_decoder", "pixel_decoder")
+"""The parts of a trained FAE, each saved under its name as key prefix ('encoder.*', ...)."""
+
+
+def load_fae_parts(path: str | Path, cfg: FAEConfig, names: tuple[str, ...], hint: str, *,
+                   impl: str = "auto") -> list[torch.nn.Module]:
+    """The named parts (of FAE_PARTS) of a trained FAE from one weights file or checkpoint, each loaded
+    strictly from its '<name>.*' tensors, in eval mode without gradients, on the current default device.
+    hint: what the user should pass when the weights do not fit `cfg`."""
+    from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder
+
+    classes = dict(zip(FAE_PARTS, (FAEEncoder, FeatureDecoder, PixelDecoder)))
+    tensors = read_weights(path, "FAE")
+    parts = []
+    for name in names:
+        part = classes[name](cfg, impl=impl)
+        load_strict(part, with_prefix(tensors, name + "."), str(path), hint, prefix=name + ".")
+        parts.append(part.eval().requires_grad_(False))
+    return parts
+
+
+def frozen_encoder(cfg: EncoderConfig, grid: int, device) -> FrozenEncoder:
+    """The frozen image encoder on device (built there: fast for a billion parameters), its weights bf16 on
+    CUDA (its mean/std buffers stay fp32: preprocessing runs in fp32)."""
+    with torch.device(device):
+        encoder = FrozenEncoder(cfg, grid=grid)  # checks the timm model against cfg
+    if torch.device(device).type == "cuda":
+        encoder.model.to(torch.bfloat16)
+    return encoder
 
 
 def generator_config_path(ckpt: str | Path, model_config: str = "") -> Path:
@@ -112,8 +159,6 @@ class LatentDecoder:
 
     def __init__(self, fae: str, stats: str, *, grid: int, channels: int, device, dtype: torch.dtype,
                  impl: str = "auto", fae_config_file: str = "", fae_size: str = DEFAULT_FAE_SIZE):
-        from fae_fast.fae import FeatureDecoder, PixelDecoder
-
         if not Path(fae).is_file():
             raise FileNotFoundError(f"FAE weights file {fae} does not exist; pass --fae= the fae.safetensors "
                                     f"that train_fae.py --stage=pixel-finetune wrote (feature_decoder.* and "
@@ -125,14 +170,11 @@ class LatentDecoder:
         if (fcfg.latent_dim, fcfg.grid) != (channels, grid):
             raise ValueError(f"the FAE decodes {fcfg.grid}x{fcfg.grid}x{fcfg.latent_dim} latents but the generator "
                              f"makes {grid}x{grid}x{channels}; pass the matching --fae_size or --fae_config")
-        tensors = read_weights(fae, "FAE")
-        self.parts = []
-        for prefix, cls in (("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):
-            part = cls(fcfg, impl=impl)
-            load_strict(part, with_prefix(tensors, prefix), fae,
-                        f"pass the --fae_size or --fae_config it was trained with (keys need the prefix {prefix!r})",
-                        prefix=prefix)
-            self.parts.append(frozen(part, device, dtype))
+        parts = load_fae_parts(fae, fcfg, ("feature_decoder", "pixel_decoder"),
+                               "pass the --fae_size or --fae_config it was trained with (keys need the prefix "
+                               "'feature_decoder.' and 'pixel_decoder.')", impl=impl)
+        self.parts = [frozen(part, device, dtype) for part in parts]
+        for part in self.parts:
             cast_block_inputs(part.layers, dtype)
         self.mean, self.std = (t.to(device) for t in load_stats(stats, channels))
         self.dtype = dtype

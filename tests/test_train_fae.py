@@ -158,7 +158,8 @@ def test_sample_and_extraction_read_the_whole_fae_file(stages):
     """The hand-off to the other programs: sample.py decodes with fae.safetensors and the fae_config.json
     beside it (no --fae_size needed), exactly as the trained decoders do; extraction reads its encoder."""
     from fae_fast.fae import FeatureDecoder, PixelDecoder
-    from training import extract_latents, sample
+    from fae_fast.inference import fae_weights, load_fae_parts
+    from training import sample
 
     out = stages["out"]
     fcfg = train_fae.parse_args([*COMMON, "--data.source=synthetic"]).fae
@@ -175,7 +176,7 @@ def test_sample_and_extraction_read_the_whole_fae_file(stages):
         expected = ((pixels(features(z)) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     assert torch.equal(decoder(z), expected)
 
-    encoder = extract_latents.load_fae_encoder(str(out / "finetune" / "fae.safetensors"), fcfg)
+    (encoder,) = load_fae_parts(fae_weights(str(out / "finetune" / "fae.safetensors")), fcfg, ("encoder",), "")
     for name, p in encoder.state_dict().items():
         torch.testing.assert_close(p, feature_ema[f"encoder.{name}"], rtol=0, atol=0)
 

@@ -23,13 +23,13 @@ import torch
 from fae_fast.cli import UsageError, parse_command_line, run_program
 from fae_fast.config import FAEConfig, config_from_json, encoder_config
 from fae_fast.data.images import ImageDataConfig, make_image_loader
-from fae_fast.encoders import FrozenEncoder
 from fae_fast.eval.fid import InceptionExtractor
 from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
                                  rfid_from_features, to_uint8)
-from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder
-from fae_fast.train.checkpoint import FAE_CONFIG_NAME, load_strict, read_weights, with_prefix
+from fae_fast.inference import FAE_PARTS, frozen_encoder, load_fae_parts
+from fae_fast.train.checkpoint import FAE_CONFIG_NAME
 from fae_fast.train.runtime import finish_distributed, gather_objects, init_distributed, print0
+
 
 @dataclass(kw_only=True)
 class FAEEvalConfig:
@@ -86,17 +86,9 @@ def build_models(cfg: FAEEvalConfig, fcfg: FAEConfig, device: torch.device):
     enc_cfg = encoder_config(cfg.encoder, weights_path=cfg.encoder_weights)
     if cfg.random_encoder:
         enc_cfg.pretrained = False
-    encoder = FrozenEncoder(enc_cfg, grid=fcfg.grid).to(device)
-    if device.type == "cuda":
-        encoder.model.to(torch.bfloat16)
-    tensors = read_weights(cfg.fae, "FAE")
-    parts = []
-    for prefix, cls in (("encoder.", FAEEncoder), ("feature_decoder.", FeatureDecoder), ("pixel_decoder.", PixelDecoder)):
-        part = cls(fcfg) if cls is FAEEncoder else cls(fcfg, impl="auto")
-        load_strict(part, with_prefix(tensors, prefix), cfg.fae, "pass the --fae_config it was trained with",
-                    prefix=prefix)
-        parts.append(part.to(device).eval().requires_grad_(False))
-    return encoder, parts
+    encoder = frozen_encoder(enc_cfg, fcfg.grid, device)
+    parts = load_fae_parts(cfg.fae, fcfg, FAE_PARTS, "pass the --fae_config it was trained with")
+    return encoder, [part.to(device) for part in parts]
 
 
 @torch.no_grad()

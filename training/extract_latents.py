@@ -30,18 +30,14 @@ import torch
 import torch.distributed as dist
 
 from fae_fast.cli import UsageError, parse_command_line, run_program
-from fae_fast.config import (ENCODER_SIZES, FAE_SIZES, EncoderConfig, FAEConfig, encoder_config,
-                             fae_config, validate_encoder)
+from fae_fast.config import (ENCODER_SIZES, FAE_SIZE_OF_ENCODER, FAE_SIZES, EncoderConfig, FAEConfig,
+                             encoder_config, fae_config, validate_encoder)
 from fae_fast.data import latent_cache as lc
 from fae_fast.data.images import ImageDataConfig, make_image_loader
 from fae_fast.encoders import FrozenEncoder
 from fae_fast.fae import FAEEncoder
-from fae_fast.train.checkpoint import load_strict, read_weights, with_prefix
+from fae_fast.inference import fae_weights, frozen_encoder, load_fae_parts
 from fae_fast.train.runtime import finish_distributed, init_distributed, print0
-
-# The FAE size that belongs to each registered encoder (the FAE reads that encoder's features).
-ENCODER_FAE = {"DINOv2-g/14": "FAE-DINOv2-g", "DINOv2-B/14": "FAE-DINOv2-B",
-               "SigLIP2-So400m/16": "FAE-SigLIP2-So400m", "tiny": "FAE-tiny"}
 
 
 @dataclass(kw_only=True)
@@ -97,7 +93,7 @@ class ExtractConfig:
 
 
 def _build(picked: dict[str, str]) -> ExtractConfig:
-    fae_size = ENCODER_FAE.get(picked["encoder"], "") if picked["fae_size"] == "auto" else picked["fae_size"]
+    fae_size = FAE_SIZE_OF_ENCODER.get(picked["encoder"], "") if picked["fae_size"] == "auto" else picked["fae_size"]
     if not fae_size:
         raise UsageError(f"no FAE size is registered for encoder {picked['encoder']!r}; pass --fae_size NAME")
     return ExtractConfig(encoder=encoder_config(picked["encoder"]), fae_model=fae_config(fae_size))
@@ -128,28 +124,6 @@ def parse_args(argv: list[str]) -> tuple[ExtractConfig, Models]:
 # ----------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------
-def fae_weights(path: str) -> Path:
-    """What `--fae` names: an exported .safetensors file with encoder.* keys (the feature stage's
-    ema.safetensors, or the whole fae.safetensors of the pixel-finetune stage), a run folder holding
-    ema.safetensors, or a DCP checkpoint folder (its EMA)."""
-    p = Path(path).expanduser()
-    if p.is_dir() and (p / "ema.safetensors").is_file():
-        p = p / "ema.safetensors"
-    if not (p.is_file() or (p / ".metadata").is_file()):
-        raise FileNotFoundError(f"FAE weights {str(p)!r} do not exist; pass the feature stage's ema.safetensors "
-                                f"(or its run folder, or a step_XXXXXXXX checkpoint folder) as --fae")
-    return p
-
-
-def load_fae_encoder(path: str, cfg: FAEConfig) -> FAEEncoder:
-    """The FAE encoder of trained weights: the encoder.* tensors of the file or checkpoint."""
-    p = fae_weights(path)
-    encoder = FAEEncoder(cfg)
-    load_strict(encoder, with_prefix(read_weights(p, "FAE"), "encoder."), str(p),
-                "pass the --fae_size the FAE was trained with (its encoder.* weights are read)", prefix="encoder.")
-    return encoder
-
-
 def build_models(args: ExtractConfig, models: Models, device: torch.device) -> tuple[FrozenEncoder, FAEEncoder]:
     """Frozen encoder (bf16 on CUDA) and FAE encoder, in eval mode, optionally compiled. Random weights
     are drawn from args.seed, so every rank builds the same ones."""
@@ -157,12 +131,13 @@ def build_models(args: ExtractConfig, models: Models, device: torch.device) -> t
     enc_cfg = models.encoder
     if args.random_weights and not enc_cfg.weights_path:
         enc_cfg.pretrained = False
+    encoder = frozen_encoder(enc_cfg, models.fae.grid, device)
     with device:  # random init on the device: fast for a billion parameters
-        encoder = FrozenEncoder(enc_cfg, grid=models.fae.grid)  # checks the timm model against enc_cfg
-        fae = load_fae_encoder(args.fae, models.fae) if args.fae else FAEEncoder(models.fae)
-    fae.eval().requires_grad_(False)
-    if device.type == "cuda":
-        encoder.model.to(torch.bfloat16)  # the mean/std buffers stay fp32 (preprocess runs in fp32)
+        if args.fae:
+            (fae,) = load_fae_parts(fae_weights(args.fae), models.fae, ("encoder",),
+                                    "pass the --fae_size the FAE was trained with (its encoder.* weights are read)")
+        else:
+            fae = FAEEncoder(models.fae).eval().requires_grad_(False)
     if args.compile if args.compile is not None else device.type == "cuda":
         encoder.compile()
         fae.compile()
