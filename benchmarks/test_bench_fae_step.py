@@ -18,7 +18,8 @@ from benchmarks.conftest import _time_ms
 from fae_fast.fae import FAEEncoder, reparameterize
 from fae_fast.fae_config import fae_recipe
 from fae_fast.train.runtime import EMA, init_distributed
-from training.train_fae import FeatureStage, encode_features, make_image_source, optimizer_step
+from fae_fast.data.fae_images import make_image_source
+from training.train_fae import FeatureStage, encode_features, optimizer_step
 
 BATCH = 128
 

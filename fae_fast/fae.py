@@ -149,6 +149,19 @@ class FeatureDecoder(nn.Module):
         return self.out(self.norm(h))  # (B, T, F)
 
 
+class FeatureAutoencoder(nn.Module):
+    """Stage Ia's trained pair under one root, weights named encoder.* (FAEEncoder) and decoder.*
+    (FeatureDecoder): features (B, T, F) -> x_hat (B, T, F) and the per-sample KL (B,)."""
+
+    def __init__(self, cfg, impl: str = "auto"):
+        super().__init__()
+        self.encoder, self.decoder = FAEEncoder(cfg, impl), FeatureDecoder(cfg, impl)
+
+    def forward(self, x, seed: int | None = None, sample: bool = True):
+        z, _, kl = self.encoder.encode(x, sample=sample, seed=seed)  # both cast inputs to their weights' dtype
+        return self.decoder(z), kl
+
+
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, T, patch*patch*3), tokens row-major, each patch laid out (p, q, channel) as MAE."""
     B, C, H, W = images.shape

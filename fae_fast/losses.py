@@ -18,8 +18,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fae_fast.fae import patchify
 
 # ----------------------------------------------------------------------------------------------------
 # Stage Ia
@@ -230,3 +233,26 @@ def load_perceptual_loss(weights: str = "auto", *, required: bool = True,
         raise RuntimeError(f"VGG16 weights {weights!r} do not fit torchvision's vgg16 ({str(err).splitlines()[0]}); "
                            f"use torchvision's vgg16-397923af.pth") from None
     return PerceptualLoss(features, linear)
+
+
+class LayerInput:
+    """Keeps the input of a module's last forward (the pixel decoder's output layer, for the adaptive weight)."""
+
+    def __init__(self, module: nn.Module):
+        self.value = None
+        module.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.value = args[0].detach()
+
+
+def last_layer_balance(grad_rec, grad_gan, layer_input, patch: int, *, max_weight: float) -> torch.Tensor:
+    """VQGAN's adaptive weight on the pixel decoder's last linear layer W, from the gradients of R and G at
+    the image (B, 3, S, S) and that layer's input (B, T, D): patchify maps image gradients to the layer's
+    output tokens, linear_weight_grad makes dR/dW and dG/dW, averaged over ranks (one lambda for the
+    global batch). No second backward through the sharded decoder is needed."""
+    grads = torch.stack([linear_weight_grad(patchify(g, patch), layer_input) for g in (grad_rec, grad_gan)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grads)
+        grads /= dist.get_world_size()
+    return adaptive_weight(grads[0].norm(), grads[1].norm(), max_weight=max_weight)

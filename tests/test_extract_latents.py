@@ -30,7 +30,7 @@ from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.synthetic import jpeg_bytes, photo
 from fae_fast.encoders import FrozenEncoder
 from training import extract_latents
-from training.train_fae import FeatureAutoencoder
+from fae_fast.fae import FeatureAutoencoder
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 from fae_fast.cli import UsageError  # noqa: E402
 

@@ -14,7 +14,7 @@ from fae_fast.eval.recon import mean_psnr, psnr, rfid, to_uint8
 from fae_fast.fae import PixelDecoder, reparameterize
 from fae_fast.losses import (PatchDiscriminator, PerceptualWeightsWarning, adaptive_weight, feature_loss,
                              hinge_d_loss, hinge_g_loss, kl_per_element, linear_weight_grad, load_perceptual_loss)
-from training.train_fae import LayerInput, last_layer_balance
+from fae_fast.losses import LayerInput, last_layer_balance
 
 
 @pytest.fixture(autouse=True, scope="module")

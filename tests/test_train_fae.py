@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fae_fast import losses
+from fae_fast.data.fae_images import FolderImages, make_image_source
 from fae_fast.data.synthetic import photo
 from fae_fast.losses import PerceptualWeightsWarning
 from training import train_fae
@@ -219,7 +220,7 @@ def test_resume_from_another_stage_names_the_stage(images, tmp_path):
 def test_synthetic_source_is_a_function_of_the_step():
     cfg = train_fae.parse_args(["--data.global_batch=4"])
     d = train_fae.init_distributed()
-    a, b = train_fae.make_image_source(cfg, d), train_fae.make_image_source(cfg, d)
+    a, b = make_image_source(cfg, d), make_image_source(cfg, d)
     pixels, enc = a.batch(7)
     assert pixels.shape == (4, 3, 64, 64) and enc.shape == (4, 3, 64, 64)
     assert 0 <= pixels.min() and pixels.max() <= 1 and pixels.std() > 0.05
@@ -262,7 +263,7 @@ def test_benchmark_recipe_runs_pixel_finetune_on_a_random_fae(capsys):
                                 "--loss.perceptual_weight=0"])
     stage = train_fae.PixelStage(cfg, train_fae.init_distributed())
     assert "fae_weights=random" in capsys.readouterr().out
-    pixels, encoder_pixels = train_fae.make_image_source(cfg, train_fae.init_distributed()).batch(0)
+    pixels, encoder_pixels = make_image_source(cfg, train_fae.init_distributed()).batch(0)
     terms = stage.step(0, pixels, encoder_pixels)
     assert math.isfinite(float(terms["loss"]))
 
@@ -331,6 +332,6 @@ def test_folder_source_honours_the_check_tools_exclude_list(images, tmp_path):
     problems.write_text("".join(f"{p}\n" for p in listed))
     cfg = train_fae.parse_args([*COMMON, f"--data.root={images}", f"--data.exclude_list={problems}",
                                 "--data.on_error=stop"])
-    source = train_fae.FolderImages(cfg, rank=0, world=1, device=torch.device("cpu"))
+    source = FolderImages(cfg, rank=0, world=1, device=torch.device("cpu"))
     assert source.loader.num_images == 32 - 3
     assert source.loader.cfg.on_error == "stop"

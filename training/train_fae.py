@@ -25,7 +25,6 @@ weights end in <out_dir>/ema.safetensors: the next stage's input and what latent
 """
 import dataclasses
 import json
-import math
 import time
 import warnings
 from dataclasses import replace
@@ -39,14 +38,15 @@ from safetensors.torch import load_file, save_file
 
 from fae_fast.cli import parse_command_line, run_program
 from fae_fast.config import to_dict
-from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader
+from fae_fast.data.fae_images import make_image_source
 from fae_fast.encoders import FrozenEncoder
 from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
                                  rfid_from_features, to_uint8)
-from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder, patchify
+from fae_fast.fae import FeatureAutoencoder, PixelDecoder
 from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate
-from fae_fast.losses import (PatchDiscriminator, adaptive_weight, feature_loss, hinge_d_loss,
-                             hinge_g_loss, linear_weight_grad, load_perceptual_loss)
+from fae_fast.inference import frozen_encoder
+from fae_fast.losses import (LayerInput, PatchDiscriminator, feature_loss, hinge_d_loss, hinge_g_loss,
+                             last_layer_balance, load_perceptual_loss)
 from fae_fast.seeding import step_generator, step_seed
 from fae_fast.viz import save_grid
 from fae_fast.train.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOptimizer, export_weights,
@@ -68,115 +68,17 @@ def parse_args(argv: list[str]) -> FAETrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images: batch(step) -> pixels (B, 3, S, S) and encoder_pixels (B, 3, E, E), floats in [0, 1]
-# ----------------------------------------------------------------------------------------------------
-class SyntheticImages:
-    """A fixed set of smooth random images (six plane waves per channel around grey), rendered on the
-    device; the batch of step s on rank r is drawn by a generator seeded by (data.seed, s, r), so the
-    source is a pure function of the step and needs no state to resume."""
-
-    def __init__(self, cfg: FAETrainConfig, *, rank: int, world: int, device: torch.device):
-        data, g = cfg.data, torch.Generator().manual_seed(cfg.data.seed)
-        n, waves = data.synthetic_images, 6
-        self.freq = (1 + 5 * torch.rand(n, waves, 2, generator=g)).to(device)  # cycles per image side
-        self.phase = (2 * math.pi * torch.rand(n, waves, generator=g)).to(device)
-        self.amp = (0.05 + 0.15 * torch.rand(n, waves, 3, generator=g)).to(device)
-        self.data, self.rank, self.device = data, rank, device
-        self.size, self.encoder_size = cfg.fae.image_size, cfg.encoder.image_size
-        self.local_batch = data.global_batch // world
-
-    def render(self, idx: torch.Tensor) -> torch.Tensor:
-        """Images `idx` (B,) -> uint8 (B, 3, S, S), quantised like decoded files."""
-        pos = torch.arange(self.size, device=self.device) / self.size
-        f, ph = self.freq[idx], self.phase[idx]  # (B, K, 2), (B, K)
-        cycles = f[..., 0, None, None] * pos[None, :] + f[..., 1, None, None] * pos[:, None]  # (B, K, S, S)
-        arg = 2 * math.pi * cycles + ph[..., None, None]
-        img = 0.5 + torch.einsum("bkc,bkhw->bchw", self.amp[idx], torch.sin(arg))  # (B, 3, S, S)
-        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
-
-    def batch(self, step: int):
-        g = step_generator(self.data.seed, step, self.rank, "images")  # not the noise stream
-        idx = torch.randint(len(self.freq), (self.local_batch,), generator=g)
-        flip = (torch.rand(self.local_batch, generator=g) < 0.5) & self.data.random_flip
-        idx, flip = idx.to(self.device), flip.to(self.device)
-        out = finish_batch(self.render(idx), idx, idx, flip, encoder_size=self.encoder_size, twins=False)
-        return out["pixels"], out["encoder_pixels"]
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class FolderImages:
-    """An ImageNet-layout folder through fae_fast.data.images, epoch after epoch; the loader's position is
-    the checkpointed state."""
-
-    def __init__(self, cfg: FAETrainConfig, *, rank: int, world: int, device: torch.device):
-        data = cfg.data
-        self.loader = make_image_loader(
-            ImageDataConfig(root=data.root, split=data.split, batch_size=data.global_batch // world,
-                            image_size=cfg.fae.image_size, encoder_size=cfg.encoder.image_size,
-                            random_flip=data.random_flip, shuffle=True, backend=data.backend, workers=data.workers,
-                            seed=data.seed, exclude_list=data.exclude_list, on_error=data.on_error),
-            rank=rank, world=world, device=device)
-        self._it = None
-
-    def batch(self, step: int):
-        for _ in range(2):  # the end of an epoch: start the next one
-            if self._it is None:
-                self._it = iter(self.loader)
-            out = next(self._it, None)
-            if out is not None:
-                return out["pixels"], out["encoder_pixels"]
-            self._it = None
-        raise RuntimeError(f"{self.loader.cfg.root} has fewer images ({self.loader.num_images}) than one global batch; "
-                           f"lower data.global_batch or add images")
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        self._it = None
-
-
-def make_image_source(cfg: FAETrainConfig, d):
-    if cfg.data.global_batch % d.world:
-        raise ValueError(f"data.global_batch={cfg.data.global_batch} does not divide by {d.world} ranks; "
-                         f"use a multiple of {d.world}")
-    kind = SyntheticImages if cfg.data.source == "synthetic" else FolderImages
-    return kind(cfg, rank=d.rank, world=d.world, device=d.device)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------
-class FeatureAutoencoder(nn.Module):
-    """Stage Ia's trained pair under one root, weights named encoder.* (FAEEncoder) and decoder.*
-    (FeatureDecoder): features (B, T, F) -> x_hat (B, T, F) and the per-sample KL (B,)."""
-
-    def __init__(self, cfg, impl: str = "auto"):
-        super().__init__()
-        self.encoder, self.decoder = FAEEncoder(cfg, impl), FeatureDecoder(cfg, impl)
-
-    def forward(self, x, seed: int | None = None, sample: bool = True):
-        z, _, kl = self.encoder.encode(x, sample=sample, seed=seed)  # both cast inputs to their weights' dtype
-        return self.decoder(z), kl
-
-
 def autocast(device: torch.device):
     """bf16 autocast on CUDA for the frozen and auxiliary networks; a no-op on CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def frozen_encoder(cfg: FAETrainConfig, device: torch.device) -> FrozenEncoder:
-    """The pretrained encoder, frozen: bf16 weights on CUDA (resize and normalisation stay fp32), each
-    block compiled when run.compile."""
-    encoder = FrozenEncoder(cfg.encoder, grid=cfg.fae.grid).to(device)
-    if device.type == "cuda":
-        encoder.model.to(torch.bfloat16)
+def compiled_frozen_encoder(cfg: FAETrainConfig, device: torch.device) -> FrozenEncoder:
+    """The pretrained encoder, frozen (inference.frozen_encoder: bf16 weights on CUDA, resize and
+    normalisation fp32), each block compiled when run.compile."""
+    encoder = frozen_encoder(cfg.encoder, cfg.fae.grid, device)
     if cfg.run.compile:
         for block in getattr(encoder.model, "blocks", [encoder.model]):
             block.compile()
@@ -246,7 +148,7 @@ class FeatureStage:
     def __init__(self, cfg: FAETrainConfig, d):
         self.cfg, self.d = cfg, d
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank before sharding
-        self.encoder = frozen_encoder(cfg, d.device)
+        self.encoder = compiled_frozen_encoder(cfg, d.device)
         with d.device:
             self.model = FeatureAutoencoder(cfg.fae, impl=cfg.run.impl)
         f = cfg.fae
@@ -298,29 +200,6 @@ class FeatureStage:
 # ----------------------------------------------------------------------------------------------------
 # Stages Ib and II
 # ----------------------------------------------------------------------------------------------------
-class LayerInput:
-    """Keeps the input of a module's last forward (the pixel decoder's output layer, for the adaptive weight)."""
-
-    def __init__(self, module: nn.Module):
-        self.value = None
-        module.register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output):
-        self.value = args[0].detach()
-
-
-def last_layer_balance(grad_rec, grad_gan, layer_input, patch: int, *, max_weight: float) -> torch.Tensor:
-    """VQGAN's adaptive weight on the pixel decoder's last linear layer W, from the gradients of R and G at
-    the image (B, 3, S, S) and that layer's input (B, T, D): patchify maps image gradients to the layer's
-    output tokens, linear_weight_grad makes dR/dW and dG/dW, averaged over ranks (one lambda for the
-    global batch). No second backward through the sharded decoder is needed."""
-    grads = torch.stack([linear_weight_grad(patchify(g, patch), layer_input) for g in (grad_rec, grad_gan)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(grads)
-        grads /= dist.get_world_size()
-    return adaptive_weight(grads[0].norm(), grads[1].norm(), max_weight=max_weight)
-
-
 class PixelStage:
     """Pixel decoder on noisy features (pixel) or on a trained FAE's reconstructions (pixel-finetune), with
     L1, perceptual and hinge-GAN losses; the discriminator is a plain replicated module with its own AdamW."""
@@ -328,7 +207,7 @@ class PixelStage:
     def __init__(self, cfg: FAETrainConfig, d):
         self.cfg, self.d, self.dev = cfg, d, d.device
         torch.manual_seed(cfg.run.seed)
-        self.encoder = frozen_encoder(cfg, d.device)
+        self.encoder = compiled_frozen_encoder(cfg, d.device)
         self.fae = self._frozen_fae() if cfg.stage == "pixel-finetune" else None
         with d.device:
             self.model = PixelDecoder(cfg.fae, impl=cfg.run.impl)
