@@ -25,7 +25,6 @@ weights end in <out_dir>/ema.safetensors: the next stage's input and what latent
 """
 import dataclasses
 import json
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -52,9 +51,9 @@ from fae_fast.viz import save_grid
 from fae_fast.train.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, ModelAndOptimizer, export_weights,
                                  load_strict, read_weights)
 from fae_fast.train.parallelize import parallelize
-from fae_fast.train.runtime import (EMA, NonFiniteGuard, Progress, TermMeter, finish_distributed,
-                              gather_objects, init_distributed, make_adamw, measured_bf16_peak, plot_curves, print0,
-                              set_lr)
+from fae_fast.train.loop import LoopSettings, train_loop
+from fae_fast.train.runtime import (EMA, finish_distributed, gather_objects, init_distributed, make_adamw,
+                                    plot_curves, print0, set_lr)
 
 
 
@@ -439,41 +438,33 @@ def report_feature_norm(encoder: FrozenEncoder, encoder_pixels, cfg: FAETrainCon
            f"(encoder.noise_sigma={cfg.encoder.noise_sigma} is relative to this)")
 
 
-def train_loop(stage, ema: EMA, source, cfg: FAETrainConfig, d, ckpts, state, start: int,
-               resumed_from: Path | None = None) -> list:
-    run = cfg.run
-    progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
-                        flops_per_image=stage.flops_per_image(start), peak_flops=measured_bf16_peak(d.device),
-                        device=d.device, world=d.world, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
-                        history_path=str(Path(run.out_dir) / "history.json"))
-    guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), resumed_from  # where the weights come from
-    t0 = time.perf_counter()
-    for step in range(start, run.steps):
-        pixels, encoder_pixels = source.batch(step)
-        if step == start:
-            report_feature_norm(stage.encoder, encoder_pixels, cfg)
-        set_lr(stage.optimizer, cfg.optim, step, run.steps)
-        terms = stage.step(step, pixels, encoder_pixels)
-        optimizer_step(stage, ema, cfg)
-        guard.observe(step, torch.stack(list(terms.values())))
-        meter.add(terms)
-        done = step + 1
-        if step == start:
-            print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
-        if done % run.log_every == 0 or done == run.steps:
-            means = meter.means()
-            guard.check(means, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
-            progress.flops = stage.flops_per_image(step)
-            print0(progress.line(done, means))
-        if (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps:
-            guard.check({"loss": float(terms["loss"])}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
-            state["progress"]["step"] = done
-            last_ckpt = ckpts.save(done, state, to_dict(cfg))
-            progress.save()
-        if run.sample_every and done % run.sample_every == 0 and hasattr(stage, "save_grid"):
-            with ema.applied():
-                stage.save_grid(Path(run.out_dir) / f"recon_{done:08d}.png")
-    return progress.history
+class FAETraining:
+    """train_fae's TrainingTask (fae_fast/train/loop.py): one stage's step on a batch of the image source,
+    the optimizer (with clipping) and the EMA; reconstruction grids where the stage draws them. Loss spikes
+    are not judged here (no roll_back): the GAN's losses swing by design."""
+
+    def __init__(self, stage, ema: EMA, source, cfg: FAETrainConfig):
+        self.stage, self.ema, self.source, self.cfg = stage, ema, source, cfg
+
+    def batch(self, step: int):
+        return self.source.batch(step)
+
+    def first_batch(self, batch) -> None:
+        report_feature_norm(self.stage.encoder, batch[1], self.cfg)
+
+    def train_step(self, step: int, batch) -> dict[str, torch.Tensor]:
+        pixels, encoder_pixels = batch
+        set_lr(self.stage.optimizer, self.cfg.optim, step, self.cfg.run.steps)
+        terms = self.stage.step(step, pixels, encoder_pixels)
+        optimizer_step(self.stage, self.ema, self.cfg)
+        return terms
+
+    def flops_per_image(self, step: int) -> float:
+        return self.stage.flops_per_image(step)
+
+    def save_samples(self, done: int) -> None:
+        if hasattr(self.stage, "save_grid"):
+            self.stage.save_grid(Path(self.cfg.run.out_dir) / f"recon_{done:08d}.png")
 
 
 PLOTTED = {"feature": ("loss", "rec", "kl"), "pixel": ("l1", "lpips", "d_loss")}  # log-scale: positive terms
@@ -499,7 +490,9 @@ def main(argv: list[str]) -> dict:
     ckpts = CheckpointManager(out / "checkpoints")
     state = {**stage.state(), "ema": ema, "data": source, "progress": {"step": 0}}
     start, resumed_from = resume(ckpts, state, cfg)
-    history = train_loop(stage, ema, source, cfg, d, ckpts, state, start, resumed_from)
+    settings = LoopSettings(run=cfg.run, global_batch=cfg.data.global_batch, lr=cfg.optim.lr,
+                            record=lambda: to_dict(cfg))
+    history = train_loop(FAETraining(stage, ema, source, cfg), settings, ema, d, ckpts, state, start, resumed_from)
     scores = {}
     if cfg.run.eval_samples > 0:
         with ema.applied():

@@ -9,7 +9,6 @@ dropout of a step are drawn from a generator seeded by (seed, step, rank), so a 
 exactly what an uninterrupted one would.
 """
 import json
-import time
 from pathlib import Path
 
 
@@ -29,9 +28,9 @@ from fae_fast.seeding import step_generator
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid
 from fae_fast.train.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of
 from fae_fast.train.parallelize import parallelize
-from fae_fast.train.runtime import (EMA, NonFiniteGuard, Progress, Spike, SpikeGuard, TermMeter, data_index,
-                              finish_distributed, gather_objects, init_distributed, make_adamw, measured_bf16_peak,
-                              merge_ranges, plot_curves, print0, set_lr)
+from fae_fast.train.loop import LoopSettings, train_loop
+from fae_fast.train.runtime import (EMA, Spike, data_index, finish_distributed, gather_objects, init_distributed,
+                                    make_adamw, merge_ranges, plot_curves, print0, set_lr)
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
@@ -229,7 +228,10 @@ def main(argv: list[str]) -> dict:
         start = load_checkpoint(latest, state, cfg)
         print0(f"resumed from {latest} at step {start}")
 
-    history = train_loop(model, optimizer, ema, source, cfg, d, ckpts, state, start, latest, decoder)
+    task = GeneratorTraining(model, optimizer, ema, source, cfg, d, ckpts, state, decoder)
+    settings = LoopSettings(run=cfg.run, global_batch=cfg.data.global_batch, lr=cfg.optim.lr,
+                            record=lambda: run_record(cfg))
+    history = train_loop(task, settings, ema, d, ckpts, state, start, latest)
 
     with ema.applied():
         after, after_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
@@ -298,62 +300,45 @@ def roll_back(spike: Spike, cfg: GenTrainConfig, ckpts: CheckpointManager, state
     return target, resumed
 
 
-def train_loop(model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, start: int,
-               resumed_from: Path | None = None, decoder=None) -> list:
-    run = cfg.run
-    progress = Progress(total_steps=run.steps, start_step=start, global_batch=cfg.data.global_batch,
-                        flops_per_image=3 * family_of(cfg.model).flops_per_sample(cfg.model),
-                        peak_flops=measured_bf16_peak(d.device), device=d.device, world=d.world,
-                        tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
-                        history_path=str(Path(run.out_dir) / "history.json"))
-    guard, sharded = NonFiniteGuard(d.device), use_fsdp(cfg, d)
-    spikes, rollbacks = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience), []
-    evaluate = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
-    meter, last_ckpt = TermMeter(), resumed_from  # the checkpoint the weights now come from
-    t0 = time.perf_counter()
-    step = start
-    while step < run.steps:
-        x1, y = source.batch(data_index(step, cfg.data.skip))
-        set_lr(optimizer, cfg.optim, step, run.steps)
-        with autocast(cfg, d, sharded):
-            loss = train_step(model, x1, y, cfg, step_generator(run.seed, step, d.rank, "noise", d.device))
+class GeneratorTraining:
+    """train_gen's TrainingTask (fae_fast/train/loop.py): the family's loss on a batch of the latent source,
+    AdamW with clipping, the EMA; evaluation, sample grids and rollback after a loss spike."""
+
+    def __init__(self, model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, decoder=None):
+        self.model, self.optimizer, self.ema, self.source, self.cfg, self.d = model, optimizer, ema, source, cfg, d
+        self.ckpts, self.state, self.decoder, self.rollbacks = ckpts, state, decoder, []
+        self.sharded = use_fsdp(cfg, d)
+        self.evaluation = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
+
+    def batch(self, step: int):
+        return self.source.batch(data_index(step, self.cfg.data.skip))
+
+    def train_step(self, step: int, batch) -> dict[str, torch.Tensor]:
+        cfg, (x1, y) = self.cfg, batch
+        set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
+        with autocast(cfg, self.d, self.sharded):
+            loss = train_step(self.model, x1, y, cfg, step_generator(cfg.run.seed, step, self.d.rank, "noise",
+                                                                       self.d.device))
         loss.backward()
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
-        guard.observe(step, loss)
-        spikes.observe(step, loss)
-        meter.add({"loss": loss})
-        done = step + 1
-        if step == start:
-            print0(f"first step took {time.perf_counter() - t0:.1f} s (includes compilation)")
-        save = (run.ckpt_every and done % run.ckpt_every == 0) or done == run.steps
-        if (done % run.log_every == 0 or save) and (spike := spikes.check()) is not None:
-            last_ckpt, step = roll_back(spike, cfg, ckpts, state, rollbacks)  # judged before any save: clean
-            progress.rewind(step)
-            spikes.restart()
-            guard, meter = NonFiniteGuard(d.device), TermMeter()  # a NaN inside the spike was rolled back too
-            continue
-        if done % run.log_every == 0 or done == run.steps:
-            terms = meter.means()  # over the steps since the last line and over ranks
-            guard.check(terms, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
-            if evaluate is not None and done % run.eval_every == 0:
-                t_eval = time.perf_counter()
-                terms |= evaluate(model, ema)
-                progress.pause(time.perf_counter() - t_eval)
-            print0(progress.line(done, terms))
-        if save:
-            guard.check({"loss": float(loss.detach())}, str(last_ckpt) if last_ckpt else None, cfg.optim.lr)
-            state["progress"]["step"] = done
-            last_ckpt = ckpts.save(done, state, run_record(cfg))
-            progress.save()
-        if run.sample_every and done % run.sample_every == 0:
-            with ema.applied():
-                save_sample_grid(model, cfg, d, Path(run.out_dir) / f"samples_{done:08d}.png", decoder)
-        step = done
-    return progress.history
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+        return {"loss": loss}
+
+    def flops_per_image(self, step: int) -> float:
+        return 3 * family_of(self.cfg.model).flops_per_sample(self.cfg.model)
+
+    def evaluate(self, done: int) -> dict | None:
+        return None if self.evaluation is None else self.evaluation(self.model, self.ema)
+
+    def save_samples(self, done: int) -> None:
+        save_sample_grid(self.model, self.cfg, self.d, Path(self.cfg.run.out_dir) / f"samples_{done:08d}.png",
+                         self.decoder)
+
+    def roll_back(self, spike: Spike) -> tuple[Path, int]:
+        return roll_back(spike, self.cfg, self.ckpts, self.state, self.rollbacks)
 
 
 if __name__ == "__main__":
