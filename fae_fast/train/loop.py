@@ -77,7 +77,7 @@ def train_loop(task, settings: LoopSettings, ema, d, ckpts, state: dict, start: 
             progress.flops = task.flops_per_image(step)
             print0(progress.line(done, means))
         if save:
-            guard.check({"loss": float(terms["loss"])}, source_of_weights(), settings.lr)
+            guard.check({"loss": float(terms["loss"].detach())}, source_of_weights(), settings.lr)
             state["progress"]["step"] = done
             last_ckpt = ckpts.save(done, state, settings.record())
             progress.save()
