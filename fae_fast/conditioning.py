@@ -5,6 +5,8 @@ kind whose values stack along dim 0 works: class labels (B,) today, text embeddi
 """
 import torch
 
+from fae_fast.eval.protocol import index_labels
+
 
 class ClassLabels:
     """Class labels (B,) int64 in [0, num_classes); the null label is num_classes (the embedding table has
@@ -29,6 +31,12 @@ class ClassLabels:
             return condition
         dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < self.dropout
         return torch.where(dropped, self.null(condition), condition)
+
+    def for_indices(self, seed: int, indices: torch.Tensor, mode: str = "balanced") -> torch.Tensor:
+        """The condition of evaluation samples `indices` (B,): a pure function of (seed, index), so a sample
+        set does not depend on how it was split over batches and GPUs ('balanced': index mod K; 'random':
+        uniform from the label stream; fae_fast.eval.protocol.index_labels)."""
+        return index_labels(seed, indices, self.num_classes, mode)
 
     def check(self, condition: torch.Tensor) -> None:
         """One clear error unless `condition` is (B,) integer labels within [0, num_classes]."""

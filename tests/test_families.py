@@ -135,3 +135,11 @@ def test_the_command_line_overrides_whichever_family_config_a_recipe_built():
     assert parse("--model.blocks=4", "--model.grid=8").model == FlowConfig(grid=8, blocks=4)
     with pytest.raises(UsageError, match="FlowConfig has no field 'blocs'; did you mean 'blocks'"):
         parse("--model.blocs=4")
+
+
+def test_evaluation_conditions_come_from_the_conditioning():
+    from fae_fast.eval.protocol import index_labels
+
+    labels, idx = ClassLabels(10), torch.arange(25)
+    assert torch.equal(labels.for_indices(0, idx), idx % 10)
+    assert torch.equal(labels.for_indices(3, idx, "random"), index_labels(3, idx, 10, "random"))

@@ -33,7 +33,7 @@ from fae_fast.cli import parse_command_line, run_program
 from fae_fast.config import GeneratorConfig, SamplerConfig
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,
                                remove_partial_chunks, write_adm_npz, write_chunk)
-from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_labels, index_normal
+from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_normal
 from fae_fast.families import family_of
 from fae_fast.generators import Generator, choose_attention_backend
 from fae_fast.inference import LatentDecoder, load_generator
@@ -146,7 +146,7 @@ def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
     gcfg, device = model.cfg, next(model.parameters()).device
     indices = indices.to(device)
     if labels is None:
-        labels = index_labels(cfg.seed, indices, gcfg.num_classes, cfg.labels)
+        labels = model.conditioning.for_indices(cfg.seed, indices, cfg.labels)
     labels = labels.to(device)
     noise = index_normal(cfg.seed, indices, (gcfg.grid ** 2, gcfg.in_channels))
 
