@@ -28,9 +28,10 @@ def _quantizer(x: torch.Tensor):
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, K) @ b (N, K)^T in FP8: both quantised rowwise along K, one scaled GEMM, bf16 out. b may be a
-    transposed view (a weight read as W^T): it is made contiguous first, as a strided read of every row would
-    make the quantising pass several times slower than the copy. Off CUDA the GEMM is emulated: the
-    dequantised operands multiplied in fp32 (the same products; CPU `torch._scaled_mm` differs by version)."""
+    transposed view (a weight read as W^T): it is made contiguous first, so that the quantising pass reads
+    whole rows rather than strided columns (a weight is small to copy; the two ways have not been timed
+    against each other). Off CUDA the GEMM is emulated: the dequantised operands multiplied in fp32 (the
+    same products; CPU `torch._scaled_mm` differs by version)."""
     quantize = _quantizer(a)
     aq, a_scale = quantize(a)
     bq, b_scale = quantize(b.contiguous())
