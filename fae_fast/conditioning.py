@@ -12,8 +12,6 @@ class ClassLabels:
     """Class labels (B,) int64 in [0, num_classes); the null label is num_classes (the embedding table has
     num_classes + 1 rows). Training replaces each label by the null one with probability `dropout`."""
 
-    kind = "class"
-
     def __init__(self, num_classes: int, dropout: float = 0.0):
         self.num_classes, self.dropout = num_classes, dropout
 
