@@ -134,7 +134,7 @@ def test_perceptual_loss_from_a_local_file(vgg_file):
     b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=gen(10))).clamp(-1, 1)
     assert loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
     far, near = loss(b, a).item(), loss(0.9 * a + 0.1 * b, a).item()
-    assert 0 < near < far
+    assert 0 < near < far <= 4.0
     b.requires_grad_(True)
     loss(b, a).backward()
     assert b.grad.abs().sum() > 0 and all(p.grad is None for p in loss.parameters())
