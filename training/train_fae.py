@@ -463,8 +463,9 @@ class FAETraining:
         return self.stage.flops_per_image(step)
 
     def save_samples(self, done: int) -> None:
-        if hasattr(self.stage, "save_grid"):
-            self.stage.save_grid(Path(self.cfg.run.out_dir) / f"recon_{done:08d}.png")
+        if hasattr(self.stage, "save_grid"):  # the feature stage draws none: no EMA swap for nothing
+            with self.ema.applied():
+                self.stage.save_grid(Path(self.cfg.run.out_dir) / f"recon_{done:08d}.png")
 
 
 PLOTTED = {"feature": ("loss", "rec", "kl"), "pixel": ("l1", "lpips", "d_loss")}  # log-scale: positive terms
@@ -492,7 +493,7 @@ def main(argv: list[str]) -> dict:
     start, resumed_from = resume(ckpts, state, cfg)
     settings = LoopSettings(run=cfg.run, global_batch=cfg.data.global_batch, lr=cfg.optim.lr,
                             record=lambda: to_dict(cfg))
-    history = train_loop(FAETraining(stage, ema, source, cfg), settings, ema, d, ckpts, state, start, resumed_from)
+    history = train_loop(FAETraining(stage, ema, source, cfg), settings, d, ckpts, state, start, resumed_from)
     scores = {}
     if cfg.run.eval_samples > 0:
         with ema.applied():

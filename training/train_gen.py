@@ -54,11 +54,6 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
     return cfg
 
 
-def train_step(model, x1, condition, cfg: GenTrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """The family's loss of one batch, x1 (B, T, C) latents and their condition, averaged."""
-    return family_of(cfg.model).loss(model, x1, condition, cfg.transport, gen).mean()
-
-
 def gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along dim 0 (rank order), on CPU."""
     return torch.cat(gather_objects(x.cpu()))
@@ -231,7 +226,7 @@ def main(argv: list[str]) -> dict:
     task = GeneratorTraining(model, optimizer, ema, source, cfg, d, ckpts, state, decoder)
     settings = LoopSettings(run=cfg.run, global_batch=cfg.data.global_batch, lr=cfg.optim.lr,
                             record=lambda: run_record(cfg))
-    history = train_loop(task, settings, ema, d, ckpts, state, start, latest)
+    history = train_loop(task, settings, d, ckpts, state, start, latest)
 
     with ema.applied():
         after, after_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
@@ -317,8 +312,8 @@ class GeneratorTraining:
         cfg, (x1, y) = self.cfg, batch
         set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
         with autocast(cfg, self.d, self.sharded):
-            loss = train_step(self.model, x1, y, cfg, step_generator(cfg.run.seed, step, self.d.rank, "noise",
-                                                                       self.d.device))
+            gen = step_generator(cfg.run.seed, step, self.d.rank, "noise", self.d.device)
+            loss = family_of(cfg.model).loss(self.model, x1, y, cfg.transport, gen).mean()
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
@@ -334,8 +329,9 @@ class GeneratorTraining:
         return None if self.evaluation is None else self.evaluation(self.model, self.ema)
 
     def save_samples(self, done: int) -> None:
-        save_sample_grid(self.model, self.cfg, self.d, Path(self.cfg.run.out_dir) / f"samples_{done:08d}.png",
-                         self.decoder)
+        with self.ema.applied():
+            save_sample_grid(self.model, self.cfg, self.d, Path(self.cfg.run.out_dir) / f"samples_{done:08d}.png",
+                             self.decoder)
 
     def roll_back(self, spike: Spike) -> tuple[Path, int]:
         return roll_back(spike, self.cfg, self.ckpts, self.state, self.rollbacks)

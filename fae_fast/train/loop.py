@@ -34,7 +34,7 @@ class LoopSettings:
     """The config saved with each checkpoint."""
 
 
-def train_loop(task, settings: LoopSettings, ema, d, ckpts, state: dict, start: int,
+def train_loop(task, settings: LoopSettings, d, ckpts, state: dict, start: int,
                resumed_from: Optional[Path] = None) -> list:
     """Train from step `start` to run.steps; returns the progress history (one entry per logged step)."""
     run = settings.run
@@ -82,7 +82,6 @@ def train_loop(task, settings: LoopSettings, ema, d, ckpts, state: dict, start: 
             last_ckpt = ckpts.save(done, state, settings.record())
             progress.save()
         if run.sample_every and done % run.sample_every == 0 and hasattr(task, "save_samples"):
-            with ema.applied():
-                task.save_samples(done)
+            task.save_samples(done)
         step = done
     return progress.history
