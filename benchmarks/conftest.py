@@ -32,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
         unguarded = [item for item in ours if Path(item.fspath) != GUARD_FILE]
         if unguarded:
             config.hook.pytest_deselected(items=unguarded)
-            items[:] = [item for item in items if item not in set(unguarded)]
+            dropped = set(unguarded)
+            items[:] = [item for item in items if item not in dropped]
             config._bench_deselected = len(unguarded)
     if torch.cuda.is_available():
         return

@@ -24,6 +24,16 @@ OPS = {  # the XL generator's shapes (width 1152, 16 heads of 72, SwiGLU hidden 
 }
 
 
+CEILINGS = {"copy": "copy_bytes_per_s", "bf16": "bf16_flops_per_s"}
+
+
+def result(case: str, ms: float, compiled_ms, work: float, ceiling: str, ceilings: dict) -> Result:
+    """A guarded Result: `work` (bytes moved, or FLOPs) done in `ms` as a fraction of the ceiling measured in
+    this run; compiled_ms: torch.compile's time for the same work, or None."""
+    of_ceiling = work / (ms * 1e-3) / ceilings[CEILINGS[ceiling]]
+    return Result(case, ms, None if compiled_ms is None else compiled_ms / ms, of_ceiling, ceiling)
+
+
 def op_ms(fn, case: dict) -> float:
     """ms of one forward + backward of fn (median of 20 timings of LAUNCHES_PER_CALL back-to-back calls)."""
     timed = _timed(fn, case, "full")
@@ -37,8 +47,7 @@ def test_fused_op(guard, gpu_ceilings, op):
     ours = op_ms(case["impls"]["fae_fast"], case)
     compiled = op_ms(torch.compile(case["impls"]["torch"], dynamic=False), case)
     moved = case["bytes"]["fwd"] + case["bytes"]["bwd"]
-    guard.check(Result(f"{op} fwd+bwd", ours, compiled / ours, moved / (ours * 1e-3) / gpu_ceilings["copy_bytes_per_s"],
-                       "copy"))
+    guard.check(result(f"{op} fwd+bwd", ours, compiled, moved, "copy", gpu_ceilings))
 
 
 def test_fp8_quantise(guard, gpu_ceilings):
@@ -50,8 +59,7 @@ def test_fp8_quantise(guard, gpu_ceilings):
     reference = torch.compile(quantize_rows_ref, dynamic=False)
     compiled = _time_ms(lambda: reference(x))
     moved = x.numel() * 3 + x.shape[0] * 4  # read bf16, write e4m3 and the row scales
-    guard.check(Result("quantize_rows 32768x1152", ours, compiled / ours,
-                       moved / (ours * 1e-3) / gpu_ceilings["copy_bytes_per_s"], "copy"))
+    guard.check(result("quantize_rows 32768x1152", ours, compiled, moved, "copy", gpu_ceilings))
 
 
 @pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
@@ -61,9 +69,7 @@ def test_xl_block(guard, gpu_ceilings, size):
         cfg, block = make_block(size, provider)
         times[provider] = _time_ms(block_step(cfg, block), warmup=3, iters=10)
     flops = BLOCK_BATCH * forward_flops_per_sample(cfg) / cfg.depth * 3
-    ours = times["fae_fast"]
-    guard.check(Result(f"{size} block fwd+bwd", ours, times["torch.compile"] / ours,
-                       flops / (ours * 1e-3) / gpu_ceilings["bf16_flops_per_s"], "bf16"))
+    guard.check(result(f"{size} block fwd+bwd", times["fae_fast"], times["torch.compile"], flops, "bf16", gpu_ceilings))
 
 
 def test_train_step(guard, gpu_ceilings):
@@ -74,5 +80,4 @@ def test_train_step(guard, gpu_ceilings):
     cfg, step, _ = prepare("fae_fast", "LightningDiT-XL/1", batch, init_distributed().device)
     ours = _time_ms(step, warmup=3, iters=10)
     flops = batch * 3 * forward_flops_per_sample(cfg)
-    guard.check(Result("LightningDiT-XL/1 train step, batch 128", ours, None,
-                       flops / (ours * 1e-3) / gpu_ceilings["bf16_flops_per_s"], "bf16"))
+    guard.check(result("LightningDiT-XL/1 train step, batch 128", ours, None, flops, "bf16", gpu_ceilings))

@@ -35,12 +35,3 @@ class ClassLabels:
         set does not depend on how it was split over batches and GPUs ('balanced': index mod K; 'random':
         uniform from the label stream; fae_fast.eval.protocol.index_labels)."""
         return index_labels(seed, indices, self.num_classes, mode)
-
-    def check(self, condition: torch.Tensor) -> None:
-        """One clear error unless `condition` is (B,) integer labels within [0, num_classes]."""
-        if condition.dim() != 1 or condition.is_floating_point():
-            raise ValueError(f"class conditioning takes integer labels (B,), got {condition.dtype} of shape "
-                             f"{tuple(condition.shape)}")
-        if condition.numel() and (int(condition.min()) < 0 or int(condition.max()) > self.null_label):
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} is the null "
-                             f"label), got [{int(condition.min())}, {int(condition.max())}]")

@@ -69,12 +69,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 class Float8Linear(nn.Linear):
     """nn.Linear whose training forward is `fp8_linear`; made by `convert_to_fp8` (class swap, no new
     parameters). In eval mode it is the plain linear, so sampling and evaluation read the same weights
-    without the FP8 rounding unless `fp8_inference` is set."""
-
-    fp8_inference = False
+    without the FP8 rounding."""
 
     def forward(self, x):
-        if self.training or self.fp8_inference:
+        if self.training:
             return fp8_linear(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -90,10 +88,13 @@ def convert_to_fp8(*modules: nn.Module) -> list[nn.Linear]:
     none fit, raise."""
     converted, skipped = [], []
     for module in (m for mod in modules for m in mod.modules()):
-        if type(module) is nn.Linear:
-            (converted if fits_fp8(module) else skipped).append(module)
-            if fits_fp8(module):
-                module.__class__ = Float8Linear
+        if type(module) is not nn.Linear:
+            continue
+        if fits_fp8(module):
+            module.__class__ = Float8Linear
+            converted.append(module)
+        else:
+            skipped.append(module)
     if not converted and skipped:
         raise ValueError(f"run.precision=fp8: no linear has both dims divisible by 16 (torch._scaled_mm needs "
                          f"it), e.g. {skipped[0]}; use a width and MLP ratio that are, or run.precision=bf16")

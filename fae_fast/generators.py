@@ -74,10 +74,6 @@ class Generator(nn.Module):
         self.final = FinalLayer(cfg, self.ops)
         self.initialize_weights()
 
-    @property
-    def null_label(self) -> int:
-        return self.conditioning.null_label
-
     def initialize_weights(self):
         """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, and adaLN-Zero: every modulation
         and the output layer start at zero, so each block starts as the identity."""

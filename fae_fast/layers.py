@@ -5,7 +5,6 @@ fae_fast.kernels, `impl="torch"` their PyTorch references. The choice is an expl
 (default: triton on CUDA, torch elsewhere), never an environment switch.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -20,7 +19,9 @@ def resolve_impl(impl: str = "auto") -> str:
         return "triton" if torch.cuda.is_available() else "torch"
     if impl not in ("triton", "torch"):
         raise ValueError(f"impl {impl!r} is not 'auto', 'triton' or 'torch'")
-    if impl == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    from fae_fast.kernels.utils import interpreting  # here: importing fae_fast.layers loads no Triton
+
+    if impl == "triton" and not torch.cuda.is_available() and not interpreting():
         raise ValueError("impl='triton' needs a CUDA GPU; on a CPU the kernels run only through Triton's interpreter "
                          "(TRITON_INTERPRET=1 set before fae_fast is imported; slow, for tests). Use impl='auto' "
                          "(PyTorch ops on CPU) or impl='torch'")
@@ -195,7 +196,6 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels):

@@ -16,6 +16,8 @@ from fae_fast.losses import (PatchDiscriminator, PerceptualWeightsWarning, adapt
                              hinge_d_loss, hinge_g_loss, kl_per_element, linear_weight_grad, load_perceptual_loss)
 from fae_fast.losses import LayerInput, last_layer_balance
 
+from conftest import PooledPixels  # noqa: E402 (tests/ is on sys.path)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -210,19 +212,10 @@ def test_psnr_rounds_to_uint8_first():
         psnr(x, x)
 
 
-class PixelFeatures:
-    """A stand-in extractor: 4x4 average-pooled pixels (48 dims)."""
-
-    name = "pooled-pixels"
-
-    def __call__(self, images):
-        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None
-
-
 def test_rfid_through_the_pluggable_extractor():
     real = torch.randint(0, 256, (128, 3, 16, 16), generator=gen(14), dtype=torch.uint8)
     shifted = (real.int() + 40).clamp(0, 255).to(torch.uint8)
     pairs = lambda fake: [(real[i:i + 32], fake[i:i + 32]) for i in range(0, 128, 32)]  # noqa: E731
-    same = rfid(pairs(real), PixelFeatures())
+    same = rfid(pairs(real), PooledPixels())
     assert abs(same) < 1e-6
-    assert rfid(pairs(shifted), PixelFeatures()) > 100 * max(abs(same), 1e-3)
+    assert rfid(pairs(shifted), PooledPixels()) > 100 * max(abs(same), 1e-3)
