@@ -200,6 +200,10 @@ class DataConfig:
     checkpoints); set them by hand to replay a run without those batches."""
 
 
+PRECISIONS = ("bf16", "fp8", "fp32")
+"""The values of RunConfig.precision (fp8: the generator only)."""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Length, logging, checkpoints and performance switches of a run."""

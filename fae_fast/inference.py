@@ -138,15 +138,17 @@ def load_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     return saved["mean"].float(), saved["std"].float()
 
 
-def resolve_fae_config(fae: str, fae_config_file: str = "", fae_size: str = DEFAULT_FAE_SIZE) -> FAEConfig:
+def resolve_fae_config(fae: str, fae_config_file: str = "", fae_size: str | None = DEFAULT_FAE_SIZE) -> FAEConfig:
     """fae_config_file when given, else the fae_config.json train_fae.py wrote beside the weights `fae`,
-    else the registry size fae_size."""
-    beside = Path(fae).with_name(FAE_CONFIG_NAME)
-    if fae_config_file:
-        return config_from_json(Path(fae_config_file), FAEConfig, ("fae", "model"))
-    if beside.is_file():
-        print0(f"FAE config from {beside}")
-        return config_from_json(beside, FAEConfig, ("fae", "model"))
+    else the registry size fae_size (None: there is no fallback, and a missing file is the error)."""
+    path = Path(fae_config_file) if fae_config_file else Path(fae).with_name(FAE_CONFIG_NAME)
+    if path.is_file():
+        if not fae_config_file:
+            print0(f"FAE config from {path}")
+        return config_from_json(path, FAEConfig, ("fae", "model"))
+    if fae_config_file or fae_size is None:
+        raise FileNotFoundError(f"no FAE config at {path}; pass --fae_config= the fae_config.json written with the "
+                                f"weights")
     return fae_config(fae_size)
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 from fae_fast.cli import UsageError, parse_command_line, run_program
-from fae_fast.config import FAEConfig, config_from_json, encoder_config
+from fae_fast.config import FAEConfig, encoder_config
 from fae_fast.data.images import ImageDataConfig, make_image_loader
 from fae_fast.eval.fid import InceptionExtractor
 from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
                                  rfid_from_features, to_uint8)
-from fae_fast.inference import FAE_PARTS, frozen_encoder, load_fae_parts
-from fae_fast.train.checkpoint import FAE_CONFIG_NAME
+from fae_fast.inference import FAE_PARTS, frozen_encoder, load_fae_parts, resolve_fae_config
 from fae_fast.train.runtime import finish_distributed, gather_objects, init_distributed, print0
 
 
@@ -73,14 +72,6 @@ def parse_args(argv: list[str]) -> FAEEvalConfig:
     return cfg
 
 
-def read_fae_config(cfg: FAEEvalConfig) -> FAEConfig:
-    path = Path(cfg.fae_config) if cfg.fae_config else Path(cfg.fae).with_name(FAE_CONFIG_NAME)
-    if not path.is_file():
-        raise FileNotFoundError(f"no FAE config at {path}; pass --fae_config= the fae_config.json written with the "
-                                f"weights")
-    return config_from_json(path, FAEConfig, ("fae", "model"))
-
-
 def build_models(cfg: FAEEvalConfig, fcfg: FAEConfig, device: torch.device):
     """Frozen encoder (bf16 on CUDA) and the FAE's three parts, in eval mode, on `device`."""
     enc_cfg = encoder_config(cfg.encoder, weights_path=cfg.encoder_weights)
@@ -122,7 +113,7 @@ def score_rank(loader, encoder, parts, extractor, limit: int, log_every: float) 
 def main(argv: list[str], extractor=None) -> dict:
     """Score and report; `extractor` replaces the Inception network (tests pass a random one)."""
     cfg = parse_args(argv)
-    fcfg = read_fae_config(cfg)
+    fcfg = resolve_fae_config(cfg.fae, cfg.fae_config, fae_size=None)
     d = init_distributed()
     extractor = extractor or InceptionExtractor(d.device, cfg.inception_weights or None)  # fails before any work
     encoder, parts = build_models(cfg, fcfg, d.device)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from fae_fast.cli import UsageError, parse_command_line, run_program
-from fae_fast.config import RECIPES, GenTrainConfig, recipe
+from fae_fast.config import PRECISIONS, RECIPES, GenTrainConfig, recipe
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
 from fae_fast.eval.frechet import frechet_distance, moments
@@ -41,8 +41,8 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
         raise UsageError(f"--data.path is read only with --data.source=cache, and this run has data.source="
                          f"{cfg.data.source!r}; add --data.source=cache to train on the latent cache")
     run = cfg.run
-    if run.precision not in ("bf16", "fp8", "fp32"):
-        raise UsageError(f"--run.precision={run.precision!r} is not 'bf16', 'fp8' or 'fp32'")
+    if run.precision not in PRECISIONS:
+        raise UsageError(f"--run.precision={run.precision!r} is not one of {', '.join(PRECISIONS)}")
     if evaluates_during_training(cfg) and run.eval_every % run.log_every:
         raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
     if run.eval_ref and not cfg.fae_decoder:

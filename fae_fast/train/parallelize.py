@@ -9,6 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from fae_fast.config import PRECISIONS
+
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
     """bf16 parameters and compute with fp32 gradient reduction ('bf16', and 'fp8', whose FP8 linears
@@ -17,7 +19,7 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if precision == "fp32":
         return None
-    raise ValueError(f"run.precision={precision!r} is not 'bf16', 'fp8' or 'fp32'")
+    raise ValueError(f"run.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf16", compile: bool = True,
