@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import math
-import zipfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,9 +354,9 @@ def main(argv: list[str]) -> Path:
     if final.is_file():  # written atomically after the coverage check: complete unless it is another run's
         try:
             shape = npz_array_shape(final)
-        except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as err:
-            raise ValueError(f"{final} exists but is not a readable ADM .npz ({type(err).__name__}: {err}); move it "
-                             f"away and run the same command again (kept chunks are reused, the rest is redrawn)") from err
+        except ValueError as err:  # npz_array_shape's one error for a damaged file; --debug shows its cause
+            raise ValueError(f"{final} exists but is not a readable ADM .npz; move it away and run the same command "
+                             f"again (kept chunks are reused, the rest is redrawn)") from err
         if shape[0] != cfg.num_samples:
             raise ValueError(f"{final} holds {shape[0]:,} samples, not the {cfg.num_samples:,} asked for; it belongs "
                              f"to another run: use a fresh --out_dir or pass --num_samples={shape[0]}")
