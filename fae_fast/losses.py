@@ -18,11 +18,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fae_fast.fae import patchify
+from fae_fast.train.runtime import mean_over_ranks
 
 # ----------------------------------------------------------------------------------------------------
 # Stage Ia
@@ -251,8 +251,6 @@ def last_layer_balance(grad_rec, grad_gan, layer_input, patch: int, *, max_weigh
     the image (B, 3, S, S) and that layer's input (B, T, D): patchify maps image gradients to the layer's
     output tokens, linear_weight_grad makes dR/dW and dG/dW, averaged over ranks (one lambda for the
     global batch). No second backward through the sharded decoder is needed."""
-    grads = torch.stack([linear_weight_grad(patchify(g, patch), layer_input) for g in (grad_rec, grad_gan)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(grads)
-        grads /= dist.get_world_size()
+    grads = mean_over_ranks(torch.stack([linear_weight_grad(patchify(g, patch), layer_input)
+                                         for g in (grad_rec, grad_gan)]))
     return adaptive_weight(grads[0].norm(), grads[1].norm(), max_weight=max_weight)

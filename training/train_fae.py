@@ -53,7 +53,7 @@ from fae_fast.train.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, Model
 from fae_fast.train.parallelize import parallelize
 from fae_fast.train.loop import LoopSettings, train_loop
 from fae_fast.train.runtime import (EMA, finish_distributed, gather_objects, init_distributed, make_adamw,
-                                    plot_curves, print0, set_lr)
+                                    mean_over_ranks, plot_curves, print0, set_lr)
 
 
 
@@ -389,9 +389,7 @@ def all_reduce_mean_grads(module: nn.Module) -> None:
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = mean_over_ranks(_flatten_dense_tensors(grads))
     for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(mean)
 

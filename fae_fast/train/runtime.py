@@ -68,6 +68,14 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """t averaged over the ranks in place (one all-reduce; nothing to do on one rank); returns t."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj` (any picklable object), in rank order, on every rank."""
     out = [None] * dist.get_world_size()
@@ -245,10 +253,7 @@ class SpikeGuard:
         if not self.pending:
             return None
         steps, values = zip(*self.pending)
-        losses = torch.stack(values)
-        if dist.is_initialized():
-            dist.all_reduce(losses)
-            losses /= dist.get_world_size()
+        losses = mean_over_ranks(torch.stack(values))
         self.pending = []
         for step, loss in zip(steps, losses.tolist()):
             if spike := self._judge(step, loss):
@@ -437,9 +442,6 @@ class TermMeter:
 
     def means(self) -> dict[str, float]:
         keys = list(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
-        if dist.is_initialized():
-            dist.all_reduce(stacked)
-            stacked /= dist.get_world_size()
+        stacked = mean_over_ranks(torch.stack([self.sums[k] for k in keys]) / max(self.count, 1))
         self.sums, self.count = {}, 0
         return dict(zip(keys, stacked.tolist()))
