@@ -5,16 +5,18 @@ evaluations and seconds for each, from the same noise and labels. CPU is fine.
     python benchmarks/toy_samplers.py --run runs/demo [--samples 2048]
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fae_fast.config import GeneratorConfig, SamplerConfig, config_from_json
+from fae_fast.config import SamplerConfig
 from fae_fast.data.toy import ToyLatents
 from fae_fast.eval.frechet import frechet_distance, moments
 from fae_fast.generators import Generator
+from fae_fast.inference import generator_config_path, load_generator
 from fae_fast.sampling import sample_latents
 
 SAMPLERS = {
@@ -40,13 +42,10 @@ class Counting(torch.nn.Module):
 
 
 def load_run(folder: Path) -> tuple[Generator, dict]:
-    from safetensors.torch import load_file
-
-    checkpoint = sorted((folder / "checkpoints").glob("step_*"))[-1]
-    model = Generator(config_from_json(checkpoint / "config.json", GeneratorConfig, ("model",)), impl="torch")
-    model.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    import json
-    return model.eval(), json.loads((checkpoint / "config.json").read_text())
+    """The run's EMA generator in fp32 and the run config it was trained with (its newest checkpoint's)."""
+    weights = folder / "ema.safetensors"
+    config_path = generator_config_path(weights)
+    return load_generator(weights, "cpu", torch.float32, impl="torch"), json.loads(config_path.read_text())
 
 
 def main(argv: list[str]) -> None:
