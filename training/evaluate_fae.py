@@ -24,10 +24,9 @@ from fae_fast.cli import UsageError, parse_command_line, run_program
 from fae_fast.config import FAEConfig, encoder_config
 from fae_fast.data.images import ImageDataConfig, make_image_loader
 from fae_fast.eval.fid import InceptionExtractor
-from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
-                                 rfid_from_features, to_uint8)
+from fae_fast.eval.recon import RFID_MIN_IMAGES, ReconstructionScores, to_uint8
 from fae_fast.inference import FAE_PARTS, frozen_encoder, load_fae_parts, resolve_fae_config
-from fae_fast.train.runtime import finish_distributed, gather_objects, init_distributed, print0
+from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
 
 @dataclass(kw_only=True)
@@ -92,22 +91,20 @@ def reconstruct(encoder, parts, encoder_pixels: torch.Tensor) -> torch.Tensor:
         return pixel_decoder(feature_decoder(mu)).float()
 
 
-def score_rank(loader, encoder, parts, extractor, limit: int, log_every: float) -> tuple[list[float], list]:
-    """PSNR values and (original, reconstruction) features of this rank's share, at most `limit` images."""
-    values, feats, t0, last = [], [], time.perf_counter(), time.perf_counter()
+def score_rank(loader, encoder, parts, extractor, limit: int, log_every: float) -> ReconstructionScores:
+    """This rank's share of the reconstructions scored, at most `limit` images."""
+    scores, t0, last = ReconstructionScores(extractor), time.perf_counter(), time.perf_counter()
     for batch in loader:
-        keep = min(len(batch["pixels"]), limit - len(values))
-        real = to_uint8(batch["pixels"][:keep], (0.0, 1.0))
-        fake = to_uint8(reconstruct(encoder, parts, batch["encoder_pixels"][:keep]))
-        values += psnr(real, fake).tolist()
-        feats.append(reconstruction_features(real, fake, extractor))
+        keep = min(len(batch["pixels"]), limit - len(scores))
+        scores.add(to_uint8(batch["pixels"][:keep], (0.0, 1.0)),
+                   to_uint8(reconstruct(encoder, parts, batch["encoder_pixels"][:keep])))
         if time.perf_counter() - last > log_every:
             last = time.perf_counter()
-            print0(f"reconstructed {len(values):,} of {limit:,} images on rank 0 "
-                   f"({len(values) / (last - t0):.1f} images/s)")
-        if len(values) >= limit:
+            print0(f"reconstructed {len(scores):,} of {limit:,} images on rank 0 "
+                   f"({len(scores) / (last - t0):.1f} images/s)")
+        if len(scores) >= limit:
             break
-    return values, feats
+    return scores
 
 
 def main(argv: list[str], extractor=None) -> dict:
@@ -125,17 +122,14 @@ def main(argv: list[str], extractor=None) -> dict:
         raise ValueError(f"{cfg.data.root}/{cfg.data.split} holds {loader.num_images} images, under the "
                          f"{RFID_MIN_IMAGES} rFID needs; point --data.root at a larger held-out set")
     share = total // d.world + (d.rank < total % d.world)  # this rank's first images, the ranks' sum: total
-    values, feats = score_rank(loader, encoder, parts, extractor, share, cfg.log_every)
-    values, feats = sum(gather_objects(values), []), sum(gather_objects(feats), [])
-    record = {"psnr": mean_psnr(torch.tensor(values)),
-              "rfid": rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats])),
-              "num_images": len(values), "fae": cfg.fae, "images": str(Path(cfg.data.root, cfg.data.split)),
-              "extractor": extractor.name}
+    record = {**score_rank(loader, encoder, parts, extractor, share, cfg.log_every).scores(), "fae": cfg.fae,
+              "images": str(Path(cfg.data.root, cfg.data.split)), "extractor": extractor.name}
     if d.is_main:
         out = Path(cfg.out or f"{cfg.fae}.recon.json")
         out.write_text(json.dumps(record, indent=1))
-        name = "rFID" if len(values) == loader.num_images else f"rFID-{len(values)}"
-        print(f"{name} {record['rfid']:.3f} | PSNR {record['psnr']:.2f} dB | {len(values):,} images of "
+        images = record["num_images"]
+        name = "rFID" if images == loader.num_images else f"rFID-{images}"
+        print(f"{name} {record['rfid']:.3f} | PSNR {record['psnr']:.2f} dB | {images:,} images of "
               f"{record['images']} ({extractor.name}) | wrote {out}", flush=True)
     finish_distributed()
     return record

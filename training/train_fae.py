@@ -39,8 +39,7 @@ from fae_fast.cli import parse_command_line, run_program
 from fae_fast.config import to_dict
 from fae_fast.data.fae_images import make_image_source
 from fae_fast.encoders import FrozenEncoder
-from fae_fast.eval.recon import (RFID_MIN_IMAGES, mean_psnr, psnr, reconstruction_features,
-                                 rfid_from_features, to_uint8)
+from fae_fast.eval.recon import RFID_MIN_IMAGES, ReconstructionScores, to_uint8
 from fae_fast.fae import FeatureAutoencoder, PixelDecoder
 from fae_fast.fae_config import RECIPES, STAGE_DOCS, FAETrainConfig, fae_recipe, validate
 from fae_fast.inference import frozen_encoder
@@ -52,7 +51,7 @@ from fae_fast.train.checkpoint import (FAE_CONFIG_NAME, CheckpointManager, Model
                                  load_strict, read_weights)
 from fae_fast.train.parallelize import parallelize
 from fae_fast.train.loop import LoopSettings, train_loop
-from fae_fast.train.runtime import (EMA, finish_distributed, gather_objects, init_distributed, make_adamw,
+from fae_fast.train.runtime import (EMA, finish_distributed, init_distributed, make_adamw,
                                     mean_over_ranks, plot_curves, print0, set_lr)
 
 
@@ -341,22 +340,16 @@ class PixelStage:
     def evaluate(self, source, n: int, out: Path, first_step: int) -> dict[str, float]:
         """PSNR (uint8) of n reconstructions; rFID too when n is at least 2048 and Inception weights exist."""
         self.save_grid(out / "recon_final.png")
-        extractor = self._extractor(n)
-        values, feats, step = [], [], first_step
-        while len(values) * self.d.world < n:
+        recon, step = ReconstructionScores(self._extractor(n)), first_step
+        while len(recon) * self.d.world < n:
             pixels, enc = source.batch(step)
-            real, fake = to_uint8(pixels, (0.0, 1.0)), to_uint8(self.reconstruct(enc))
-            values += psnr(real, fake).tolist()
-            if extractor is not None:
-                feats.append(reconstruction_features(real, fake, extractor))
+            recon.add(to_uint8(pixels, (0.0, 1.0)), to_uint8(self.reconstruct(enc)))
             step += 1
-        values = sum(gather_objects(values), [])
-        scores = {"psnr": mean_psnr(torch.tensor(values))}
-        print0(f"reconstruction PSNR (EMA, uint8) on {len(values)} images: {scores['psnr']:.2f} dB")
-        if extractor is not None:
-            feats = sum(gather_objects(feats), [])
-            scores["rfid"] = rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats]))
-            print0(f"rFID (EMA) on {len(values)} images: {scores['rfid']:.3f}")
+        scores = recon.scores()
+        images = scores.pop("num_images")
+        print0(f"reconstruction PSNR (EMA, uint8) on {images} images: {scores['psnr']:.2f} dB")
+        if "rfid" in scores:
+            print0(f"rFID (EMA) on {images} images: {scores['rfid']:.3f}")
         return scores
 
     def _extractor(self, n: int):

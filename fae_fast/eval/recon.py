@@ -15,6 +15,7 @@ import torch
 
 from fae_fast.eval.fid import Extractor, extract_features
 from fae_fast.eval.frechet import frechet_distance, moments
+from fae_fast.train.runtime import gather_objects
 
 RFID_MIN_IMAGES = 2048
 """Fewest images rFID is computed on: the Inception feature dimension (fewer give a rank-deficient covariance)."""
@@ -71,3 +72,30 @@ def rfid(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], extractor: Extracto
     if not feats:
         raise ValueError("rfid got no images; check the loader that feeds it")
     return rfid_from_features(torch.cat([r for r, _ in feats]), torch.cat([f for _, f in feats]))
+
+
+class ReconstructionScores:
+    """PSNR and, with an extractor, rFID of (original, reconstruction) uint8 batches (B, 3, H, W), added a
+    batch at a time on each rank and scored over every rank's images (a collective: all ranks call
+    `scores`)."""
+
+    def __init__(self, extractor: Extractor | None = None):
+        self.extractor, self.values, self.features = extractor, [], []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, original: torch.Tensor, recon: torch.Tensor) -> None:
+        self.values += psnr(original, recon).tolist()
+        if self.extractor is not None:
+            self.features.append(reconstruction_features(original, recon, self.extractor))
+
+    def scores(self) -> dict:
+        """{'psnr', 'num_images'} over all ranks, and 'rfid' with an extractor."""
+        values = sum(gather_objects(self.values), [])
+        out = {"psnr": mean_psnr(torch.tensor(values)), "num_images": len(values)}
+        if self.extractor is not None:
+            features = sum(gather_objects(self.features), [])
+            out["rfid"] = rfid_from_features(torch.cat([r for r, _ in features]), torch.cat([f for _, f in features]))
+        return out
+
