@@ -86,3 +86,29 @@ class PooledPixels:
 
     def __call__(self, images):
         return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1), None
+
+
+def write_random_fae(folder: Path, parts=("feature_decoder", "pixel_decoder"), *, with_config: bool = True):
+    """A random FAE-tiny saved as train_fae.py writes it: `folder`/fae.safetensors with the '<part>.*' tensors of
+    `parts` (built in that order, from torch's global RNG: seed before calling) and, with_config, its
+    fae_config.json beside it. -> (path, FAEConfig, {part: module})."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from fae_fast.config import fae_config
+    from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder
+    from fae_fast.train.checkpoint import FAE_CONFIG_NAME
+
+    fcfg = fae_config("FAE-tiny")
+    build = {"encoder": lambda: FAEEncoder(fcfg), "feature_decoder": lambda: FeatureDecoder(fcfg, impl="torch"),
+             "pixel_decoder": lambda: PixelDecoder(fcfg, impl="torch")}
+    modules = {name: build[name]() for name in parts}
+    path = Path(folder) / "fae.safetensors"
+    save_file({f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()},
+              str(path))
+    if with_config:
+        (Path(folder) / FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fcfg)))
+    return path, fcfg, modules
+

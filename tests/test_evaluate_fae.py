@@ -3,19 +3,18 @@ import json
 
 import numpy as np
 import pytest
-from conftest import PooledPixels
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fae_fast.config import encoder_config, fae_config
+from fae_fast.config import encoder_config
 from fae_fast.data.backends import decode_reference
 from fae_fast.data.synthetic import jpeg_bytes, photo
 from fae_fast.encoders import FrozenEncoder
 from fae_fast.eval.recon import mean_psnr, psnr, rfid_from_features, to_uint8
-from fae_fast.fae import FAEEncoder, FeatureDecoder, PixelDecoder
 from training import evaluate_fae
-from fae_fast.train.checkpoint import FAE_CONFIG_NAME
+
+from conftest import PooledPixels, write_random_fae  # noqa: E402 (tests/ is on sys.path)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,12 +34,7 @@ def held_out(tmp_path_factory):
     torch.manual_seed(0)
     encoder = FrozenEncoder(encoder_config("tiny"))
     save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(tmp / "encoder.safetensors"))
-    fcfg = fae_config("FAE-tiny")
-    parts = {"encoder": FAEEncoder(fcfg), "feature_decoder": FeatureDecoder(fcfg, impl="torch"),
-             "pixel_decoder": PixelDecoder(fcfg, impl="torch")}
-    save_file({f"{name}.{k}": v.contiguous() for name, part in parts.items() for k, v in part.state_dict().items()},
-              str(tmp / "fae.safetensors"))
-    (tmp / FAE_CONFIG_NAME).write_text(json.dumps(fcfg.__dict__))
+    _, _, parts = write_random_fae(tmp, ("encoder", "feature_decoder", "pixel_decoder"))
     return {"tmp": tmp, "encoder": encoder, "parts": [p.eval() for p in parts.values()]}
 
 

@@ -5,7 +5,6 @@ Caches here are written from random arrays with write_cache (the extraction itse
 test_extract_latents.py). Normalised latents are compared bit for bit with the same float32 formula;
 the only tolerance is for the stats, which are float64 reductions in another order (1e-12 relative).
 """
-import dataclasses
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from PIL import Image
 from fae_fast.config import DataConfig, generator_config
 from fae_fast.data import latent_cache as lc
 from fae_fast.data.latents import make_source
-from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
+from conftest import program_env, write_random_fae  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, T, C = 60, 16, 4  # 60 images of 4x4 tokens x 4 channels, shards of 16 (the last holds 12)
@@ -279,18 +278,8 @@ def test_cuda_batches_come_through_pinned_memory(cache, arrays):
 def test_train_gen_decodes_its_sample_grids_with_the_fae(cache, tmp_path):
     """--fae_decoder: the grid holds 64-px images decoded by the FAE (random FAE-tiny weights written as
     train_fae.py writes them), not 8-px-per-token latent pictures; without a cache it is refused."""
-    from safetensors.torch import save_file
-
-    from fae_fast.config import fae_config
-    from fae_fast.fae import FeatureDecoder, PixelDecoder
-    from fae_fast.train.checkpoint import FAE_CONFIG_NAME
-
-    fcfg = fae_config("FAE-tiny")
     torch.manual_seed(0)
-    tensors = {f"feature_decoder.{k}": v for k, v in FeatureDecoder(fcfg, impl="torch").state_dict().items()}
-    tensors |= {f"pixel_decoder.{k}": v for k, v in PixelDecoder(fcfg, impl="torch").state_dict().items()}
-    save_file(tensors, str(tmp_path / "fae.safetensors"))
-    (tmp_path / FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fcfg)))
+    write_random_fae(tmp_path)
     env = program_env()
     common = [sys.executable, str(ROOT / "training" / "train_gen.py"), "--model.grid=4", "--model.in_channels=4",
               "--model.num_classes=10",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fae_fast.config import SamplerConfig, fae_config, generator_config
+from fae_fast.config import SamplerConfig, generator_config
 from fae_fast.eval.npz import (check_coverage, iter_npz_array, list_chunks, pending_ranges, remove_partial_chunks,
                                write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import STREAM_SDE, index_labels, index_normal, philox4x32
@@ -20,7 +20,7 @@ from fae_fast.generators import Generator
 from fae_fast.inference import load_stats
 from fae_fast.transport import sample_sde
 from training import sample
-from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
+from conftest import program_env, write_random_fae  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(in_channels=4, grid=4, num_classes=10, width=32, heads=2, depth=2)
@@ -288,13 +288,8 @@ def _has_fae_decoders() -> bool:
 def tiny_fae(folder: Path) -> tuple[Path, Path]:
     """FAE-tiny decoders with random weights (4 x 4 x 4 latents, 64 px images: the tiny generator's
     latents) in one safetensors file with the prefixes sample.py reads, and a stats file."""
-    from fae_fast.fae import FeatureDecoder, PixelDecoder
-
-    fcfg = fae_config("FAE-tiny")
     torch.manual_seed(1)
-    weights = {**{f"feature_decoder.{k}": v for k, v in FeatureDecoder(fcfg, impl="torch").state_dict().items()},
-               **{f"pixel_decoder.{k}": v for k, v in PixelDecoder(fcfg, impl="torch").state_dict().items()}}
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "fae.safetensors"))
+    write_random_fae(folder, with_config=False)
     (folder / "stats.json").write_text(json.dumps({"mean": [0.1, -0.2, 0.0, 0.3], "std": [1.5, 0.5, 1.0, 2.0]}))
     return folder / "fae.safetensors", folder / "stats.json"
 

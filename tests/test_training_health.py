@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import DIST_ENV, PooledPixels, restore_env
+from conftest import DIST_ENV, PooledPixels, restore_env, write_random_fae
 from safetensors.torch import load_file
 
 from fae_fast.data.latents import ToySource
@@ -113,26 +113,16 @@ def test_toy_frechet_is_logged_during_training_and_kept_on_resume(tmp_path):
 
 
 def test_fid_of_decoded_samples_is_logged_during_training(tmp_path, monkeypatch):
-    import dataclasses
-
     import numpy as np
     from PIL import Image
-    from safetensors.torch import save_file
 
-    from fae_fast.config import fae_config
     from fae_fast.data import latent_cache as lc
     from fae_fast.eval import fid
-    from fae_fast.fae import FeatureDecoder, PixelDecoder
-    from fae_fast.train.checkpoint import FAE_CONFIG_NAME
 
     rng = np.random.default_rng(0)
     lc.write_cache(tmp_path / "cache", rng.normal(size=(40, 2, 16, 4)).astype(np.float16), rng.integers(0, 10, 40),
                    shard_size=16)
-    fcfg = fae_config("FAE-tiny")
-    tensors = {f"feature_decoder.{k}": v for k, v in FeatureDecoder(fcfg, impl="torch").state_dict().items()}
-    tensors |= {f"pixel_decoder.{k}": v for k, v in PixelDecoder(fcfg, impl="torch").state_dict().items()}
-    save_file(tensors, str(tmp_path / "fae.safetensors"))
-    (tmp_path / FAE_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(fcfg)))
+    write_random_fae(tmp_path)
     (tmp_path / "ref").mkdir()
     for i in range(60):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{i}.png")
