@@ -86,6 +86,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(f"no stored baseline for {g.gpu}: recorded this run's ratios")
         save_baseline(g.path, g.gpu, g.revision, [r for r, _, _ in g.rows])
         terminalreporter.write_line(f"wrote {g.path} (commit it to guard this GPU kind)")
+        return
+    new = [r for r, _, verdict in g.rows if verdict == "new"]
+    if new:
+        save_baseline(g.path, g.gpu, g.revision, new)
+        terminalreporter.write_line(f"{len(new)} cases had no stored baseline on {g.gpu}: added them to {g.path} "
+                                    f"(commit it)")
 
 
 def _git_revision() -> str:
@@ -109,6 +115,26 @@ def _time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def _kernel_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """GPU time of one call of fn in ms: the summed durations of the kernels (and copies) the profiler saw
+    it launch, over `iters` calls. Host time and launch gaps are left out, so a single small op measures
+    its kernels, not the Python that launches them (CUDA events around one call measure the latter)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    on_gpu = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not on_gpu:
+        raise RuntimeError("the profiler saw no GPU kernels; is CUPTI available to this process?")
+    return sum(on_gpu) / iters / 1e3
 
 
 @pytest.fixture(scope="session")
