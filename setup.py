@@ -24,7 +24,10 @@ setup(
         "torchdiffeq",  # adaptive ODE samplers (dopri5), as SiT and LightningDiT use
     ],
     extras_require={
-        "dali": ["nvidia-dali-cuda120"],
+        # DALI's wheels are built per CUDA major version: pick the one of your driver / torch build
+        # (torch.version.cuda). cuda130 ran on the H200 machines (torch 2.11+cu130, DALI 2.2.0).
+        "dali": ["nvidia-dali-cuda130"],
+        "dali-cuda120": ["nvidia-dali-cuda120"],
         "eval": ["torch-fidelity"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],

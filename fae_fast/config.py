@@ -119,6 +119,41 @@ class GeneratorConfig:
 
 
 @dataclass(kw_only=True)
+class StarFlowConfig:
+    """STARFlow-style normalizing flow on the latent grid (fae_fast/starflow.py): TARFlow blocks, each a causal
+    transformer giving every token an affine map conditioned on the tokens before it, the token order flipped
+    from block to block; one deep block (most of the capacity, the class-conditioned one, the first to run
+    when sampling) after `shallow_blocks` shallow ones. Its layers are LightningDiT's (RMSNorm, SwiGLU, 2-D
+    RoPE, QK-norm, adaLN on the class embedding in the deep block and on a learned vector in the others)."""
+
+    width: int = 1152
+    """Hidden size of every block's transformer."""
+    heads: int = 16
+    """Attention heads (head dim = width / heads, divisible by 4 for 2-D RoPE)."""
+    deep_layers: int = 24
+    """Transformer layers of the deep block."""
+    shallow_blocks: int = 5
+    """Shallow blocks, between the data and the deep block."""
+    shallow_layers: int = 2
+    """Transformer layers of each shallow block."""
+    mlp_ratio: float = 4.0
+    """SwiGLU hidden = 2/3 * ratio * width (parameter-matched to a GELU MLP of this ratio)."""
+    in_channels: int = 32
+    """Latent channels."""
+    grid: int = 16
+    """Latent cells per side; every cell is one token."""
+    num_classes: int = 1000
+    """Class labels; index num_classes is the null label used for guidance."""
+    class_dropout: float = 0.1
+    """Probability of replacing a label by the null label during training (guidance)."""
+    noise_std: float = 0.3
+    """Std of the Gaussian noise added to the latents in training (the flow models the noisy latents; the
+    sampler denoises its output with the flow's own score). STARFlow's value on SD-VAE latents."""
+    denoise: bool = True
+    """After sampling, take one denoising step x + noise_std^2 * grad log p(x) (Tweedie, the flow's score)."""
+
+
+@dataclass(kw_only=True)
 class TransportConfig:
     """Flow-matching interpolant and training-time t distribution (conventions in transport.py)."""
 
@@ -361,6 +396,17 @@ def validate_generator(cfg: GeneratorConfig) -> None:
         raise ValueError(f"generator mlp {cfg.mlp!r} is not 'gelu' or 'swiglu'")
 
 
+def validate_starflow(cfg: StarFlowConfig) -> None:
+    if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 4:
+        raise ValueError(f"flow width {cfg.width} / heads {cfg.heads} must give a whole head dim divisible by 4 "
+                         f"(2-D RoPE); pick heads that do")
+    if cfg.deep_layers < 1 or cfg.shallow_blocks < 0 or (cfg.shallow_blocks and cfg.shallow_layers < 1):
+        raise ValueError(f"flow needs deep_layers >= 1 and shallow blocks of >= 1 layer, got deep_layers="
+                         f"{cfg.deep_layers}, shallow_blocks={cfg.shallow_blocks}, shallow_layers={cfg.shallow_layers}")
+    if cfg.noise_std < 0:
+        raise ValueError(f"model.noise_std={cfg.noise_std} is negative; the training noise std is >= 0")
+
+
 def validate_fae(cfg: FAEConfig) -> None:
     if cfg.dec_width % cfg.dec_heads:
         raise ValueError(f"feature decoder width {cfg.dec_width} is not divisible by heads {cfg.dec_heads}; "
@@ -435,7 +481,32 @@ def synthetic_xl_benchmark() -> GenTrainConfig:
     return cfg
 
 
+def starflow_demo() -> GenTrainConfig:
+    """A tiny STARFlow on the same toy mixture as `demo`: exact-likelihood training, CPU, minutes."""
+    cfg = demo()
+    cfg.model = StarFlowConfig(in_channels=4, grid=4, num_classes=8, width=96, heads=4, deep_layers=3,
+                               shallow_blocks=2, shallow_layers=1, noise_std=0.05)
+    cfg.run.out_dir = "runs/starflow-demo"
+    return cfg
+
+
+def starflow_imagenet256() -> GenTrainConfig:
+    """STARFlow on FAE latents of ImageNet 256 (16x16x32), class-conditional. Layout of STARFlow's released
+    configuration (five shallow blocks of 2 layers, one deep block of 24; noise 0.3, label dropout 0.1,
+    AdamW); width 1152 / 16 heads, the XL width of the diffusion recipes, so that one set of kernels and
+    shapes serves both (STARFlow publishes no class-conditional ImageNet configuration file)."""
+    return GenTrainConfig(
+        model=StarFlowConfig(),
+        sampler=SamplerConfig(cfg=[(0.0, 1.0, 1.5)]),
+        optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95), schedule="constant", warmup_steps=1000, grad_clip=1.0),
+        data=DataConfig(source="cache", global_batch=512),
+        run=RunConfig(steps=200_000, out_dir="runs/starflow-imagenet256"),
+    )
+
+
 RECIPES: dict[str, typing.Callable[[], object]] = {
+    "starflow-demo": starflow_demo,
+    "starflow-imagenet256": starflow_imagenet256,
     "demo": demo,
     "lightningdit-xl-80ep": lightningdit_xl_80ep,
     "lightningdit-xl-800ep": lightningdit_xl_800ep,

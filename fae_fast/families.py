@@ -10,20 +10,23 @@ fae_fast/conditioning.py), which gives the null condition for guidance and the d
     loss = family.loss(model, latents, condition, cfg.transport, generator).mean()
     latents = family.sample(model, condition, noise, cfg.sampler)
 
-Registered: "flow_transformer" (SiT / LightningDiT, flow matching). A new family is one module that
-defines its GeneratorFamily and one line in FAMILIES (docs/ARCHITECTURE.md says what is left to make a
+Registered: "flow_transformer" (SiT / LightningDiT, flow matching) and "starflow" (a normalizing flow,
+exact likelihood: fae_fast/starflow.py). A new family is one module that defines its GeneratorFamily and
+one line in FAMILIES (docs/ARCHITECTURE.md says what is left to make a
 family's config reach the command line).
 """
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fae_fast.config import GeneratorConfig, TransportConfig, config_from_json, to_dict
-from fae_fast.generators import Generator, forward_flops_per_sample
-from fae_fast.sampling import sample_latents
+from fae_fast import starflow
+from fae_fast.config import GeneratorConfig, StarFlowConfig, TransportConfig, config_from_json, to_dict
+from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample
+from fae_fast.sampling import evaluation_plan, sample_latents
 from fae_fast.transport import flow_matching_loss, sample_t
 
 
@@ -41,6 +44,17 @@ class GeneratorFamily:
     """(model, condition, noise (B, T, C), SamplerConfig, generator=None, step_noise=None) -> latents."""
     flops_per_sample: Callable[[object], float]
     """Forward FLOPs per sample (a training step is about 3x)."""
+    choose_attention: Callable[..., str]
+    """(config, rows, dtype, device) -> the attention backend measured for the model's shape at `rows`
+    samples per forward (fae_fast.attention.choose_backend); called before compiling."""
+    loss_floor: Callable[[object], float] = lambda config: 0.0
+    """(config) -> the least its loss can be (the loss-spike guard judges the excess over it)."""
+    evaluation_plan: Callable[..., tuple[int, int]] | None = None
+    """(SamplerConfig) -> (plain, guided) forwards per sample, for families sampled by integrating their
+    forward (the sampling program's time estimate); None: the program times one batch instead."""
+    bits_per_dim: Callable[..., torch.Tensor] | None = None
+    """(model, latents, condition) -> -log2 p(latents | condition) per dimension (B,), for families with an
+    exact likelihood; None for the others."""
 
 
 def flow_matching_step_loss(model: Generator, x1: torch.Tensor, condition: torch.Tensor, tc: TransportConfig,
@@ -57,9 +71,16 @@ def flow_matching_step_loss(model: Generator, x1: torch.Tensor, condition: torch
 
 FLOW_TRANSFORMER = GeneratorFamily(
     name="flow_transformer", config_class=GeneratorConfig, build=Generator, loss=flow_matching_step_loss,
-    sample=sample_latents, flops_per_sample=forward_flops_per_sample)
+    sample=sample_latents, flops_per_sample=forward_flops_per_sample, choose_attention=choose_attention_backend,
+    evaluation_plan=evaluation_plan)
 
-FAMILIES: dict[str, GeneratorFamily] = {family.name: family for family in (FLOW_TRANSFORMER,)}
+STARFLOW = GeneratorFamily(
+    name="starflow", config_class=StarFlowConfig, build=starflow.StarFlow, loss=starflow.starflow_loss,
+    sample=starflow.sample_starflow, flops_per_sample=starflow.flops_per_sample,
+    choose_attention=starflow.choose_attention, loss_floor=starflow.nll_floor,
+    bits_per_dim=lambda model, x, y: model.nll_per_dim(x, y) / math.log(2))
+
+FAMILIES: dict[str, GeneratorFamily] = {family.name: family for family in (FLOW_TRANSFORMER, STARFLOW)}
 
 
 def family_of(config) -> GeneratorFamily:

@@ -4,8 +4,8 @@ import logging
 import torch
 
 from fae_fast.config import SamplerConfig
-from fae_fast.transport import (ADAPTIVE_METHODS, guided_velocity, sample_ode, sample_ode_adaptive, sample_sde,
-                                validate_cfg_intervals)
+from fae_fast.transport import (ADAPTIVE_METHODS, cfg_scale, guided_velocity, sample_ode, sample_ode_adaptive,
+                                sample_sde, timesteps, validate_cfg_intervals)
 
 log = logging.getLogger("fae_fast.sampling")
 
@@ -34,3 +34,13 @@ def sample_latents(model, condition: torch.Tensor, noise: torch.Tensor, cfg: Sam
                           step_noise=step_noise)
     raise ValueError(f"sampler.method={cfg.method!r} is not 'euler', 'heun', 'euler_maruyama' or one of "
                      f"{', '.join(ADAPTIVE_METHODS)}")
+
+
+def evaluation_plan(sampler: SamplerConfig) -> tuple[int, int]:
+    """(plain, guided) model evaluations per sample of a fixed-step sampler: guided ones run a forward of 2B."""
+    ts = timesteps(sampler.steps, shift=sampler.time_shift).tolist()
+    times = ts[:-1]
+    if sampler.method == "heun":
+        times += ts[1:-1]  # the corrector's evaluations; the last step is Euler
+    guided = sum(cfg_scale(t, sampler.cfg) != 1.0 for t in times)
+    return len(times) - guided, guided

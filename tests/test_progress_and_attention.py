@@ -49,7 +49,7 @@ def test_choose_backend_on_cpu_is_plain_sdpa_and_attention_matches_the_formula()
 
 
 def test_a_backend_that_fails_is_skipped_with_one_note(caplog):
-    def broken(q, k, v):
+    def broken(q, k, v, causal=False):
         raise RuntimeError("no kernel image is available for execution on the device\nmore detail")
 
     q = torch.randn(1, 2, 4, 8, requires_grad=True)

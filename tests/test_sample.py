@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from fae_fast.sampling import evaluation_plan
 from safetensors.torch import save_file
 
 from fae_fast.config import SamplerConfig, generator_config
@@ -124,10 +126,10 @@ def test_sde_with_per_index_increments_reaches_a_gaussian_target():
 
 
 def test_evaluation_plan_counts_guided_forwards():
-    assert sample.evaluation_plan(SamplerConfig(method="euler", steps=10, cfg=[])) == (10, 0)
-    assert sample.evaluation_plan(SamplerConfig(method="euler", steps=10, cfg=[(0.0, 1.0, 2.0)])) == (0, 10)
-    assert sample.evaluation_plan(SamplerConfig(method="heun", steps=10, cfg=[(0.5, 1.0, 2.0)])) == (9, 10)
-    plain, guided = sample.evaluation_plan(sample.PRESETS["paper-cfg"]())
+    assert evaluation_plan(SamplerConfig(method="euler", steps=10, cfg=[])) == (10, 0)
+    assert evaluation_plan(SamplerConfig(method="euler", steps=10, cfg=[(0.0, 1.0, 2.0)])) == (0, 10)
+    assert evaluation_plan(SamplerConfig(method="heun", steps=10, cfg=[(0.5, 1.0, 2.0)])) == (9, 10)
+    plain, guided = evaluation_plan(sample.PRESETS["paper-cfg"]())
     assert plain + guided == 250 and 0 < guided < 250
 
 

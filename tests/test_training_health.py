@@ -53,6 +53,18 @@ def test_spike_guard_ignores_noise_and_short_blips_and_finds_a_run():
     assert judged(guard, [float("nan")] * 3, start=400) is None  # NaN is the NaN guard's: it stops the run
 
 
+def test_spike_guard_judges_a_negative_loss_by_its_excess_over_the_floor():
+    """An NLL per dimension near or below 0 (the flow family's): 0.02 is not 'twice' a median of 0.01, but
+    with the floor at -1.5 a run at 2.0 is a spike."""
+    rng = random.Random(1)
+    calm = [0.01 + 0.05 * rng.uniform(-1, 1) for _ in range(100)]
+    guard = SpikeGuard(2.0, 200, 3, floor=-1.5)
+    assert judged(guard, calm) is None
+    spike = judged(guard, [2.0, 2.1, 2.2], start=100)
+    assert spike is not None and spike.first_step == 100
+    assert judged(SpikeGuard(2.0, 200, 3), calm) is not None  # judged against 0, the noise alone looks like spikes
+
+
 TINY = ["--model.depth=2", "--model.width=32", "--model.heads=2", "--data.global_batch=16", "--run.eval_samples=0",
         "--run.log_every=10", "--run.compile=false", "--run.precision=fp32", "--run.ckpt_every=20",
         "--run.steps=100", "--run.sample_every=0", "--optim.lr=1e-3"]

@@ -34,9 +34,8 @@ from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pen
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_normal
 from fae_fast.families import family_of
-from fae_fast.generators import Generator, choose_attention_backend
+from fae_fast.generators import Generator
 from fae_fast.inference import LatentDecoder, load_generator
-from fae_fast.transport import cfg_scale, timesteps
 from fae_fast.viz import latents_to_images, save_grid
 from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
@@ -170,30 +169,20 @@ def prepare_for_speed(model: Generator, cfg: SampleConfig, device: torch.device,
     if device.type != "cuda":
         return
     for rows in (cfg.batch, 2 * cfg.batch):
-        choose_attention_backend(model.cfg, rows, dtype, device)
+        family_of(model.cfg).choose_attention(model.cfg, rows, dtype, device)
     if cfg.compile:
         model.compile(mode="reduce-overhead" if cfg.cuda_graphs else None, dynamic=False)
 
 
-def evaluation_plan(sampler: SamplerConfig) -> tuple[int, int]:
-    """(plain, guided) model evaluations per sample: guided ones run a forward of 2B."""
-    ts = timesteps(sampler.steps, shift=sampler.time_shift).tolist()
-    times = ts[:-1]
-    if sampler.method == "heun":
-        times += ts[1:-1]  # the corrector's evaluations; the last step is Euler
-    guided = sum(cfg_scale(t, sampler.cfg) != 1.0 for t in times)
-    return len(times) - guided, guided
-
-
-def seconds_per_call(fn, device: torch.device, repeats: int = 3) -> float:
-    """Mean seconds of fn() over `repeats` calls after two warm-up calls (compilation happens there)."""
+def seconds_per_call(fn, device: torch.device, repeats: int = 3, warmup: int = 2) -> float:
+    """Mean seconds of fn() over `repeats` calls after `warmup` calls (compilation happens there)."""
     def run(n):
         for _ in range(n):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run(2)
+    run(warmup)
     start = time.perf_counter()
     run(repeats)
     return (time.perf_counter() - start) / repeats
@@ -202,10 +191,14 @@ def seconds_per_call(fn, device: torch.device, repeats: int = 3) -> float:
 @torch.no_grad()
 def estimate_seconds_per_batch(model: Generator, decoder: LatentDecoder | None, cfg: SampleConfig,
                                device: torch.device) -> float:
-    """Time of one batch of cfg.batch samples: timed forwards of B and 2B rows times the evaluation plan,
-    plus one timed decode."""
+    """Time of one batch of cfg.batch samples, plus one timed decode: for a family sampled by integrating
+    its forward, timed forwards of B and 2B rows times its evaluation plan; for another, one timed batch."""
     g, seconds = model.cfg, 0.0
-    for rows, count in zip((cfg.batch, 2 * cfg.batch), evaluation_plan(cfg.sampler)):
+    plan = family_of(g).evaluation_plan
+    if plan is None:
+        indices = GRID_INDEX_OFFSET + torch.arange(cfg.batch)
+        seconds += seconds_per_call(lambda: sample_batch(model, indices, cfg), device, repeats=1, warmup=0)
+    for rows, count in zip((cfg.batch, 2 * cfg.batch), plan(cfg.sampler) if plan else (0, 0)):
         if count:
             x, t = torch.randn(rows, g.grid ** 2, g.in_channels, device=device), torch.rand(rows, device=device)
             y = torch.zeros(rows, dtype=torch.long, device=device)
@@ -325,10 +318,14 @@ def draw_all(model, decoder, cfg: SampleConfig, todo: list[tuple[int, int]], out
     started = cfg.num_samples - sum(e - s for s, e in todo)
     per_batch = estimate_seconds_per_batch(model, decoder, cfg, d.device)
     estimate = math.ceil(len(todo) / d.world) * per_batch
-    plain, guided = evaluation_plan(cfg.sampler)
+    family = family_of(model.cfg)
+    if family.evaluation_plan is not None:
+        plain, guided = family.evaluation_plan(cfg.sampler)
+        how = f"{cfg.sampler.method}, {cfg.sampler.steps} steps: {guided} guided and {plain} plain evaluations per sample"
+    else:
+        how = f"{family.name} sampler"
     print0(f"{started:,} of {cfg.num_samples:,} samples on disk; {len(todo)} batches of <= {cfg.batch} to draw on "
-           f"{d.world} rank(s) ({cfg.sampler.method}, {cfg.sampler.steps} steps: {guided} guided and {plain} plain "
-           f"evaluations per sample). Estimate: {hms(estimate)} ({cfg.batch / per_batch:.2f} img/s per GPU; "
+           f"{d.world} rank(s) ({how}). Estimate: {hms(estimate)} ({cfg.batch / per_batch:.2f} img/s per GPU; "
            f"{hms(estimate * d.world)} on one GPU)")
     if d.is_main and cfg.grid_classes and not (out / "grid.png").exists():
         save_sample_grid(model, decoder, cfg, out / "grid.png")

@@ -1,6 +1,8 @@
-"""Train a SiT / LightningDiT generator on FAE latents with flow matching.
+"""Train a generator on FAE latents: SiT / LightningDiT with flow matching, or a STARFlow normalizing flow
+with exact likelihood (the recipe's model config picks the family: fae_fast/families.py).
 
     torchrun --standalone --nproc_per_node=1 training/train_gen.py                 # embedded toy demo (CPU ok)
+    torchrun --standalone --nproc_per_node=1 training/train_gen.py --recipe starflow-demo
     torchrun --nproc_per_node=8 training/train_gen.py --recipe lightningdit-xl-80ep --data.path=/latents
 
 FSDP2 + per-block torch.compile + fused kernels; DCP checkpoints; a run killed at any moment and
@@ -22,7 +24,6 @@ from fae_fast.data.toy import ToyLatents
 from fae_fast.eval.frechet import frechet_distance, moments
 from fae_fast.fp8 import use_fp8
 from fae_fast.families import family_of, run_record
-from fae_fast.generators import choose_attention_backend
 from fae_fast.inference import LatentDecoder
 from fae_fast.seeding import step_generator
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid
@@ -30,7 +31,7 @@ from fae_fast.train.checkpoint import CheckpointManager, ModelAndOptimizer, expo
 from fae_fast.train.parallelize import parallelize
 from fae_fast.train.loop import LoopSettings, train_loop
 from fae_fast.train.runtime import (EMA, Spike, data_index, finish_distributed, gather_objects, init_distributed,
-                                    make_adamw, merge_ranges, plot_curves, print0, set_lr)
+                                    make_adamw, mean_over_ranks, merge_ranges, plot_curves, print0, set_lr)
 
 
 def parse_args(argv: list[str]) -> GenTrainConfig:
@@ -134,6 +135,21 @@ def save_toy_projection(cfg: GenTrainConfig, path: Path, before, after) -> None:
     plot_toy_projection(path, true, {"before training": before, "after training": after}, toy.means)
 
 
+@torch.no_grad()
+def toy_bits_per_dim(model, cfg: GenTrainConfig, d) -> float | None:
+    """For a family with an exact likelihood: the mean NLL of fixed true toy latents (every class alike), in
+    bits per dimension, averaged over ranks; None for the other families."""
+    bits_per_dim = family_of(cfg.model).bits_per_dim
+    if bits_per_dim is None:
+        return None
+    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    labels = (torch.arange(cfg.run.eval_samples) % cfg.model.num_classes)[d.rank::d.world]
+    x = toy.sample(labels, torch.Generator().manual_seed(5 + d.rank)).to(d.device)
+    with autocast(cfg, d, use_fsdp(cfg, d)):
+        value = bits_per_dim(model, x, labels.to(d.device)).float().mean()
+    return mean_over_ranks(value).item()
+
+
 def toy_floor(cfg: GenTrainConfig) -> float:
     """Overall Frechet distance of true toy samples of the same count: the estimator's own floor."""
     toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
@@ -193,8 +209,8 @@ def build(cfg: GenTrainConfig, d):
         model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
         use_fp8(model, d.device)
-    choose_attention_backend(cfg.model, cfg.data.global_batch // d.world,  # this rank's training shape
-                             torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
+    family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
+                                          torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
     return model, make_adamw(model.parameters(), cfg.optim, d.device)
@@ -213,6 +229,7 @@ def main(argv: list[str]) -> dict:
     print0(f"generator {n_params / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device.type}, "
            f"global batch {cfg.data.global_batch}, {cfg.run.steps} steps -> {out}")
     before, before_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
+    bits_before = toy_bits_per_dim(model, cfg, d) if is_toy else None
 
     ckpts = CheckpointManager(out / "checkpoints")
     state = {"train": ModelAndOptimizer(model, optimizer), "ema": ema, "data": source,
@@ -230,10 +247,12 @@ def main(argv: list[str]) -> dict:
 
     with ema.applied():
         after, after_samples = toy_frechet(model, cfg, d) if is_toy else (None, None)
+        bits_after = toy_bits_per_dim(model, cfg, d) if is_toy else None
         save_sample_grid(model, cfg, d, out / "samples_final.png", decoder)
     export_weights(model, ema.state_dict(), out / "ema.safetensors")
     if d.is_main:
-        plot_curves(history, str(out / "loss.png"), f"train_gen: {cfg.model.depth}x{cfg.model.width}")
+        plot_curves(history, str(out / "loss.png"), f"train_gen: {family_of(cfg.model).name}, "
+                                                    f"{n_params / 1e6:.2f}M parameters")
         pictures = ["samples_final.png"]
         if is_toy:
             save_toy_projection(cfg, out / "toy_projection.png", before_samples, after_samples)
@@ -242,9 +261,14 @@ def main(argv: list[str]) -> dict:
     if before is not None:
         floor = toy_floor(cfg)
         report_toy(before, after, floor)
+        scores = {"before": before, "after": after, "floor": floor}
+        if bits_before is not None:
+            print0(f"NLL of true toy latents: {bits_before:.3f} -> {bits_after:.3f} bits per dimension")
+            scores["bits_per_dim"] = {"before": bits_before, "after": bits_after}
         if d.is_main:
-            (out / "frechet.json").write_text(json.dumps({"before": before, "after": after, "floor": floor}))
-    return {"before": before, "after": after, "history": history}
+            (out / "frechet.json").write_text(json.dumps(scores))
+    return {"before": before, "after": after, "history": history,
+            "bits_per_dim": None if bits_before is None else (bits_before, bits_after)}
 
 
 def report_toy(before: dict, after: dict, floor: float) -> None:
@@ -303,6 +327,7 @@ class GeneratorTraining:
         self.model, self.optimizer, self.ema, self.source, self.cfg, self.d = model, optimizer, ema, source, cfg, d
         self.ckpts, self.state, self.decoder, self.rollbacks = ckpts, state, decoder, []
         self.sharded = use_fsdp(cfg, d)
+        self.loss_floor = family_of(cfg.model).loss_floor(cfg.model)
         self.evaluation = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
 
     def batch(self, step: int):

@@ -76,8 +76,9 @@ class DaliDecoder:
     def __init__(self, *, size: int, batch_size: int, threads: int, device: torch.device):
         problem = unavailable()
         if problem is not None:
-            raise ImportError(f"backend='dali' needs nvidia-dali ({problem}); pip install nvidia-dali-cuda120 "
-                              f"(or fae_fast[dali]), or set backend='torchvision_gpu' or 'pil'")
+            raise ImportError(f"backend='dali' needs nvidia-dali ({problem}); pip install nvidia-dali-cuda130 "
+                              f"(CUDA 13 drivers and torch builds; nvidia-dali-cuda120 for CUDA 12: the extras "
+                              f"fae_fast[dali] and fae_fast[dali-cuda120]), or set backend='torchvision_gpu' or 'pil'")
         self.size, self.device = size, device
         self.args = dict(size=size, batch_size=batch_size, threads=threads,
                          device_id=device.index if device.type == "cuda" else None)

@@ -43,7 +43,8 @@ def train_loop(task, settings: LoopSettings, d, ckpts, state: dict, start: int,
                         device=d.device, world=d.world, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
                         history_path=str(Path(run.out_dir) / "history.json"))
     judges_spikes = hasattr(task, "roll_back") and run.spike_factor > 0
-    spikes = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience) if judges_spikes else None
+    spikes = SpikeGuard(run.spike_factor, run.spike_window, run.spike_patience,
+                        getattr(task, "loss_floor", 0.0)) if judges_spikes else None
     guard, meter, last_ckpt = NonFiniteGuard(d.device), TermMeter(), resumed_from  # where the weights come from
     source_of_weights = lambda: str(last_ckpt) if last_ckpt else None  # noqa: E731
     t0 = time.perf_counter()

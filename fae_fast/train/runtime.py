@@ -234,12 +234,14 @@ class Spike:
 
 class SpikeGuard:
     """Judges per-step losses (mean over ranks) against the median of the last `window` clean ones, on the
-    host, once per log interval (the losses wait on the device until then: no sync per step)."""
+    host, once per log interval (the losses wait on the device until then: no sync per step). A loss is high
+    when its excess over `floor` (the least the loss can be: 0 for a squared error, the noise's entropy for
+    an NLL, which can be negative) is more than `factor` times the median's."""
 
     MIN_HISTORY = 50
 
-    def __init__(self, factor: float, window: int, patience: int):
-        self.factor, self.patience = factor, patience
+    def __init__(self, factor: float, window: int, patience: int, floor: float = 0.0):
+        self.factor, self.patience, self.floor = factor, patience, floor
         self.clean: collections.deque = collections.deque(maxlen=window)
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.run: list[tuple[int, float]] = []
@@ -265,7 +267,7 @@ class SpikeGuard:
             self.run = []
             return None
         median = statistics.median(self.clean) if len(self.clean) >= self.MIN_HISTORY else math.inf
-        if loss > self.factor * median:
+        if loss - self.floor > self.factor * (median - self.floor):
             self.run.append((step, loss))
             if len(self.run) >= self.patience:
                 spike = Spike(self.run[0][0], step, [v for _, v in self.run], median)
