@@ -29,6 +29,7 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "dali-cuda120": ["nvidia-dali-cuda120"],
         "eval": ["torch-fidelity"],
+        "text": ["transformers>=4.49", "tokenizers"],  # the SigLIP 2 text tower (text-to-image)
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "dev": ["pytest", "pytest-benchmark"],

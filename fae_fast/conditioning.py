@@ -35,3 +35,25 @@ class ClassLabels:
         set does not depend on how it was split over batches and GPUs ('balanced': index mod K; 'random':
         uniform from the label stream; fae_fast.eval.protocol.index_labels)."""
         return index_labels(seed, indices, self.num_classes, mode)
+
+
+class TextEmbeddings:
+    """Caption token embeddings (B, L, D) of a frozen text tower (fae_fast/text.py); the null caption is all
+    zeros (the model learns what it means: its projection's bias). Training replaces each caption by the null
+    one with probability `dropout`."""
+
+    def __init__(self, dropout: float = 0.0):
+        self.dropout = dropout
+
+    def null(self, condition: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(condition)
+
+    def drop(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.dropout <= 0:
+            return condition
+        dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < self.dropout
+        return torch.where(dropped[:, None, None], self.null(condition), condition)
+
+    def for_indices(self, seed: int, indices: torch.Tensor, mode: str = "balanced") -> torch.Tensor:
+        raise ValueError("a text-conditioned generator samples from captions, not from class-label indices; "
+                         "pass the captions' embeddings (fae_fast.text.FrozenTextEncoder) as the condition")

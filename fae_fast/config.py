@@ -119,6 +119,21 @@ class GeneratorConfig:
 
 
 @dataclass(kw_only=True)
+class TextGeneratorConfig(GeneratorConfig):
+    """The flow transformer conditioned on caption token embeddings (a frozen SigLIP 2 text tower's, fae_fast/
+    text.py) instead of class labels: each block adds cross-attention from the latent tokens to the caption
+    tokens, and the adaLN input adds the caption tokens' mean to the time embedding
+    (fae_fast/text_generator.py)."""
+
+    text_dim: int = 1152
+    """Width of the caption token embeddings (SigLIP 2 So400m's text tower: 1152)."""
+    text_length: int = 64
+    """Caption tokens per caption (SigLIP 2 pads captions to 64)."""
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the null caption (all-zero embeddings) in training (CFG)."""
+
+
+@dataclass(kw_only=True)
 class StarFlowConfig:
     """STARFlow-style normalizing flow on the latent grid (fae_fast/starflow.py): TARFlow blocks, each a causal
     transformer giving every token an affine map conditioned on the tokens before it, the token order flipped
@@ -219,8 +234,9 @@ class DataConfig:
     """Where training latents come from."""
 
     source: str = "toy"
-    """'toy' (embedded class-conditional Gaussian mixture, no files), 'synthetic' (random latents for
-    benchmarks) or 'cache' (a latent cache written by training/extract_latents.py)."""
+    """'toy' (embedded class-conditional Gaussian mixture, no files), 'toy_captions' (the same latents with
+    caption embeddings for a text-conditioned model: fae_fast/data/toy_captions.py), 'synthetic' (random
+    latents for benchmarks) or 'cache' (a latent cache written by training/extract_latents.py)."""
     path: str = ""
     """Latent cache folder (source='cache')."""
     global_batch: int = 512
@@ -481,6 +497,17 @@ def synthetic_xl_benchmark() -> GenTrainConfig:
     return cfg
 
 
+def t2i_demo() -> GenTrainConfig:
+    """A tiny text-conditioned LightningDiT on the toy latents with captions naming each class's colour and
+    shape in three wordings (fae_fast/data/toy_captions.py), CPU, minutes."""
+    cfg = demo()
+    cfg.model = TextGeneratorConfig(**{**dataclasses.asdict(cfg.model), "text_dim": 32, "text_length": 8,
+                                       "caption_dropout": 0.1})
+    cfg.data.source = "toy_captions"
+    cfg.run.out_dir = "runs/t2i-demo"
+    return cfg
+
+
 def starflow_demo() -> GenTrainConfig:
     """A tiny STARFlow on the same toy mixture as `demo`: exact-likelihood training, CPU, minutes."""
     cfg = demo()
@@ -506,6 +533,7 @@ def starflow_imagenet256() -> GenTrainConfig:
 
 RECIPES: dict[str, typing.Callable[[], object]] = {
     "starflow-demo": starflow_demo,
+    "t2i-demo": t2i_demo,
     "starflow-imagenet256": starflow_imagenet256,
     "demo": demo,
     "lightningdit-xl-80ep": lightningdit_xl_80ep,

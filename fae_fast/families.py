@@ -10,8 +10,9 @@ fae_fast/conditioning.py), which gives the null condition for guidance and the d
     loss = family.loss(model, latents, condition, cfg.transport, generator).mean()
     latents = family.sample(model, condition, noise, cfg.sampler)
 
-Registered: "flow_transformer" (SiT / LightningDiT, flow matching) and "starflow" (a normalizing flow,
-exact likelihood: fae_fast/starflow.py). A new family is one module that defines its GeneratorFamily and
+Registered: "flow_transformer" (SiT / LightningDiT, flow matching), "text_flow_transformer" (the same,
+conditioned on caption embeddings: fae_fast/text_generator.py) and "starflow" (a normalizing flow, exact
+likelihood: fae_fast/starflow.py). A new family is one module that defines its GeneratorFamily and
 one line in FAMILIES (docs/ARCHITECTURE.md says what is left to make a
 family's config reach the command line).
 """
@@ -24,9 +25,11 @@ from typing import Callable
 import torch
 
 from fae_fast import starflow
-from fae_fast.config import GeneratorConfig, StarFlowConfig, TransportConfig, config_from_json, to_dict
+from fae_fast.config import (GeneratorConfig, StarFlowConfig, TextGeneratorConfig, TransportConfig, config_from_json,
+                             to_dict)
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample
 from fae_fast.sampling import evaluation_plan, sample_latents
+from fae_fast.text_generator import TextGenerator, text_flops_per_sample
 from fae_fast.transport import flow_matching_loss, sample_t
 
 
@@ -74,19 +77,26 @@ FLOW_TRANSFORMER = GeneratorFamily(
     sample=sample_latents, flops_per_sample=forward_flops_per_sample, choose_attention=choose_attention_backend,
     evaluation_plan=evaluation_plan)
 
+TEXT_FLOW_TRANSFORMER = GeneratorFamily(
+    name="text_flow_transformer", config_class=TextGeneratorConfig, build=TextGenerator,
+    loss=flow_matching_step_loss, sample=sample_latents, flops_per_sample=text_flops_per_sample,
+    choose_attention=choose_attention_backend, evaluation_plan=evaluation_plan)
+
 STARFLOW = GeneratorFamily(
     name="starflow", config_class=StarFlowConfig, build=starflow.StarFlow, loss=starflow.starflow_loss,
     sample=starflow.sample_starflow, flops_per_sample=starflow.flops_per_sample,
     choose_attention=starflow.choose_attention, loss_floor=starflow.nll_floor,
     bits_per_dim=lambda model, x, y: model.nll_per_dim(x, y) / math.log(2))
 
-FAMILIES: dict[str, GeneratorFamily] = {family.name: family for family in (FLOW_TRANSFORMER, STARFLOW)}
+FAMILIES: dict[str, GeneratorFamily] = {family.name: family
+                                         for family in (FLOW_TRANSFORMER, TEXT_FLOW_TRANSFORMER, STARFLOW)}
 
 
 def family_of(config) -> GeneratorFamily:
-    """The registered family whose config class `config` is."""
+    """The registered family whose config class `config` is (exactly: a family's config may extend
+    another's)."""
     for family in FAMILIES.values():
-        if isinstance(config, family.config_class):
+        if type(config) is family.config_class:
             return family
     known = ", ".join(f"{f.name} ({f.config_class.__name__})" for f in FAMILIES.values())
     raise ValueError(f"no generator family takes a {type(config).__name__} config; registered: {known}")

@@ -64,15 +64,22 @@ class Generator(nn.Module):
         D, p, tokens_per_side = cfg.width, cfg.patch_size, cfg.grid // cfg.patch_size
         self.x_embed = nn.Linear(p * p * cfg.in_channels, D)  # a conv with stride = kernel = p, as a matmul
         self.t_embed = TimestepEmbedder(D, time_scale=cfg.time_scale)
-        self.conditioning = ClassLabels(cfg.num_classes, cfg.class_dropout)
-        self.y_embed = LabelEmbedder(cfg.num_classes, D)
+        self.build_conditioning(cfg)
         if cfg.pos_embed:
             self.register_buffer("pos_embed", sincos_pos_embed_2d(tokens_per_side, D)[None], persistent=False)
         else:
             self.pos_embed = None
-        self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(self.make_block(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, self.ops)
         self.initialize_weights()
+
+    def build_conditioning(self, cfg: GeneratorConfig) -> None:
+        """`self.conditioning` and the modules that embed the condition: class labels here."""
+        self.conditioning = ClassLabels(cfg.num_classes, cfg.class_dropout)
+        self.y_embed = LabelEmbedder(cfg.num_classes, cfg.width)
+
+    def make_block(self, cfg: GeneratorConfig) -> nn.Module:
+        return Block(cfg, self.ops)
 
     def initialize_weights(self):
         """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, and adaLN-Zero: every modulation
@@ -81,7 +88,8 @@ class Generator(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        if isinstance(getattr(self, "y_embed", None), LabelEmbedder):
+            nn.init.normal_(self.y_embed.table.weight, std=0.02)
         for layer in self.t_embed.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)

@@ -242,6 +242,29 @@ class TokenParams:
         return self.out[0].clone(), self.out[1].clone()
 
 
+class FlowLayers:
+    """Every flow block's transformer layers as one sequence: what fae_fast.train.parallelize compiles and
+    shards one by one, and may replace (activation checkpointing) in the block that owns it. Not a
+    ModuleList, so that no layer is registered under a second name (state dicts keep one key per weight)."""
+
+    def __init__(self, flow: nn.ModuleList):
+        self.slots = [(block.layers, i) for block in flow for i in range(len(block.layers))]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, j: int) -> nn.Module:
+        owner, i = self.slots[j]
+        return owner[i]
+
+    def __setitem__(self, j: int, module: nn.Module) -> None:
+        owner, i = self.slots[j]
+        owner[i] = module
+
+    def __iter__(self):
+        return (owner[i] for owner, i in self.slots)
+
+
 def guided_gaussian(mu, log_sigma, w: float):
     """The Gaussian p_c^(1+w) / p_u^w of the conditional (first half of the rows) and null (second half)
     Gaussians, for both halves (the module docstring derives it); w = 0 returns the conditional one."""
@@ -259,6 +282,9 @@ def guided_gaussian(mu, log_sigma, w: float):
 class StarFlow(nn.Module):
     """Latents (B, T, C) <-> Gaussian noise, conditioned on class labels (B,)."""
 
+    fsdp_forward_methods = ("inverse",)
+    """Called like forward when sharded (fae_fast.train.parallelize registers it with FSDP2)."""
+
     def __init__(self, cfg: StarFlowConfig, impl: str = "auto"):
         super().__init__()
         validate_starflow(cfg)
@@ -270,7 +296,7 @@ class StarFlow(nn.Module):
             FlowBlock(cfg, cfg.deep_layers if k == n - 1 else cfg.shallow_layers, flipped=(n - 1 - k) % 2 == 1,
                       conditioned=k == n - 1, ops=self.ops)
             for k in range(n))
-        self.blocks = nn.ModuleList(layer for block in self.flow for layer in block.layers)  # compile + FSDP units
+        self.blocks = FlowLayers(self.flow)  # the compile + FSDP2 units
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -60,14 +60,30 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_objects(x.cpu()))
 
 
+def conditions_of(cfg: GenTrainConfig, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The model's condition for evaluation samples of class `labels` at set positions `index`: the labels
+    themselves, or for a text-conditioned model on the toy captions, the caption embeddings of the class in
+    wording index // num_classes (every wording of every class alike)."""
+    if not hasattr(cfg.model, "text_dim"):
+        return labels
+    if cfg.data.source != "toy_captions":
+        raise ValueError("sample grids and in-training evaluation of a text-conditioned model draw captions from "
+                         "the toy caption set only (data.source=toy_captions); set --run.sample_every=0 "
+                         "--run.eval_every=0 --run.eval_samples=0 for other data")
+    from fae_fast.data.toy_captions import caption_conditions
+
+    return caption_conditions(cfg.model, labels, index // cfg.model.num_classes)
+
+
 def sample_local(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples (float32) of this rank's slice (every world-th) of `labels`, and that slice."""
     mine = labels[d.rank::d.world].to(d.device)
+    condition = conditions_of(cfg, mine, torch.arange(len(labels), device=d.device)[d.rank::d.world])
     g = torch.Generator(device=d.device).manual_seed(seed + d.rank)
     T = cfg.model.grid * cfg.model.grid
     noise = torch.randn(mine.shape[0], T, cfg.model.in_channels, device=d.device, generator=g)
     with autocast(cfg, d, use_fsdp(cfg, d)):
-        out = family_of(cfg.model).sample(model, mine, noise, cfg.sampler, generator=g)
+        out = family_of(cfg.model).sample(model, condition, noise, cfg.sampler, generator=g)
     return out.float(), mine
 
 
@@ -148,6 +164,17 @@ def toy_bits_per_dim(model, cfg: GenTrainConfig, d) -> float | None:
     with autocast(cfg, d, use_fsdp(cfg, d)):
         value = bits_per_dim(model, x, labels.to(d.device)).float().mean()
     return mean_over_ranks(value).item()
+
+
+def caption_steering(cfg: GenTrainConfig, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Of the samples drawn for each class's captions, the fraction nearest (Euclidean) that class's toy mean,
+    per class and overall."""
+    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    nearest = torch.cdist(samples.flatten(1).float(), toy.means.flatten(1).float()).argmin(dim=1)
+    hits = (nearest == labels).float()
+    out = {f"class {k}": hits[labels == k].mean().item() for k in range(toy.num_classes)}
+    out["overall"] = hits.mean().item()
+    return out
 
 
 def toy_floor(cfg: GenTrainConfig) -> float:
@@ -265,6 +292,11 @@ def main(argv: list[str]) -> dict:
         if bits_before is not None:
             print0(f"NLL of true toy latents: {bits_before:.3f} -> {bits_after:.3f} bits per dimension")
             scores["bits_per_dim"] = {"before": bits_before, "after": bits_after}
+        if cfg.data.source == "toy_captions":
+            scores["caption_steering"] = caption_steering(cfg, *after_samples)
+            per_class = ", ".join(f"{v:.0%}" for k, v in scores["caption_steering"].items() if k != "overall")
+            print0(f"captions steer: {scores['caption_steering']['overall']:.1%} of the samples drawn for a caption "
+                   f"land nearest its class's mean (per class: {per_class})")
         if d.is_main:
             (out / "frechet.json").write_text(json.dumps(scores))
     return {"before": before, "after": after, "history": history,

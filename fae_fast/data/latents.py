@@ -30,6 +30,27 @@ class ToySource:
         pass
 
 
+class ToyCaptionSource(ToySource):
+    """The toy latents with the caption embeddings of their class, each in a wording drawn per sample
+    (fae_fast.data.toy_captions): the condition of a text-conditioned model (TextGeneratorConfig)."""
+
+    def __init__(self, data: DataConfig, model, *, rank: int, world: int, device):
+        if not hasattr(model, "text_dim"):
+            raise ValueError("data.source=toy_captions gives caption embeddings, which only a text-conditioned "
+                             "model takes; use --recipe t2i-demo or data.source=toy")
+        super().__init__(data, model, rank=rank, world=world, device=device)
+        self.model = model
+
+    def batch(self, step: int):
+        from fae_fast.data.toy_captions import caption_conditions
+
+        g = step_generator(self.seed, step, self.rank, "data")
+        x, y = self.toy.batch(self.local_batch, g)
+        wordings = torch.randint(0, 1 << 16, y.shape, generator=g)
+        text = caption_conditions(self.model, y, wordings)
+        return x.to(self.device, non_blocking=True), text.to(self.device, non_blocking=True)
+
+
 class SyntheticSource:
     """Random latents and labels made once on the device: measures the step, not the data path."""
 
@@ -54,10 +75,10 @@ def make_source(data: DataConfig, model: LatentModel, *, rank: int, world: int, 
     if data.global_batch % world:
         raise ValueError(f"data.global_batch={data.global_batch} does not divide by {world} ranks; "
                          f"use a multiple of {world}")
-    sources = {"toy": ToySource, "synthetic": SyntheticSource}
+    sources = {"toy": ToySource, "toy_captions": ToyCaptionSource, "synthetic": SyntheticSource}
     if data.source == "cache":
         from fae_fast.data.latent_cache import LatentCacheSource
         sources["cache"] = LatentCacheSource
     if data.source not in sources:
-        raise ValueError(f"data.source={data.source!r} is not one of: toy, synthetic, cache")
+        raise ValueError(f"data.source={data.source!r} is not one of: toy, toy_captions, synthetic, cache")
     return sources[data.source](data, model, rank=rank, world=world, device=device)

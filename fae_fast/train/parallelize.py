@@ -7,7 +7,7 @@ with `fully_shard`, then shard the root last. The same code runs on 1 GPU, N GPU
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from fae_fast.config import PRECISIONS
 
@@ -24,7 +24,8 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
 
 def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf16", compile: bool = True,
                 activation_checkpointing: bool = False, shard: bool = True) -> nn.Module:
-    """Checkpoint, compile and shard each module of `blocks` (a ModuleList of `model`), then the root.
+    """Checkpoint, compile and shard each module of `blocks` (a ModuleList of `model`, or a sequence of its
+    modules whose item assignment replaces them in their owner, as StarFlow's FlowLayers), then the root.
 
     shard=False skips FSDP2 (checkpointing and compile still apply): the caller then runs the forward
     under bf16 autocast. On one GPU that is ~10% faster than FSDP2 with its one-rank collectives and
@@ -36,7 +37,7 @@ def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf
     mp = mixed_precision(precision)
     # With one rank nothing is saved by freeing the gathered weights after forward, and gathering them
     # again for backward costs copies: keep them. With several, reshard to hold 1/N of the weights.
-    reshard = dist.get_world_size() > 1
+    reshard = shard and dist.get_world_size() > 1
     for i, block in enumerate(blocks):
         if activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -53,4 +54,6 @@ def parallelize(model: nn.Module, blocks: nn.ModuleList, *, precision: str = "bf
     root_mp = None if mp is None else MixedPrecisionPolicy(
         param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
     fully_shard(model, reshard_after_forward=reshard, **({} if root_mp is None else {"mp_policy": root_mp}))
+    for name in getattr(model, "fsdp_forward_methods", ()):  # e.g. a flow's inverse: gathers the root's weights too
+        register_fsdp_forward_method(model, name)
     return model
