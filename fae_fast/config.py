@@ -131,6 +131,10 @@ class TextGeneratorConfig(GeneratorConfig):
     """Caption tokens per caption (SigLIP 2 pads captions to 64)."""
     caption_dropout: float = 0.1
     """Probability of replacing a caption by the null caption (all-zero embeddings) in training (CFG)."""
+    text_attention: str = "cross"
+    """How the caption enters each block: 'cross' (cross-attention from the latent tokens to the caption
+    tokens, PixArt-style) or 'joint' (one attention over latent and caption tokens, the caption a second
+    stream with its own weights, MMDiT-style). README: the measured comparison."""
 
 
 @dataclass(kw_only=True)

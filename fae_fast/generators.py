@@ -93,7 +93,8 @@ class Generator(nn.Module):
         for layer in self.t_embed.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
-        for mod in [b.adaLN[-1] for b in self.blocks] + [self.final.adaLN[-1], self.final.linear]:
+        modulations = [b.adaLN[-1] for b in self.blocks if hasattr(b, "adaLN")]  # a joint block zeroes its own
+        for mod in modulations + [self.final.adaLN[-1], self.final.linear]:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 

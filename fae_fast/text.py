@@ -16,7 +16,7 @@ DEFAULT_TEXT_TOWER = "google/siglip2-so400m-patch16-256"
 SIGLIP2_TEXT_LENGTH = 64
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError as err:
@@ -42,7 +42,7 @@ class FrozenTextEncoder(torch.nn.Module):
     def load(cls, path: str = DEFAULT_TEXT_TOWER, *, max_length: int = SIGLIP2_TEXT_LENGTH, device="cpu",
              dtype: torch.dtype = torch.float32) -> "FrozenTextEncoder":
         """The tokenizer and text tower of a SigLIP 2 checkpoint (hub id or save_pretrained folder)."""
-        transformers = _transformers()
+        transformers = require_transformers()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
             if transformers.AutoConfig.from_pretrained(path).model_type == "siglip2":  # both towers: keep text's

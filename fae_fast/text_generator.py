@@ -2,21 +2,28 @@
 by cross-attention from the latent tokens to the caption's token embeddings (a frozen SigLIP 2 text
 tower's, fae_fast/text.py), and the adaLN input the time embedding plus the caption tokens' mean.
 
-Cross-attention (PixArt-style) rather than joint text-image attention (MMDiT): it keeps the self-attention
-shape, and with it the fused RoPE + QK-norm kernel and the attention backend measured for 256 latent tokens,
-and adds one small attention over 64 caption tokens per block. A measured comparison of the two is still to
-be made. Every cross-attention output projection starts at zero, so a fresh model is the class-free flow
-transformer with the caption's mean in its adaLN input.
+`text_attention='cross'` (PixArt-style) keeps the self-attention shape, and with it the fused RoPE + QK-norm
+kernel and the attention backend measured for 256 latent tokens, and adds one small attention over the
+caption tokens per block. `'joint'` (MMDiT-style) runs one attention over latent and caption tokens, the
+caption a second stream with its own adaLN, norms, projections and MLP, updated block by block (RoPE and
+QK-norm on the latent tokens only). The README compares the two on the toy captions. Every output projection
+of the caption's path starts at zero, so a fresh model is the class-free flow transformer with the caption's
+mean in its adaLN input.
 
 Trained with the flow transformer's flow-matching loss and sampled with its samplers (fae_fast/families.py);
 guidance batches a caption's embeddings with the null caption's (zeros).
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fae_fast.attention import attention
 from fae_fast.conditioning import TextEmbeddings
 from fae_fast.config import TextGeneratorConfig
 from fae_fast.generators import Block, Generator, forward_flops_per_sample, patchify_latents, unpatchify_latents
+from fae_fast.layers import make_mlp
+
+TEXT_ATTENTION = ("cross", "joint")
 
 
 class CrossAttention(nn.Module):
@@ -48,7 +55,58 @@ class TextBlock(Block):
 
     def forward(self, x, c, text):
         x = super().forward(x, c)
-        return x + self.cross(x, text)
+        return x + self.cross(x, text), text
+
+    def zero_text_outputs(self):
+        nn.init.zeros_(self.cross.proj.weight)
+        nn.init.zeros_(self.cross.proj.bias)
+
+
+def modulate(x, scale, shift):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class JointBlock(nn.Module):
+    """One attention over the latent tokens and the caption tokens; each stream its own adaLN, norms,
+    projections and MLP (the latent stream is the flow transformer's block, fused kernels and all)."""
+
+    def __init__(self, cfg: TextGeneratorConfig, ops):
+        super().__init__()
+        D = cfg.width
+        self.image = Block(cfg, ops)
+        self.text_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.text_norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.text_qkv = nn.Linear(D, 3 * D)
+        self.text_proj = nn.Linear(D, D)
+        self.text_norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.text_mlp = make_mlp(cfg.mlp, D, cfg.mlp_ratio, ops=ops)
+
+    def forward(self, x, c, text):  # x (B, T, D), c (B, D), text (B, L, D) -> both updated
+        image, attn = self.image, self.image.attn
+        shift1, scale1, gate1, shift2, scale2, gate2 = image.adaLN(c).chunk(6, dim=-1)
+        B, T, _ = x.shape
+        L = text.shape[1]
+        qkv = attn.qkv(image.norm1(x, scale1, shift1)).view(B, T, 3, attn.heads, attn.head_dim)
+        if attn.rope_angles is not None or attn.q_norm is not None:
+            q, k, v = image.ops.rope_qkv(qkv, attn.rope_angles, attn.q_norm, attn.k_norm)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.text_adaLN(c).chunk(6, dim=-1)
+        tq, tk, tv = self.text_qkv(modulate(self.text_norm1(text), t_scale1, t_shift1)).view(
+            B, L, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2))  # (B, H, T+L, Dh)
+        out = out.transpose(1, 2).reshape(B, T + L, -1)
+        x, h = image.ops.gated_residual_modulated_norm(
+            x, gate1, attn.proj(out[:, :T]), scale2, shift2, image.norm2.weight, norm=image.norm_kind)
+        x = image.ops.gated_residual(x, gate2, image.mlp(h))
+        text = text + t_gate1[:, None] * self.text_proj(out[:, T:])
+        text = text + t_gate2[:, None] * self.text_mlp(modulate(self.text_norm2(text), t_scale2, t_shift2))
+        return x, text
+
+    def zero_text_outputs(self):
+        for mod in (self.image.adaLN[-1], self.text_adaLN[-1]):
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
 
 
 class TextGenerator(Generator):
@@ -60,14 +118,20 @@ class TextGenerator(Generator):
         self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim, eps=1e-6), nn.Linear(cfg.text_dim, cfg.width))
 
     def make_block(self, cfg: TextGeneratorConfig) -> nn.Module:
-        return TextBlock(cfg, self.ops)
+        if cfg.text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"model.text_attention={cfg.text_attention!r} is not one of {', '.join(TEXT_ATTENTION)}")
+        return TextBlock(cfg, self.ops) if cfg.text_attention == "cross" else JointBlock(cfg, self.ops)
 
     def initialize_weights(self):
-        """The flow transformer's, and every cross-attention output projection at zero."""
+        """The flow transformer's, with the caption path's output projections (and a joint block's
+        modulations) at zero."""
         super().initialize_weights()
         for block in self.blocks:
-            nn.init.zeros_(block.cross.proj.weight)
-            nn.init.zeros_(block.cross.proj.bias)
+            block.zero_text_outputs()
+
+    def fp8_modules(self) -> list[nn.Module]:
+        layers = [getattr(block, "image", block) for block in self.blocks]
+        return [m for layer in layers for m in (layer.attn, layer.mlp)]
 
     def forward(self, x, t, text):  # x (B, grid*grid, C), text (B, L, text_dim) -> velocity like x
         cfg = self.cfg
@@ -83,13 +147,18 @@ class TextGenerator(Generator):
         tokens = self.text_embed(text.to(self.text_embed[1].weight.dtype))  # (B, L, D)
         c = self.t_embed(t) + tokens.mean(dim=1)
         for block in self.blocks:
-            h = block(h, c, tokens)
+            h, tokens = block(h, c, tokens)
         return unpatchify_latents(self.final(h, c), cfg.grid, cfg.patch_size)
 
 
 def text_flops_per_sample(cfg: TextGeneratorConfig) -> float:
-    """The flow transformer's forward FLOPs plus each block's cross-attention and the caption projection."""
+    """The flow transformer's forward FLOPs plus each block's caption path and the caption projection."""
     T, L, D = (cfg.grid // cfg.patch_size) ** 2, cfg.text_length, cfg.width
-    cross = 2 * T * 2 * D * D + 2 * L * 2 * D * D + 4 * T * L * D  # q and out; k and v; QK^T and AV
-    return forward_flops_per_sample(cfg) + cfg.depth * cross + 2 * L * cfg.text_dim * D
+    if cfg.text_attention == "cross":
+        per_block = 2 * T * 2 * D * D + 2 * L * 2 * D * D + 4 * T * L * D  # q and out; k and v; QK^T and AV
+    else:  # the caption stream's qkv, proj and MLP, and the attention's extra L keys and queries
+        hidden = int(D * cfg.mlp_ratio) if cfg.mlp == "gelu" else int(2 * D * cfg.mlp_ratio / 3)
+        mlp = 2 * D * hidden if cfg.mlp == "gelu" else 3 * D * hidden
+        per_block = 2 * L * (4 * D * D + mlp) + 4 * ((T + L) ** 2 - T * T) * D
+    return forward_flops_per_sample(cfg) + cfg.depth * per_block + 2 * L * cfg.text_dim * D
 

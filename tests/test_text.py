@@ -1,6 +1,7 @@
 """The text-to-image path: the SigLIP 2 text tower loader (on checkpoints of the published format written
 here), caption conditioning (dropout, the null caption), the text-conditioned generator (fused against
 plain, guidance), the toy captions and their latent source, and the t2i demo end to end."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,11 +65,13 @@ def test_caption_dropout_uses_the_null_caption_at_its_rate():
         conditioning.for_indices(0, torch.arange(3))
 
 
-def test_text_generator_fused_path_matches_the_plain_one_and_guidance_runs(device):
-    family = family_of(TINY)
+@pytest.mark.parametrize("text_attention", ["cross", "joint"])
+def test_text_generator_fused_path_matches_the_plain_one_and_guidance_runs(device, text_attention):
+    cfg = dataclasses.replace(TINY, text_attention=text_attention)
+    family = family_of(cfg)
     torch.manual_seed(0)
-    plain = family.build(TINY, impl="torch").to(device)
-    fused = family.build(TINY, impl="triton").to(device)
+    plain = family.build(cfg, impl="torch").to(device)
+    fused = family.build(cfg, impl="triton").to(device)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in plain.parameters():  # every cross-attention and modulation non-zero
@@ -121,3 +124,46 @@ def test_t2i_demo_learns_the_toy_set_and_captions_steer(tmp_path):
     assert "captions steer" in res.stdout
     family, config = model_config_from_json(next((out / "checkpoints").glob("step_*")) / "config.json")
     assert family.name == "text_flow_transformer" and config.text_dim == 32
+
+
+def write_fake_coco(root: Path, images: int = 12) -> tuple[Path, Path]:
+    """annotations/captions_val2014.json and val2014/ with `images` tiny JPEGs, 2-3 captions each."""
+    from PIL import Image
+
+    folder = root / "val2014"
+    folder.mkdir(parents=True)
+    entries, annotations = [], []
+    for i in range(images):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (40 + i, 30), (10 * i, 50, 90)).save(folder / name)
+        entries.append({"id": 1000 + i, "file_name": name})
+        annotations += [{"image_id": 1000 + i, "id": 10 * i + j, "caption": f" picture {i} caption {j} "}
+                        for j in range(2 + i % 2)]
+    (root / "annotations").mkdir()
+    path = root / "annotations" / "captions_val2014.json"
+    path.write_text(json.dumps({"images": entries, "annotations": annotations}))
+    return path, folder
+
+
+def test_coco_protocol_draws_a_seeded_set_of_images_with_one_of_their_captions(tmp_path):
+    from fae_fast.eval.coco import coco_prompts
+
+    annotations, images = write_fake_coco(tmp_path)
+    prompts = coco_prompts(annotations, images, count=8, seed=0)
+    assert len(prompts) == 8 and len({p.image_id for p in prompts}) == 8  # without replacement
+    assert prompts == coco_prompts(annotations, images, count=8, seed=0)  # a function of the seed
+    assert prompts != coco_prompts(annotations, images, count=8, seed=1)
+    for p in prompts:
+        number = p.image_id - 1000
+        assert p.file == images / f"COCO_val2014_{number:012d}.jpg"
+        assert p.caption.startswith(f"picture {number} caption") and p.caption == p.caption.strip()
+    with pytest.raises(ValueError, match="fewer than the 13 asked for"):
+        coco_prompts(annotations, images, count=13)
+    next(images.iterdir()).unlink()
+    with pytest.raises(FileNotFoundError, match="missing under .*val2014"):
+        coco_prompts(annotations, images, count=12)
+    with pytest.raises(FileNotFoundError, match="captions_val2014.json from COCO"):
+        coco_prompts(tmp_path / "nope.json", images)
+    (tmp_path / "bad.json").write_text("{\"images\": []}")
+    with pytest.raises(ValueError, match="is not a COCO captions file"):
+        coco_prompts(tmp_path / "bad.json", images, count=1)

@@ -106,11 +106,16 @@ def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[
     return scores, (samples, labels)
 
 
+def on_toy(cfg: GenTrainConfig) -> bool:
+    """Trains on the toy latents (with class labels or captions), whose true distribution is known."""
+    return cfg.data.source in ("toy", "toy_captions")
+
+
 def evaluates_during_training(cfg: GenTrainConfig) -> bool:
     """run.eval_every > 0 with samples to draw and something to score them against: the toy's true
     distribution, or run.eval_ref for a latent cache (without it a cache run is not evaluated)."""
     run = cfg.run
-    return run.eval_every > 0 and run.eval_samples > 0 and (cfg.data.source == "toy" or bool(run.eval_ref))
+    return run.eval_every > 0 and run.eval_samples > 0 and (on_toy(cfg) or bool(run.eval_ref))
 
 
 class TrainingEval:
@@ -124,7 +129,7 @@ class TrainingEval:
         from fae_fast.eval.fid import InceptionExtractor, load_reference
 
         self.cfg, self.d, self.decoder = cfg, d, decoder
-        self.name = "frechet" if cfg.data.source == "toy" else "fid"
+        self.name = "frechet" if on_toy(cfg) else "fid"
         self.extractor = InceptionExtractor(d.device) if self.name == "fid" else None
         self.reference = load_reference(cfg.run.eval_ref, self.extractor) if self.name == "fid" and d.is_main else None
 
@@ -251,7 +256,7 @@ def main(argv: list[str]) -> dict:
     model, optimizer = build(cfg, d)
     decoder = grid_decoder(cfg, d)
     ema = EMA(model, cfg.optim.ema_decay)
-    is_toy = cfg.data.source == "toy" and cfg.run.eval_samples > 0
+    is_toy = on_toy(cfg) and cfg.run.eval_samples > 0
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"generator {n_params / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device.type}, "
            f"global batch {cfg.data.global_batch}, {cfg.run.steps} steps -> {out}")

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from fae_fast.text import FrozenTextEncoder
+from fae_fast.text import FrozenTextEncoder, require_transformers
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square")
@@ -28,6 +28,7 @@ def toy_captions(num_classes: int) -> list[list[str]]:
 def toy_text_encoder(text_dim: int, text_length: int, seed: int = 0) -> FrozenTextEncoder:
     """A 2-layer Siglip2TextModel of width text_dim with random weights from `seed`, and a word-level
     tokenizer of the toy captions' words."""
+    require_transformers()  # one clear error when the [text] extra is missing
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Siglip2TextConfig, Siglip2TextModel
 
