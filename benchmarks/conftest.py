@@ -117,11 +117,9 @@ def _time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _kernel_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """GPU time of one call of fn in ms: the summed durations of the kernels (and copies) the profiler saw
-    it launch, over `iters` calls. Host time and launch gaps are left out, so a single small op measures
-    its kernels, not the Python that launches them (CUDA events around one call measure the latter)."""
-    from torch.autograd import DeviceType
+def profiled(fn, warmup: int = 3, iters: int = 10):
+    """The profiler's record (CUDA activity) of `iters` calls of fn, after `warmup` calls outside it (compile
+    and autotuning happen there)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -131,6 +129,16 @@ def _kernel_ms(fn, warmup: int = 3, iters: int = 10) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def _kernel_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """GPU time of one call of fn in ms: the summed durations of the kernels (and copies) the profiler saw
+    it launch, over `iters` calls. Host time and launch gaps are left out, so a single small op measures
+    its kernels, not the Python that launches them (CUDA events around one call measure the latter)."""
+    from torch.autograd import DeviceType
+
+    prof = profiled(fn, warmup, iters)
     on_gpu = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
     if not on_gpu:
         raise RuntimeError("the profiler saw no GPU kernels; is CUPTI available to this process?")

@@ -7,11 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.conftest import profiled  # noqa: E402
 from benchmarks.test_bench_block import block_step, make_block  # noqa: E402
 
 ITERS = 10
@@ -19,14 +18,7 @@ ITERS = 10
 
 def kernel_table(size: str, provider: str) -> list[tuple[float, float, str]]:
     """(ms per iteration, launches per iteration, kernel name), largest first."""
-    step = block_step(*make_block(size, provider))
-    for _ in range(3):  # compile and warm up outside the profile
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(ITERS):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled(block_step(*make_block(size, provider)), warmup=3, iters=ITERS)
     rows = [(e.self_device_time_total / 1e3 / ITERS, e.count / ITERS, e.key) for e in prof.key_averages()
             if e.device_type.name == "CUDA"]
     return sorted(rows, reverse=True)
