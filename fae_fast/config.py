@@ -131,10 +131,12 @@ class TextGeneratorConfig(GeneratorConfig):
     """Caption tokens per caption (SigLIP 2 pads captions to 64)."""
     caption_dropout: float = 0.1
     """Probability of replacing a caption by the null caption (all-zero embeddings) in training (CFG)."""
-    text_attention: str = "cross"
-    """How the caption enters each block: 'cross' (cross-attention from the latent tokens to the caption
-    tokens, PixArt-style) or 'joint' (one attention over latent and caption tokens, the caption a second
-    stream with its own weights, MMDiT-style). README: the measured comparison."""
+    text_attention: str = "joint"
+    """How the caption enters each block: 'joint' (one attention over latent and caption tokens, the caption a
+    second stream with its own weights, MMDiT-style) or 'cross' (cross-attention from the latent tokens to
+    the caption tokens, PixArt-style). Joint by a measured comparison on the toy captions (README): at the
+    same depth it reached a 6x lower Frechet distance for 21% more FLOPs (4% more at XL size), and cross
+    needed 38% more FLOPs than joint (two more layers) to edge past it."""
 
 
 @dataclass(kw_only=True)

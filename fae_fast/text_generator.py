@@ -6,7 +6,8 @@ tower's, fae_fast/text.py), and the adaLN input the time embedding plus the capt
 kernel and the attention backend measured for 256 latent tokens, and adds one small attention over the
 caption tokens per block. `'joint'` (MMDiT-style) runs one attention over latent and caption tokens, the
 caption a second stream with its own adaLN, norms, projections and MLP, updated block by block (RoPE and
-QK-norm on the latent tokens only). The README compares the two on the toy captions. Every output projection
+QK-norm on the latent tokens only). The README compares the two on the toy captions;
+joint is the default. Every output projection
 of the caption's path starts at zero, so a fresh model is the class-free flow transformer with the caption's
 mean in its adaLN input.
 
