@@ -538,14 +538,14 @@ def starflow_imagenet256() -> GenTrainConfig:
 
 
 RECIPES: dict[str, typing.Callable[[], object]] = {
-    "starflow-demo": starflow_demo,
-    "t2i-demo": t2i_demo,
-    "starflow-imagenet256": starflow_imagenet256,
     "demo": demo,
     "lightningdit-xl-80ep": lightningdit_xl_80ep,
     "lightningdit-xl-800ep": lightningdit_xl_800ep,
     "sit-xl-80ep": sit_xl_80ep,
     "synthetic-xl-benchmark": synthetic_xl_benchmark,
+    "starflow-demo": starflow_demo,
+    "starflow-imagenet256": starflow_imagenet256,
+    "t2i-demo": t2i_demo,
 }
 
 
