@@ -1,8 +1,8 @@
-"""Train a generator on FAE latents: SiT / LightningDiT with flow matching, or a STARFlow normalizing flow
-with exact likelihood (the recipe's model config picks the family: fae_fast/families.py).
+"""Train a generator on FAE latents: SiT / LightningDiT (class labels or captions) or a STARFlow normalizing flow
+with flow matching or exact likelihood (the recipe's model config picks the family: fae_fast/families.py).
 
     torchrun --standalone --nproc_per_node=1 training/train_gen.py                 # embedded toy demo (CPU ok)
-    torchrun --standalone --nproc_per_node=1 training/train_gen.py --recipe starflow-demo
+    torchrun --standalone --nproc_per_node=1 training/train_gen.py --recipe starflow-demo   # or t2i-demo
     torchrun --nproc_per_node=8 training/train_gen.py --recipe lightningdit-xl-80ep --data.path=/latents
 
 FSDP2 + per-block torch.compile + fused kernels; DCP checkpoints; a run killed at any moment and
