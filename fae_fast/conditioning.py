@@ -8,6 +8,15 @@ import torch
 from fae_fast.eval.protocol import index_labels
 
 
+def drop_to_null(conditioning, condition: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`condition` with each sample (along dim 0) replaced by `conditioning.null` with probability
+    `conditioning.dropout`, one uniform draw per sample from `generator`."""
+    if conditioning.dropout <= 0:
+        return condition
+    dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < conditioning.dropout
+    return torch.where(dropped.view(-1, *[1] * (condition.dim() - 1)), conditioning.null(condition), condition)
+
+
 class ClassLabels:
     """Class labels (B,) int64 in [0, num_classes); the null label is num_classes (the embedding table has
     num_classes + 1 rows). Training replaces each label by the null one with probability `dropout`."""
@@ -25,10 +34,7 @@ class ClassLabels:
 
     def drop(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Each sample's condition replaced by the null one with probability `dropout` (training only)."""
-        if self.dropout <= 0:
-            return condition
-        dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < self.dropout
-        return torch.where(dropped, self.null(condition), condition)
+        return drop_to_null(self, condition, generator)
 
     def for_indices(self, seed: int, indices: torch.Tensor, mode: str = "balanced") -> torch.Tensor:
         """The condition of evaluation samples `indices` (B,): a pure function of (seed, index), so a sample
@@ -49,10 +55,7 @@ class TextEmbeddings:
         return torch.zeros_like(condition)
 
     def drop(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.dropout <= 0:
-            return condition
-        dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < self.dropout
-        return torch.where(dropped[:, None, None], self.null(condition), condition)
+        return drop_to_null(self, condition, generator)
 
     def for_indices(self, seed: int, indices: torch.Tensor, mode: str = "balanced") -> torch.Tensor:
         raise ValueError("a text-conditioned generator samples from captions, not from class-label indices; "

@@ -145,27 +145,22 @@ class FlowBlock(nn.Module):
         return mu, F.softplus(a + SIGMA_OFFSET).log()
 
     def forward(self, x, c):  # x (B, T, C) in raster order, c (B, D) -> z (B, T, C) raster, log|det| (B,)
-        B = x.shape[0]
         xs = self.in_order(x)
-        inputs = torch.cat([self.start.expand(B, -1, -1), self.proj_in(xs[:, :-1].to(self.proj_in.weight.dtype))], 1)
-        h = inputs + self.pos_embed.to(inputs.dtype)
-        c = self.adaln_input(c, B)
-        for layer in self.layers:
-            h = layer(h, c, self.angles)
-        mu, log_sigma = self.transform(h, c)
+        mu, log_sigma = self.sequence_params(xs[:, :-1], c)
         z = (at_least_fp32(xs) - mu) * torch.exp(-log_sigma)
         return self.in_order(z), -log_sigma.sum(dim=(1, 2))
 
-    def prefix_params(self, prefix, c):
-        """(mu, log sigma), each (B, 1, C), of token i = len(prefix) from the tokens before it (B, i, C), by
-        running the whole prefix again (the uncached sampler: the reference the cached one is checked against)."""
-        B, i = c.shape[0], prefix.shape[1]
+    def sequence_params(self, prefix, c):
+        """(mu, log sigma), each (B, n + 1, C), of tokens 0..n (in this block's order) from the n tokens before
+        the last, `prefix` (B, n, C): the forward's pass, and the uncached sampler's (the reference the cached
+        one is checked against)."""
+        B, n = c.shape[0], prefix.shape[1]
         c = self.adaln_input(c, B)
         inputs = torch.cat([self.start.expand(B, -1, -1), self.proj_in(prefix.to(self.proj_in.weight.dtype))], 1)
-        h = inputs + self.pos_embed[:, :i + 1].to(inputs.dtype)
+        h = inputs + self.pos_embed[:, :n + 1].to(inputs.dtype)
         for layer in self.layers:
-            h = layer(h, c, self.angles[:i + 1])
-        return self.transform(h[:, -1:], c)
+            h = layer(h, c, self.angles[:n + 1])
+        return self.transform(h, c)
 
     def cached_params(self, previous, c, step: TokenStep, caches: list[KVCache], first: bool = False):
         """(mu, log sigma) of the token at step.position from the token before it (`previous` (B, 1, C); the
@@ -198,10 +193,8 @@ class FlowBlock(nn.Module):
         for i in range(T):
             if cached:
                 mu, log_sigma = next_params(i, xs[-1] if xs else None)
-            elif xs:
-                mu, log_sigma = self.prefix_params(torch.cat(xs, dim=1), c)
             else:
-                mu, log_sigma = self.prefix_params(zs[:, :0], c)
+                mu, log_sigma = (p[:, -1:] for p in self.sequence_params(torch.cat(xs, dim=1) if xs else zs[:, :0], c))
             if guidance is not None:
                 mu, log_sigma = guided_gaussian(mu, log_sigma, guidance(i) - 1.0)
             xs.append(zs[:, i:i + 1] * torch.exp(log_sigma) + mu)
@@ -322,7 +315,8 @@ class StarFlow(nn.Module):
         cfg = self.cfg
         if x.ndim != 3 or x.shape[1:] != (cfg.grid ** 2, cfg.in_channels):
             raise ValueError(f"flow expects latents (B, {cfg.grid ** 2}, {cfg.in_channels}) = (B, grid*grid, "
-                             f"in_channels), got {tuple(x.shape)}; set model.grid and model.in_channels to the latents'")
+                             f"in_channels), got {tuple(x.shape)}; set model.grid and model.in_channels to the "
+                             f"latents'")
 
     def forward(self, x, y):
         """x (B, T, C), labels y (B,) -> (z (B, T, C), log|det dz/dx| (B,)), both fp32 (fp64 for fp64 x)."""

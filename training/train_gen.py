@@ -93,10 +93,15 @@ def sample_share(model, cfg: GenTrainConfig, labels: torch.Tensor, d, seed: int)
     return gather_cat(out), gather_cat(mine)
 
 
+def toy_of(cfg: GenTrainConfig) -> ToyLatents:
+    """The toy mixture a run trains on (its classes, latent shape and data seed)."""
+    return ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+
+
 def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
     """Frechet distance of the model's samples to the toy's true per-class and mixture Gaussians, and the
     samples with their labels (for the projection plot)."""
-    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    toy = toy_of(cfg)
     labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
     samples, labels = sample_share(model, cfg, labels, d, seed=cfg.run.seed + 12345)
     flat = samples.flatten(1)
@@ -150,7 +155,7 @@ class TrainingEval:
 
 def save_toy_projection(cfg: GenTrainConfig, path: Path, before, after) -> None:
     """toy_projection.png: generated and true latents of every class in 2-D, before and after training."""
-    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    toy = toy_of(cfg)
     labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
     true = (toy.sample(labels, torch.Generator().manual_seed(7)), labels)
     plot_toy_projection(path, true, {"before training": before, "after training": after}, toy.means)
@@ -163,7 +168,7 @@ def toy_bits_per_dim(model, cfg: GenTrainConfig, d) -> float | None:
     bits_per_dim = family_of(cfg.model).bits_per_dim
     if bits_per_dim is None:
         return None
-    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    toy = toy_of(cfg)
     labels = (torch.arange(cfg.run.eval_samples) % cfg.model.num_classes)[d.rank::d.world]
     x = toy.sample(labels, torch.Generator().manual_seed(5 + d.rank)).to(d.device)
     with autocast(cfg, d, use_fsdp(cfg, d)):
@@ -174,7 +179,7 @@ def toy_bits_per_dim(model, cfg: GenTrainConfig, d) -> float | None:
 def caption_steering(cfg: GenTrainConfig, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Of the samples drawn for each class's captions, the fraction nearest (Euclidean) that class's toy mean,
     per class and overall."""
-    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    toy = toy_of(cfg)
     nearest = torch.cdist(samples.flatten(1).float(), toy.means.flatten(1).float()).argmin(dim=1)
     hits = (nearest == labels).float()
     out = {f"class {k}": hits[labels == k].mean().item() for k in range(toy.num_classes)}
@@ -184,7 +189,7 @@ def caption_steering(cfg: GenTrainConfig, samples: torch.Tensor, labels: torch.T
 
 def toy_floor(cfg: GenTrainConfig) -> float:
     """Overall Frechet distance of true toy samples of the same count: the estimator's own floor."""
-    toy = ToyLatents(cfg.model.num_classes, cfg.model.grid ** 2, cfg.model.in_channels, seed=cfg.data.seed)
+    toy = toy_of(cfg)
     labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
     x = toy.sample(labels, torch.Generator().manual_seed(99)).flatten(1)
     return frechet_distance(*moments(x), *toy.mixture_moments())
