@@ -451,7 +451,7 @@ def test_auto_takes_torchvision_on_cuda_and_missing_dali_is_an_error_when_asked_
     monkeypatch.setattr(dali, "unavailable", lambda: "ModuleNotFoundError: No module named 'nvidia'")
     assert pick_backend("auto", torch.device("cuda", 0)) == "torchvision_gpu"
     assert pick_backend("dali", torch.device("cuda", 0)) == "dali"
-    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda1"):
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
         dali.DaliDecoder(size=256, batch_size=4, threads=1, device=torch.device("cpu"))
 
 
