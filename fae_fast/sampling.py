@@ -1,4 +1,6 @@
-"""Draw latents from a generator with the sampler a SamplerConfig names (ODE or SDE, CFG on intervals)."""
+"""Draw latents from a generator with the sampler a SamplerConfig names (ODE or SDE, CFG on intervals), and
+what each sample of a class-conditional evaluation set is conditioned on (ClassConditions; a COCO caption set's
+counterpart is fae_fast.eval.coco.CocoConditions)."""
 import logging
 
 import torch
@@ -44,3 +46,21 @@ def evaluation_plan(sampler: SamplerConfig) -> tuple[int, int]:
         times += ts[1:-1]  # the corrector's evaluations; the last step is Euler
     guided = sum(cfg_scale(t, sampler.cfg) != 1.0 for t in times)
     return len(times) - guided, guided
+
+
+class ClassConditions:
+    """What sample i of a class-conditional evaluation set is conditioned on: its class label, a pure function of
+    (seed, i) (`conditioning.for_indices`), which is also the label the set records (ADM's arr_1)."""
+
+    def __init__(self, conditioning, seed: int, mode: str = "balanced"):
+        self.conditioning, self.seed, self.mode = conditioning, seed, mode
+
+    def __call__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition, recorded label), both the labels (B,) of sample `indices` (B,)."""
+        labels = self.conditioning.for_indices(self.seed, indices, self.mode)
+        return labels, labels
+
+    def grid_rows(self, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditions of a sample grid's rows: the labels `classes` (modulo the number of classes)."""
+        labels = torch.tensor([c % self.conditioning.num_classes for c in classes])
+        return labels, labels

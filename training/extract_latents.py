@@ -4,6 +4,9 @@
         --fae runs/fae-dinov2-g-feature/ema.safetensors --encoder DINOv2-g/14 --out /latents/train
     # CPU smoke run with random weights (never implied: --random_weights must be said)
     python training/extract_latents.py --images /tmp/imgs/train --encoder tiny --random_weights --out /tmp/latents
+    # a caption cache (text-to-image) from img2dataset's WebDataset shards, captions embedded by SigLIP 2
+    torchrun --nproc_per_node=8 training/extract_latents.py --captions '/data/cc12m/{00000..01242}.tar' \\
+        --text_tower google/siglip2-so400m-patch16-256 --fae ... --encoder DINOv2-g/14 --out /latents/cc12m
 
 Each image's ADM centre crop (fae.image_size px) and its horizontal flip go through the frozen encoder
 (bf16 on CUDA, no_grad, torch.compile) and the FAE encoder; the latent mean mu (no sampling) of both is
@@ -12,12 +15,14 @@ command runs again, a half-written one is redone. The run ends by checking that 
 exactly once, computing the per-channel stats and writing index.json. Run
 `python -m fae_fast.data.check IMAGES --out problems.txt` first and pass --exclude_list problems.txt if
 the folder may hold undecodable files: a file that cannot be decoded stops extraction, naming it.
+With --captions, shard k holds pairs [k * shard_size, ...) of the caption shards (fae_fast/data/caption_shards.py)
+and their captions' token embeddings beside the latents (fae_fast/data/caption_cache.py); a pair whose image
+does not decode or whose caption is empty is reported and left out.
 `--encoder.field=value` / `--fae_model.field=value` change single fields of the encoder and FAE configs;
 `--help` lists every option (kebab-case spellings such as --shard-size work too).
 """
 import datetime
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,10 +38,13 @@ from fae_fast.cli import UsageError, parse_command_line, run_program
 from fae_fast.config import (ENCODER_SIZES, FAE_SIZE_OF_ENCODER, FAE_SIZES, EncoderConfig, FAEConfig,
                              encoder_config, fae_config, validate_encoder)
 from fae_fast.data import latent_cache as lc
-from fae_fast.data.images import ImageDataConfig, make_image_loader
+from fae_fast.data.caption_cache import TextBatch, TextCacheWriter, caption_lengths
+from fae_fast.data.caption_shards import CaptionBatch, CaptionShards
+from fae_fast.data.images import ImageDataConfig, finish_batch, make_image_loader
 from fae_fast.encoders import FrozenEncoder
 from fae_fast.fae import FAEEncoder
 from fae_fast.inference import fae_weights, frozen_encoder, load_fae_parts
+from fae_fast.text import FrozenTextEncoder
 from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
 
@@ -58,6 +66,13 @@ class ExtractConfig:
     images: str = ""
     """A split folder: <class>/*.JPEG, or flat with --val_labels; with --file_list the folder its paths are
     relative to."""
+    captions: str = ""
+    """Instead of --images: WebDataset tar shards of image-caption pairs (img2dataset's layout) as a folder, a
+    glob or a brace pattern such as /data/cc12m/{00000..01242}.tar; writes a caption cache."""
+    text_tower: str = ""
+    """With --captions: the SigLIP 2 text tower that embeds the captions (hub id or save_pretrained folder)."""
+    text_length: int = 64
+    """With --captions: caption tokens, padded or cut to this length (SigLIP 2 was trained on 64)."""
     out: str = ""
     """Cache folder (created; an unfinished one is resumed)."""
     fae: str = ""
@@ -104,9 +119,13 @@ def parse_args(argv: list[str]) -> tuple[ExtractConfig, Models]:
                "fae_size": ("auto", {"auto": "the FAE of --encoder", **{n: "" for n in FAE_SIZES}})}
     args = parse_command_line(argv, prog="extract_latents.py", summary=__doc__.split("\n")[0], choices=choices,
                               build=_build)
-    for name in ("images", "out"):
-        if not getattr(args, name):
-            raise UsageError(f"--{name} is required (see --help)")
+    if not args.out:
+        raise UsageError("--out is required (see --help)")
+    if bool(args.images) == bool(args.captions):
+        raise UsageError("pass one of --images (a class-labelled image folder) and --captions (caption shards)")
+    if args.captions and not args.text_tower:
+        raise UsageError("--captions needs --text_tower: the SigLIP 2 text tower (hub id or save_pretrained folder) "
+                         "that embeds the captions")
     if args.shard_size % args.batch:
         raise UsageError(f"--shard_size={args.shard_size} is not a multiple of --batch={args.batch}; batches must "
                          f"not straddle shards")
@@ -179,37 +198,36 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_settings(args, models: Models, loader, kept: np.ndarray) -> dict:
-    """What must not change between a run and its resumption."""
-    listing = hashlib.sha256(b"\n".join(loader.images.paths[kept]))
-    listing.update(loader.images.labels[kept].tobytes())
+def model_settings(args, models: Models) -> dict:
+    """Which encoder and FAE made the latents (recorded in settings.json and index.json)."""
     enc = models.encoder
     enc_weights = enc.weights_path or ("hub" if enc.pretrained and not args.random_weights else f"random (seed {args.seed})")
     return {
-        "format": lc.FORMAT, "num_images": int(len(kept)), "shard_size": args.shard_size,
-        "tokens": models.fae.grid ** 2, "channels": models.fae.latent_dim, "dtype": "float16", "flips": True,
         "encoder": enc.timm_name, "encoder_weights": enc_weights, "encoder_size": enc.image_size,
         "image_size": models.fae.image_size,
         "fae": str(fae_weights(args.fae)) if args.fae else f"random (seed {args.seed})",
         "fae_sha256": _sha256_file(fae_weights(args.fae)) if args.fae else "",
-        "images": loader.images.root, "images_sha256": listing.hexdigest(),
+    }
+
+
+def make_settings(args, models: Models, loader, kept: np.ndarray) -> dict:
+    """What must not change between a run and its resumption."""
+    listing = hashlib.sha256(b"\n".join(loader.images.paths[kept]))
+    listing.update(loader.images.labels[kept].tobytes())
+    return {
+        "format": lc.FORMAT, "num_images": int(len(kept)), "shard_size": args.shard_size,
+        "tokens": models.fae.grid ** 2, "channels": models.fae.latent_dim, "dtype": "float16", "flips": True,
+        **model_settings(args, models), "images": loader.images.root, "images_sha256": listing.hexdigest(),
     }
 
 
 def prepare_folder(out: Path, settings: dict, d) -> None:
-    """Create the folder and record the settings, or check that a resumed run uses the same ones."""
-    path = out / "settings.json"
-    if d.is_main:
+    """Create the folder and record the settings (rank 0), or check that a resumed run uses the same ones."""
+    if d.is_main and not (out / "settings.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        if not path.is_file():
-            lc.write_json(path, settings)
+        lc.write_json(out / "settings.json", settings)
     dist.barrier()
-    saved = json.loads(path.read_text())
-    changed = [k for k in settings if saved.get(k) != settings[k]]
-    if changed:
-        k = changed[0]
-        raise ValueError(f"{out} holds latents extracted with {k}={saved.get(k)!r}, this run has {settings[k]!r}; "
-                         f"pass a new --out, or delete {out} to start over")
+    lc.check_settings(out, settings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,11 +353,98 @@ def finalize(out: Path, plan: list[lc.Shard], settings: dict, loader, kept: np.n
     return True
 
 
+# ----------------------------------------------------------------------------------------------------
+# Caption caches
+# ----------------------------------------------------------------------------------------------------
+def caption_writer(args, models: Models, pairs: CaptionShards, text_encoder: FrozenTextEncoder) -> TextCacheWriter:
+    """The caption cache's writer; its metadata (shapes, models, the pairs' listing) is the run's settings."""
+    listing = hashlib.sha256(pairs.keys.tobytes())
+    listing.update(pairs.shard_of.tobytes())
+    listing.update("\n".join(p.name for p in pairs.shards).encode())
+    return TextCacheWriter(Path(args.out), num_pairs=len(pairs), shard_size=args.shard_size,
+                           tokens=models.fae.grid ** 2, channels=models.fae.latent_dim, text_length=args.text_length,
+                           text_dim=text_encoder.width, **model_settings(args, models), captions=args.captions,
+                           captions_sha256=listing.hexdigest(), text_tower=args.text_tower)
+
+
+def caption_latents(batch: CaptionBatch, encoder, fae, text_encoder, *, rows: int, encoder_size: int,
+                    device: torch.device) -> TextBatch:
+    """One decoded batch of pairs -> what the cache stores: the latents of each crop and of its flip (as the
+    class path computes them, `_launch`), the captions' token embeddings and lengths."""
+    n = len(batch.indices)
+    if n == 0:  # every pair of the batch was skipped
+        return TextBatch(batch.indices, np.zeros((0,)), np.zeros((0,)), np.zeros(0), batch.skipped)
+    to = dict(device=device, non_blocking=True)
+    images = finish_batch(batch.pixels.to(**to), torch.zeros(n, dtype=torch.int64, device=device),
+                          torch.from_numpy(batch.indices).to(**to), torch.zeros(n, dtype=torch.bool, device=device),
+                          encoder_size=encoder_size, twins=True)
+    (mu, _, _), event = _launch(encoder, fae, images, rows)
+    text = text_encoder(batch.captions).to(torch.float16).cpu().numpy()  # (n, L, D)
+    if event is not None:
+        event.synchronize()
+    return TextBatch(batch.indices, mu.numpy(), text, caption_lengths(text_encoder, batch.captions), batch.skipped)
+
+
+def extract_captions(args, models: Models, d, built: tuple | None) -> bool:
+    """Run (or resume) a caption cache: shard k of pairs by rank k % world, finished by rank 0 once every
+    shard is on disk; True when the cache is complete."""
+    out = Path(args.out)
+    pairs = CaptionShards(args.captions, workers=args.workers)
+    text_encoder = FrozenTextEncoder.load(args.text_tower, max_length=args.text_length, device=d.device)
+    writer = caption_writer(args, models, pairs, text_encoder)
+    prepare_folder(out, writer.meta, d)
+    if (out / "index.json").is_file():
+        print0(f"{out} is already a complete caption cache of {len(pairs):,} pairs; nothing to do")
+        return True
+    todo = writer.todo(d.rank, d.world)
+    todo = todo[:args.max_shards] if args.max_shards else todo
+    print0(f"{len(pairs):,} image-caption pairs in {len(pairs.shards)} tar shards -> {len(writer.plan)} cache shards "
+           f"of {args.shard_size}; {d.world} rank(s) on {d.device.type}; text tower {args.text_tower}")
+    if todo:
+        encoder, fae = built or build_models(args, models, d.device)
+        write_caption_shards(args, models, pairs, todo, writer, (encoder, fae, text_encoder), d)
+    dist.barrier()
+    return finalize_captions(writer, len(pairs), d)
+
+
+def write_caption_shards(args, models: Models, pairs: CaptionShards, todo: list[lc.Shard], writer: TextCacheWriter,
+                         encoders: tuple, d) -> None:
+    """The `todo` shards of this rank: their pairs decoded, encoded (image, flip, caption) and written."""
+    indices = np.concatenate([np.arange(s.start, s.start + s.count) for s in todo])
+    done_before = sum(s.count for s in writer.plan if s.k in writer.done)
+    progress = ExtractProgress(total=len(pairs), done_before=done_before, world=d.world, every=args.log_every)
+    for batch in pairs.batches(indices, batch_size=args.batch, image_size=models.fae.image_size,
+                               workers=args.workers):
+        writer.put(caption_latents(batch, *encoders, rows=2 * args.batch, encoder_size=models.encoder.image_size,
+                                   device=d.device))
+        progress.update(len(batch.indices) + len(batch.skipped), sum(s.k in writer.done for s in todo), len(todo))
+    writer.close()
+
+
+def finalize_captions(writer: TextCacheWriter, num_pairs: int, d) -> bool:
+    """When every shard is on disk: stats and index.json by rank 0. False (and says so) while shards are missing."""
+    if missing := writer.missing():
+        print0(f"{len(missing)} of {len(writer.plan)} shards are not written yet (first: shard {missing[0].k}); run "
+               f"the same command again to finish the cache")
+        return False
+    if d.is_main:
+        index = writer.finish()
+        left_out = num_pairs - index["num_images"]
+        print0(f"caption cache complete: {index['num_images']:,} of {num_pairs:,} pairs ({left_out:,} left out: "
+               f"undecodable images or empty captions), {index['tokens']} tokens x {index['channels']} "
+               f"channels and {index['text_length']} x {index['text_dim']} caption embeddings per image, "
+               f"{len(writer.plan)} shards -> {writer.folder}")
+    dist.barrier()
+    return True
+
+
 def main(argv: list[str], built: tuple | None = None) -> bool:
     """Run (or resume) an extraction; True when the cache is complete. `built`: (encoder, fae) already
     made by build_models for these arguments, to reuse compiled models (benchmarks)."""
     args, models = parse_args(argv)
     d = init_distributed()
+    if args.captions:
+        return extract_captions(args, models, d, built)
     out = Path(args.out)
     loader = make_loader(args, models, d.device)
     kept = np.flatnonzero(~loader.excluded)  # cache position j <-> listed image kept[j]

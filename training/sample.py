@@ -14,6 +14,19 @@ and streams the chunks into one ADM-format .npz (arr_0 images, arr_1 labels).
 
 Without --fae the program writes latents (latents_<N>xTxC.npz), not images: the FID protocol needs
 images, so pass the FAE decoders and the latent cache's statistics for that.
+
+A text-to-image generator is evaluated zero-shot on MS-COCO (FID-30K, fae_fast/eval/coco.py): 30,000 val2014
+images drawn without replacement by --coco.seed, one of each image's captions, one sample per caption. Sample
+i is conditioned on caption i, embedded by the frozen SigLIP 2 text tower the generator was trained with
+(--text_tower) and guided against the null caption; its noise is a function of (--seed, i) as above. The
+.npz's arr_1 holds the COCO image ids, and prompts.json beside it lists the index, image id, file and caption
+of every sample, which evaluate.py reads to score against those same 30,000 images:
+
+    torchrun --standalone --nproc_per_node=8 training/sample.py --ckpt=runs/t2i/ema.safetensors \\
+        --fae=runs/fae/fae.safetensors --stats=/data/latents/stats.json --text_tower=/models/siglip2-so400m \\
+        --coco.annotations=/data/coco/annotations/captions_val2014.json --coco.images=/data/coco/val2014 \\
+        --out_dir=runs/samples-coco
+    python training/evaluate.py --samples=runs/samples-coco/samples_30000x256x256x3.npz
 """
 import dataclasses
 import datetime
@@ -28,19 +41,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fae_fast.cli import parse_command_line, run_program
+from fae_fast.cli import UsageError, parse_command_line, run_program
+from fae_fast.conditioning import TextEmbeddings
 from fae_fast.config import GeneratorConfig, SamplerConfig
+from fae_fast.eval.coco import (PROMPT_LIST, CocoConditions, CocoConfig, CocoPrompt, coco_prompts, prompt_set_digest,
+                                write_prompt_list)
 from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pending_ranges,
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_normal
 from fae_fast.families import family_of
 from fae_fast.generators import Generator
 from fae_fast.inference import LatentDecoder, load_generator
+from fae_fast.sampling import ClassConditions
+from fae_fast.text import DEFAULT_TEXT_TOWER, FrozenTextEncoder
 from fae_fast.viz import latents_to_images, save_grid
 from fae_fast.train.runtime import finish_distributed, init_distributed, print0
 
 # DiT's sample classes: macaw, valley, golden retriever, otter, lesser panda, geyser, balloon, arctic fox
 GRID_CLASSES = [88, 979, 207, 360, 387, 974, 417, 279]
+ADM_SAMPLES = 50_000
 
 
 @dataclass(kw_only=True)
@@ -66,10 +85,11 @@ class SampleConfig:
     stats: str = ""
     """Per-channel 'mean' and 'std' of the latent cache (JSON or safetensors): z = z_norm * std + mean;
     'identity' when the generator was trained on unnormalised latents."""
-    num_samples: int = 50_000
-    """Images in the set (ADM protocol: 50k)."""
+    num_samples: int = ADM_SAMPLES
+    """Images in the set (ADM protocol: 50k); a COCO set has coco.count, one per caption."""
     labels: str = "balanced"
-    """'balanced' (label i mod K: 50 per class for 50k) or 'random' (uniform, from (seed, i))."""
+    """Class-conditional models: 'balanced' (label i mod K: 50 per class for 50k) or 'random' (uniform, from
+    (seed, i))."""
     seed: int = 0
     """Seed of every label and noise draw."""
     batch: int = 256
@@ -81,7 +101,8 @@ class SampleConfig:
     keep_chunks: bool = False
     """Keep the chunk files after the final .npz is written (they double the disk use)."""
     grid_classes: list[int] = field(default_factory=lambda: list(GRID_CLASSES))
-    """Classes (rows) of grid.png; empty skips the grid."""
+    """Classes (rows) of grid.png; a text-to-image model draws the first that many captions of the COCO set
+    instead; empty skips the grid."""
     grid_seeds: int = 4
     """Samples per class (columns) of grid.png."""
     compile: bool = True
@@ -95,6 +116,11 @@ class SampleConfig:
     """'auto', 'triton' or 'torch' for the fused layers."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Sampler (method, steps, time shift, CFG intervals), usually from a preset."""
+    text_tower: str = DEFAULT_TEXT_TOWER
+    """Text-to-image models: the frozen SigLIP 2 text tower the generator was trained with, a save_pretrained
+    folder or a hub id in the hub cache (fae_fast.text.FrozenTextEncoder)."""
+    coco: CocoConfig = field(default_factory=CocoConfig)
+    """Text-to-image models: the zero-shot COCO prompt set, one sample per caption (fae_fast/eval/coco.py)."""
 
 
 # The paper (Section 4) samples with time shift 0.4 and 250 steps: SDE without guidance, Euler ODE with
@@ -116,9 +142,15 @@ def parse_args(argv: list[str]) -> SampleConfig:
     """`--recipe NAME` (default paper-cfg; `--preset` is the same option), then `--field=value` /
     `--sampler.field=value` overrides."""
     argv = ["--recipe" + a[len("--preset"):] if a.startswith("--preset") else a for a in argv]
-    return parse_command_line(argv, prog="sample.py", summary=__doc__.split("\n")[0],
-                              choices={"recipe": ("paper-cfg", PRESET_DOCS)},
-                              build=lambda picked: SampleConfig(sampler=PRESETS[picked["recipe"]]()))
+    cfg = parse_command_line(argv, prog="sample.py", summary=__doc__.split("\n")[0],
+                             choices={"recipe": ("paper-cfg", PRESET_DOCS)},
+                             build=lambda picked: SampleConfig(sampler=PRESETS[picked["recipe"]]()))
+    if cfg.coco.wanted:  # one sample per caption: the set's size is the prompt set's
+        if cfg.num_samples not in (ADM_SAMPLES, cfg.coco.count):
+            raise UsageError(f"--num_samples={cfg.num_samples} and --coco.count={cfg.coco.count} disagree; a COCO "
+                             f"set has one sample per caption: set its size with --coco.count")
+        cfg.num_samples = cfg.coco.count
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,32 +166,64 @@ def decoder_of(cfg: SampleConfig, gcfg: GeneratorConfig, device: torch.device, d
                          impl=cfg.impl, fae_config_file=cfg.fae_config, fae_size=cfg.fae_size)
 
 
+Conditions = ClassConditions | CocoConditions
+"""Sample index -> (condition, the label the set records); `grid_rows` gives grid.png's rows."""
+
+
+def prompts_of(cfg: SampleConfig) -> list[CocoPrompt] | None:
+    """The COCO prompt set the options name (files checked), or None without --coco options."""
+    if not cfg.coco.wanted:
+        return None
+    return coco_prompts(cfg.coco.annotations, cfg.coco.images, count=cfg.coco.count, seed=cfg.coco.seed)
+
+
+def conditions_of(model: Generator, cfg: SampleConfig, prompts: list[CocoPrompt] | None,
+                  device: torch.device) -> Conditions:
+    """What each sample index is conditioned on: its class label (class-conditional models) or its COCO caption
+    embedded by the frozen text tower (text-to-image models); options that do not fit the model are an error."""
+    if not isinstance(model.conditioning, TextEmbeddings):
+        if prompts is not None:
+            raise ValueError(f"{cfg.ckpt} is a class-conditional generator; the --coco options are for text-to-image "
+                             f"generators: drop them, or pass a text-to-image checkpoint")
+        return ClassConditions(model.conditioning, cfg.seed, cfg.labels)
+    if prompts is None:
+        raise ValueError(f"{cfg.ckpt} is a text-to-image generator: it draws one sample per COCO caption, not "
+                         f"per class label; pass --coco.annotations=.../captions_val2014.json and "
+                         f"--coco.images=.../val2014")
+    if cfg.labels != "balanced":
+        raise ValueError(f"--labels={cfg.labels} picks class labels, but {cfg.ckpt} is a text-to-image generator "
+                         f"conditioned on captions; drop --labels")
+    encoder = FrozenTextEncoder.load(cfg.text_tower, max_length=model.cfg.text_length, device=device)
+    return CocoConditions(prompts, encoder, model.cfg.text_dim)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------------
 def sample_batch(model: Generator, indices: torch.Tensor, cfg: SampleConfig,
-                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (B, T, C) fp32 and labels (B,) of samples `indices` (B,), on the model's device; labels
-    default to the protocol's (seed, index) labels."""
+                 conditions: Conditions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (B, T, C) fp32 and recorded labels (B,) of samples `indices` (B,), on the model's device;
+    `conditions` default to the protocol's (seed, index) class labels."""
     gcfg, device = model.cfg, next(model.parameters()).device
     indices = indices.to(device)
-    if labels is None:
-        labels = model.conditioning.for_indices(cfg.seed, indices, cfg.labels)
-    labels = labels.to(device)
+    if conditions is None:
+        conditions = ClassConditions(model.conditioning, cfg.seed, cfg.labels)
+    condition, labels = (t.to(device) for t in conditions(indices))
     noise = index_normal(cfg.seed, indices, (gcfg.grid ** 2, gcfg.in_channels))
 
     def step_noise(k):  # each sample's SDE increments from its own index: independent of batch and GPU
         return index_normal(cfg.seed, indices, noise.shape[1:], stream=STREAM_SDE + k)
 
-    return family_of(gcfg).sample(model, labels, noise, cfg.sampler, step_noise=step_noise), labels
+    return family_of(gcfg).sample(model, condition, noise, cfg.sampler, step_noise=step_noise), labels
 
 
-def sample_padded(model: Generator, start: int, end: int, cfg: SampleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_padded(model: Generator, start: int, end: int, cfg: SampleConfig,
+                  conditions: Conditions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """sample_batch for indices start..end-1, padded to cfg.batch rows so that a compiled model or a
     CUDA graph sees one shape; the padding rows are dropped."""
     n = end - start
     indices = torch.arange(start, start + max(n, cfg.batch)).clamp(max=end - 1)
-    z, y = sample_batch(model, indices, cfg)
+    z, y = sample_batch(model, indices, cfg, conditions)
     return z[:n], y[:n]
 
 
@@ -190,18 +254,21 @@ def seconds_per_call(fn, device: torch.device, repeats: int = 3, warmup: int = 2
 
 @torch.no_grad()
 def estimate_seconds_per_batch(model: Generator, decoder: LatentDecoder | None, cfg: SampleConfig,
-                               device: torch.device) -> float:
+                               device: torch.device, conditions: Conditions) -> float:
     """Time of one batch of cfg.batch samples, plus one timed decode: for a family sampled by integrating
     its forward, timed forwards of B and 2B rows times its evaluation plan; for another, one timed batch."""
     g, seconds = model.cfg, 0.0
     plan = family_of(g).evaluation_plan
     if plan is None:
+        def members(indices):  # the grid's noise indices, any set member's condition
+            return conditions(indices % cfg.num_samples)
+
         indices = GRID_INDEX_OFFSET + torch.arange(cfg.batch)
-        seconds += seconds_per_call(lambda: sample_batch(model, indices, cfg), device, repeats=1, warmup=0)
+        seconds += seconds_per_call(lambda: sample_batch(model, indices, cfg, members), device, repeats=1, warmup=0)
     for rows, count in zip((cfg.batch, 2 * cfg.batch), plan(cfg.sampler) if plan else (0, 0)):
         if count:
             x, t = torch.randn(rows, g.grid ** 2, g.in_channels, device=device), torch.rand(rows, device=device)
-            y = torch.zeros(rows, dtype=torch.long, device=device)
+            y = conditions(torch.arange(rows, device=device) % cfg.num_samples)[0].to(device)
             seconds += count * seconds_per_call(lambda: model(x, t, y), device)
     if decoder is not None:
         z = torch.randn(cfg.batch, g.grid ** 2, g.in_channels, device=device)
@@ -212,11 +279,16 @@ def estimate_seconds_per_batch(model: Generator, decoder: LatentDecoder | None, 
 # ----------------------------------------------------------------------------------------------------
 # The run: manifest, grid, chunks, final file
 # ----------------------------------------------------------------------------------------------------
-def manifest(cfg: SampleConfig, dtype: torch.dtype) -> dict:
-    """The settings that determine the samples; a resumed run must have the same ones."""
+def manifest(cfg: SampleConfig, dtype: torch.dtype, prompts: list[CocoPrompt] | None = None) -> dict:
+    """The settings that determine the samples; a resumed run must have the same ones. A COCO set adds its
+    prompt set (by content: fae_fast.eval.coco.prompt_set_digest) and the text tower."""
     keys = ("ckpt", "fae", "fae_size", "fae_config", "stats", "num_samples", "labels", "seed")
     out = {k: getattr(cfg, k) for k in keys}
     out.update(ckpt=str(Path(cfg.ckpt).resolve()), sampler=dataclasses.asdict(cfg.sampler), dtype=str(dtype))
+    if prompts is not None:
+        tower = Path(cfg.text_tower)
+        out.update(prompt_set=prompt_set_digest(prompts),
+                   text_tower=str(tower.resolve()) if tower.exists() else cfg.text_tower)
     return json.loads(json.dumps(out))  # tuples as lists, as they read back
 
 
@@ -243,11 +315,16 @@ def final_path(out: Path, cfg: SampleConfig, gcfg: GeneratorConfig, decoder: Lat
     return out / f"samples_{cfg.num_samples}x{size}x{size}x3.npz"
 
 
-def save_sample_grid(model: Generator, decoder: LatentDecoder | None, cfg: SampleConfig, path: Path) -> None:
-    """grid.png: one row per class of cfg.grid_classes, cfg.grid_seeds samples each (own noise indices)."""
-    classes = torch.tensor([c % model.cfg.num_classes for c in cfg.grid_classes])
-    labels = classes.repeat_interleave(cfg.grid_seeds)
-    z, _ = sample_batch(model, GRID_INDEX_OFFSET + torch.arange(len(labels)), cfg, labels=labels)
+def save_sample_grid(model: Generator, decoder: LatentDecoder | None, cfg: SampleConfig, path: Path,
+                     conditions: Conditions) -> None:
+    """grid.png: one row per class of cfg.grid_classes (or per caption of the first that many of a COCO set),
+    cfg.grid_seeds samples each (own noise indices)."""
+    condition, labels = (t.repeat_interleave(cfg.grid_seeds, dim=0) for t in conditions.grid_rows(cfg.grid_classes))
+
+    def rows(indices):  # the grid's own noise indices, its rows' conditions
+        return condition, labels
+
+    z, _ = sample_batch(model, GRID_INDEX_OFFSET + torch.arange(len(labels)), cfg, rows)
     if decoder is None:
         images = latents_to_images(z.cpu(), model.cfg.grid)
     else:
@@ -274,11 +351,12 @@ def progress_line(done: int, total: int, started: int, elapsed: float) -> str:
     return f"[{'#' * filled}{'.' * (20 - filled)}] {done:,}/{total:,} images | {rate:,.1f} img/s | ETA {eta}"
 
 
-def draw_chunks(model, decoder, cfg: SampleConfig, ranges, out: Path, d, started: int) -> None:
+def draw_chunks(model, decoder, cfg: SampleConfig, ranges, out: Path, d, started: int,
+                conditions: Conditions) -> None:
     """Sample, decode and write this rank's chunks; rank 0 prints a progress line after each of its own."""
     t0 = time.perf_counter()
     for start, end in ranges:
-        z, y = sample_padded(model, start, end, cfg)
+        z, y = sample_padded(model, start, end, cfg, conditions)
         arrays = {"indices": np.arange(start, end), "labels": y.cpu().numpy()}
         if decoder is None:
             arrays["latents"] = z.float().cpu().numpy()
@@ -313,10 +391,11 @@ def pending_chunks(folder: Path, cfg: SampleConfig) -> list[tuple[int, int]]:
     return pending_ranges([(s, e) for s, e, _ in list_chunks(folder)], cfg.num_samples, cfg.batch)
 
 
-def draw_all(model, decoder, cfg: SampleConfig, todo: list[tuple[int, int]], out: Path, d) -> None:
+def draw_all(model, decoder, cfg: SampleConfig, todo: list[tuple[int, int]], out: Path, d,
+             conditions: Conditions) -> None:
     """Estimate the time, write the grid (rank 0), draw this rank's share of `todo`, report the time."""
     started = cfg.num_samples - sum(e - s for s, e in todo)
-    per_batch = estimate_seconds_per_batch(model, decoder, cfg, d.device)
+    per_batch = estimate_seconds_per_batch(model, decoder, cfg, d.device, conditions)
     estimate = math.ceil(len(todo) / d.world) * per_batch
     family = family_of(model.cfg)
     if family.evaluation_plan is not None:
@@ -328,10 +407,10 @@ def draw_all(model, decoder, cfg: SampleConfig, todo: list[tuple[int, int]], out
            f"{d.world} rank(s) ({how}). Estimate: {hms(estimate)} ({cfg.batch / per_batch:.2f} img/s per GPU; "
            f"{hms(estimate * d.world)} on one GPU)")
     if d.is_main and cfg.grid_classes and not (out / "grid.png").exists():
-        save_sample_grid(model, decoder, cfg, out / "grid.png")
+        save_sample_grid(model, decoder, cfg, out / "grid.png", conditions)
         print0(f"wrote {out / 'grid.png'}")
     t0 = time.perf_counter()
-    draw_chunks(model, decoder, cfg, todo[d.rank::d.world], out, d, started)
+    draw_chunks(model, decoder, cfg, todo[d.rank::d.world], out, d, started, conditions)
     dist.barrier()
     seconds, drawn = time.perf_counter() - t0, cfg.num_samples - started
     print0(f"measured: {drawn:,} samples in {hms(seconds)} on {d.world} rank(s) ({drawn / seconds:.2f} img/s, "
@@ -344,8 +423,12 @@ def main(argv: list[str]) -> Path:
     cuda = d.device.type == "cuda"
     dtype = torch.bfloat16 if cuda and cfg.precision == "bf16" else torch.float32
     out = Path(cfg.out_dir)
-    check_manifest(out, manifest(cfg, dtype), d.is_main)
+    prompts = prompts_of(cfg)
     model = load_generator_of(cfg, d.device, dtype)
+    conditions = conditions_of(model, cfg, prompts, d.device)  # before the manifest: options that do not fit
+    check_manifest(out, manifest(cfg, dtype, prompts), d.is_main)
+    if prompts is not None and d.is_main:
+        write_prompt_list(out / PROMPT_LIST, prompts, cfg.coco)
     decoder = decoder_of(cfg, model.cfg, d.device, dtype) if cfg.fae else None
     final = final_path(out, cfg, model.cfg, decoder)
     if final.is_file():  # written atomically after the coverage check: complete unless it is another run's
@@ -364,9 +447,11 @@ def main(argv: list[str]) -> Path:
     dist.broadcast_object_list(todo, src=0)  # one listing, made before anyone writes, for every rank
     todo = todo[0]
     if todo:
-        draw_all(model, decoder, cfg, todo, out, d)
+        draw_all(model, decoder, cfg, todo, out, d, conditions)
     if d.is_main:
         finish(out, cfg, final, decoder is not None)
+        if prompts is not None:
+            print0(f"the caption and COCO image id of every sample: {out / PROMPT_LIST} (evaluate.py reads it)")
     return final
 
 

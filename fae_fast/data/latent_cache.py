@@ -1,6 +1,8 @@
-"""The latent cache: FAE latents of every image of a data set (and of its flipped twin), on disk.
+"""The latent cache: FAE latents of every image of a data set (and of its flipped twin), on disk, with each
+image's condition beside them: its class label (format 1) or its caption's token embeddings (format 2).
 
-Written by training/extract_latents.py, read by train_gen.py (data.source='cache') and the linear probe.
+Written by training/extract_latents.py (labels) and fae_fast/data/caption_cache.py (captions), read by
+train_gen.py (data.source='cache') and the linear probe.
 
     folder/
       index.json             written last, atomically, by rank 0 once every image is present exactly once:
@@ -17,9 +19,20 @@ Written by training/extract_latents.py, read by train_gen.py (data.source='cache
       images.txt             'relative/path label' per image in cache order (a valid file_list)
       settings.json          what the extraction was started with; a resumed run must match it
 
-Image i of the cache is the i-th image of the sorted listing (fae_fast.data.images.list_images) once the
+A caption cache (format 2, "condition": "text", plus "text_length": L, "text_dim": D, "num_pairs": P) holds,
+instead of the labels file, per shard:
+      shard_XXXXX.text.npy        float16 (n, L, D): the caption's token embeddings from the frozen text tower,
+                                  at the tower's padded length (SigLIP 2 attends to the padding: no mask needed)
+      shard_XXXXX.text_length.npy int32 (n,): the caption's tokens before the padding (for models that mask it)
+      shard_XXXXX.pairs.npy       int64 (n,): the pair index in the caption shards (caption_shards.py) of each row
+Its shard k was planned for pairs [k * shard_size, ...) and holds those that decoded (a pair whose image or
+caption is unusable is left out), so its "start" and "count" in the index are cache positions, counted once
+every shard is written. At CC12M scale the embeddings dominate: 64 x 1152 float16 = 147 kB per caption.
+The format-1 files are written exactly as before; a format-1 reader refuses a caption cache by its format.
+
+Image i of a class cache is the i-th image of the sorted listing (fae_fast.data.images.list_images) once the
 excluded files are removed. Shard k holds images [k * shard_size, min(N, (k + 1) * shard_size)).
-A shard is written under a '.tmp' name and renamed when complete (labels first, latents last), so a
+A shard is written under '.tmp' names and renamed when complete (condition files first, latents last), so a
 shard whose latents file exists is finished, and anything else is redone by a resumed run.
 
 The statistics are a fixed-order reduction: per shard, float64 moments (count, mean, M2) over fixed
@@ -36,9 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fae_fast.config import DataConfig, LatentModel
+from fae_fast.config import DataConfig, LatentModel, TextGeneratorConfig
 
-FORMAT = 1
+FORMATS = {"labels": 1, "text": 2}  # the format a cache of each condition kind is written in
+FORMAT = FORMATS["labels"]
 DTYPES = {"float16": np.float16, "float32": np.float32}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _STATS_CHUNK = 256  # images per float64 chunk of the statistics (fixed: it is part of the reduction order)
@@ -47,6 +61,49 @@ _STATS_CHUNK = 256  # images per float64 chunk of the statistics (fixed: it is p
 # ----------------------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    """A per-image array stored beside the latents, in shard_XXXXX.<name>.npy of shape (n, *shape)."""
+
+    shape: tuple[int, ...]
+    dtype: type
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a cache holds beside each image's latents."""
+
+    kind: str
+    """'labels' (class labels) or 'text' (caption token embeddings)."""
+    columns: dict[str, Column]
+    """The per-image arrays, by file name part."""
+    may_skip: bool
+    """A shard may hold fewer images than the items it was planned for (caption pairs that did not decode)."""
+    items: str = "images"
+    """What a writer's positions count, for messages: 'images' (cache positions) or 'pairs'."""
+
+
+LABELS = Condition("labels", {"labels": Column((), np.int64)}, may_skip=False)
+
+
+def text_condition(text_length: int, text_dim: int) -> Condition:
+    """Caption token embeddings (L, D) float16, the caption's length before padding, and the pair index."""
+    columns = {"text": Column((text_length, text_dim), np.float16), "text_length": Column((), np.int32),
+               "pairs": Column((), np.int64)}
+    return Condition("text", columns, may_skip=True, items="pairs")
+
+
+def condition_of(index: dict) -> Condition:
+    """The condition an index (or a writer's metadata) describes; no "condition" key means class labels."""
+    kind = index.get("condition", "labels")
+    if kind == "text":
+        return text_condition(index["text_length"], index["text_dim"])
+    if kind != "labels":
+        raise ValueError(f"cache condition {kind!r} is not one of {', '.join(FORMATS)}; the index is corrupt or "
+                         f"from a newer version")
+    return LABELS
+
+
 @dataclass(frozen=True)
 class Shard:
     k: int
@@ -59,10 +116,14 @@ class Shard:
 
     @property
     def labels(self) -> str:
-        return f"shard_{self.k:05d}.labels.npy"
+        return self.column_file("labels")
 
-    def entry(self) -> dict:
-        return {"file": self.file, "labels": self.labels, "start": self.start, "count": self.count}
+    def column_file(self, name: str) -> str:
+        return f"shard_{self.k:05d}.{name}.npy"
+
+    def entry(self, condition: Condition = LABELS) -> dict:
+        columns = {name: self.column_file(name) for name in condition.columns}
+        return {"file": self.file, **columns, "start": self.start, "count": self.count}
 
 
 def plan_shards(num_images: int, shard_size: int) -> list[Shard]:
@@ -83,16 +144,43 @@ def write_json(path: Path, value: dict) -> None:
     _fsync_rename(tmp, path)
 
 
-def shard_done(folder: Path, shard: Shard, tokens: int, channels: int, flips: bool = True) -> bool:
-    """True when the shard's two files exist with the expected shapes (a renamed, hence complete, shard)."""
-    lat, lab = folder / shard.file, folder / shard.labels
-    if not (lat.is_file() and lab.is_file()):
-        return False
+def check_settings(folder: Path, settings: dict) -> None:
+    """Record what a cache is started with in folder/settings.json, or, when it is there, check that this run
+    (a resumption) has the same: shards planned with another shard_size or models must not be mixed."""
+    path = Path(folder) / "settings.json"
+    if not path.is_file():
+        write_json(path, settings)
+        return
+    saved = json.loads(path.read_text())
+    changed = [k for k in settings if saved.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{folder} holds latents extracted with {k}={saved.get(k)!r}, this run has {settings[k]!r}; "
+                         f"pass a new --out folder, or delete {folder} to start over")
+
+
+def shard_rows(folder: Path, shard: Shard, tokens: int, channels: int, flips: bool = True,
+               condition: Condition = LABELS) -> int | None:
+    """Rows of a renamed (hence complete) shard whose files all exist with consistent shapes, else None."""
     try:
-        x, y = np.load(lat, mmap_mode="r"), np.load(lab, mmap_mode="r")
-    except (ValueError, OSError):
-        return False
-    return x.shape == (shard.count, 2 if flips else 1, tokens, channels) and y.shape == (shard.count,)
+        x = np.load(Path(folder) / shard.file, mmap_mode="r")
+        columns = {name: np.load(Path(folder) / shard.column_file(name), mmap_mode="r") for name in condition.columns}
+    except (ValueError, OSError, EOFError):
+        return None
+    n = x.shape[0]
+    if x.shape != (n, 2 if flips else 1, tokens, channels) or n > shard.count:
+        return None
+    if any(columns[name].shape != (n, *column.shape) for name, column in condition.columns.items()):
+        return None
+    return n
+
+
+def shard_done(folder: Path, shard: Shard, tokens: int, channels: int, flips: bool = True,
+               condition: Condition = LABELS) -> bool:
+    """True when the shard's files exist with the expected shapes (a renamed, hence complete, shard): all of
+    its images, or for a condition that may skip them, at most that many."""
+    rows = shard_rows(folder, shard, tokens, channels, flips, condition)
+    return rows is not None and (rows == shard.count or condition.may_skip)
 
 
 def _ranges(indices: np.ndarray, most: int = 8) -> str:
@@ -129,45 +217,90 @@ def check_coverage(num_images: int, spans: list[tuple[int, int]]) -> None:
 # Writing one shard
 # ----------------------------------------------------------------------------------------------------
 class ShardWriter:
-    """Fills one shard batch by batch in a temporary memory-mapped file; `finish()` checks that every
-    image came exactly once, then renames labels and latents into place."""
+    """Fills one shard batch by batch in temporary memory-mapped files; `finish()` checks that every image
+    came exactly once (or, where the condition allows it, was skipped), leaves the skipped ones out, then
+    renames the condition's files and, last, the latents into place."""
 
-    def __init__(self, folder: Path, shard: Shard, tokens: int, channels: int):
-        self.folder, self.shard = Path(folder), shard
-        self.tmp = self.folder / (shard.file + ".tmp")
-        self.latents = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16,
-                                                 shape=(shard.count, 2, tokens, channels))
-        self.labels = np.zeros(shard.count, dtype=np.int64)
+    def __init__(self, folder: Path, shard: Shard, tokens: int, channels: int, condition: Condition = LABELS):
+        self.folder, self.shard, self.condition = Path(folder), shard, condition
+        columns = {"latents": Column((2, tokens, channels), np.float16), **condition.columns}
+        self.files = {"latents": shard.file, **{name: shard.column_file(name) for name in condition.columns}}
+        self.arrays = {name: np.lib.format.open_memmap(self._tmp(name), mode="w+", dtype=column.dtype,
+                                                       shape=(shard.count, *column.shape))
+                       for name, column in columns.items()}
         self.seen = np.zeros(shard.count, dtype=np.int64)
+        self.skipped = np.zeros(shard.count, dtype=bool)
 
-    def write(self, positions: np.ndarray, latents: np.ndarray, labels: np.ndarray) -> None:
-        """positions (n,) cache indices inside this shard; latents (n, 2, T, C); labels (n,)."""
+    def _tmp(self, name: str) -> Path:
+        return self.folder / (self.files[name] + ".tmp")
+
+    def _local(self, positions: np.ndarray) -> np.ndarray:
         local = positions - self.shard.start
         outside = positions[(local < 0) | (local >= self.shard.count)]
         if len(outside):
-            raise ValueError(f"images {_ranges(np.sort(outside))} do not belong to shard {self.shard.k} "
-                             f"(images {self.shard.start}-{self.shard.start + self.shard.count - 1})")
-        if not np.isfinite(latents).all():
-            bad = np.sort(positions[~np.isfinite(latents).reshape(len(positions), -1).all(1)])
-            raise FloatingPointError(f"latents of images {_ranges(bad)} are not finite (NaN, or beyond float16's "
-                                     f"range); check the FAE weights")
+            raise ValueError(f"{self.condition.items} {_ranges(np.sort(outside))} do not belong to shard "
+                             f"{self.shard.k} ({self.condition.items} {self.shard.start}-"
+                             f"{self.shard.start + self.shard.count - 1})")
+        return local
+
+    def write(self, positions: np.ndarray, latents: np.ndarray, labels: np.ndarray | None = None,
+              **columns: np.ndarray) -> None:
+        """positions (n,) cache indices inside this shard (a caption cache: pair indices); latents (n, 2, T, C);
+        the condition's columns by name: labels (n,), or text (n, L, D), text_length (n,) and pairs (n,)."""
+        values = {"latents": latents, **({} if labels is None else {"labels": labels}), **columns}
+        if values.keys() != self.arrays.keys():
+            raise TypeError(f"shard {self.shard.k} stores {', '.join(self.arrays)}; got {', '.join(values)}")
+        local = self._local(positions)
+        for name, value in values.items():
+            self._check_finite(name, positions, value)
         np.add.at(self.seen, local, 1)
-        self.latents[local] = latents
-        self.labels[local] = labels
+        for name, value in values.items():
+            self.arrays[name][local] = value
+
+    def _check_finite(self, name: str, positions: np.ndarray, value: np.ndarray) -> None:
+        if not np.issubdtype(value.dtype, np.floating) or np.isfinite(value).all():
+            return
+        bad = np.sort(positions[~np.isfinite(value).reshape(len(positions), -1).all(1)])
+        source = "the FAE weights" if name == "latents" else "the text tower's weights"
+        raise FloatingPointError(f"{name} of {self.condition.items} {_ranges(bad)} are not finite (NaN, or beyond "
+                                 f"float16's range); check {source}")
+
+    def skip(self, positions: np.ndarray) -> None:
+        """Mark items left out (an image that does not decode, an empty caption): accounted for, not stored."""
+        if not self.condition.may_skip:
+            raise ValueError(f"a {self.condition.kind} cache holds every image; a shard cannot skip "
+                             f"{self.condition.items} {_ranges(np.sort(positions))}")
+        local = self._local(positions)
+        np.add.at(self.seen, local, 1)
+        self.skipped[local] = True
 
     def finish(self) -> None:
         missing, twice = np.flatnonzero(self.seen == 0), np.flatnonzero(self.seen > 1)
         if len(missing) or len(twice):
-            s = self.shard.start
-            raise RuntimeError(f"shard {self.shard.k} got no latent for images {_ranges(missing + s)} and more than "
-                               f"one for images {_ranges(twice + s)}; the image loader skipped or repeated files")
-        self.latents.flush()
-        del self.latents
-        labels_tmp = self.folder / (self.shard.labels + ".tmp")
-        with open(labels_tmp, "wb") as f:
-            np.save(f, self.labels)
-        _fsync_rename(labels_tmp, self.folder / self.shard.labels)
-        _fsync_rename(self.tmp, self.folder / self.shard.file)  # last: its presence marks the shard done
+            s, items = self.shard.start, self.condition.items
+            raise RuntimeError(f"shard {self.shard.k} got no latent for {items} {_ranges(missing + s)} and more than "
+                               f"one for {items} {_ranges(twice + s)}; the loader skipped or repeated files")
+        for array in self.arrays.values():
+            array.flush()
+        names = [*self.arrays][1:] + ["latents"]  # latents last: their presence marks the shard done
+        self.arrays.clear()  # unmapped before the files are rewritten or renamed
+        keep = np.flatnonzero(~self.skipped)
+        for name in names:
+            if len(keep) < self.shard.count:
+                keep_rows(self._tmp(name), keep)
+            _fsync_rename(self._tmp(name), self.folder / self.files[name])
+
+
+def keep_rows(path: Path, keep: np.ndarray, chunk: int = 256) -> None:
+    """Rewrite the .npy file `path` with only its rows `keep` (sorted), chunk by chunk (bounded memory)."""
+    source = np.load(path, mmap_mode="r")
+    part = path.with_name(path.name + ".part")
+    kept = np.lib.format.open_memmap(part, mode="w+", dtype=source.dtype, shape=(len(keep), *source.shape[1:]))
+    for s in range(0, len(keep), chunk):
+        kept[s:s + chunk] = source[keep[s:s + chunk]]
+    kept.flush()
+    del source, kept
+    os.replace(part, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,11 +340,21 @@ def combine_stats(moments: list[tuple]) -> dict:
 
 def finish_cache(folder: Path, plan: list[Shard], meta: dict, moments: list[tuple]) -> dict:
     """Check that the shards on disk hold images 0..N-1 exactly once, write stats.json from the shards'
-    moments (in shard order), then index.json, last. Returns the index."""
-    folder = Path(folder)
-    check_coverage(meta["num_images"], [(s.start, np.load(folder / s.file, mmap_mode="r").shape[0]) for s in plan])
+    moments (in shard order), then index.json, last. Returns the index.
+
+    A caption cache (meta["condition"] == "text") counts its images here: shard k starts where shard k - 1
+    ends, whatever pairs its source range left out."""
+    folder, condition = Path(folder), condition_of(meta)
+    rows = [np.load(folder / s.file, mmap_mode="r").shape[0] for s in plan]
+    if condition.may_skip:
+        starts = np.r_[0, np.cumsum(rows)[:-1]].tolist()
+        meta = {**meta, "num_images": int(sum(rows))}
+    else:
+        starts = [s.start for s in plan]
+    check_coverage(meta["num_images"], list(zip(starts, rows)))
     write_json(folder / "stats.json", combine_stats(moments))
-    index = {**meta, "format": FORMAT, "shards": [s.entry() for s in plan], "stats": "stats.json", "complete": True}
+    shards = [Shard(s.k, int(start), int(n)).entry(condition) for s, start, n in zip(plan, starts, rows)]
+    index = {**meta, "format": FORMATS[condition.kind], "shards": shards, "stats": "stats.json", "complete": True}
     write_json(folder / "index.json", index)
     return index
 
@@ -245,9 +388,11 @@ def read_index(folder: str | Path) -> dict:
     if index.get("complete") is not True:
         raise ValueError(f"{str(folder)!r} is not a complete latent cache (no index.json marked complete); run "
                          f"training/extract_latents.py with --out {folder} again to finish it (it resumes)")
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path} has cache format {index.get('format')!r}, this code reads format {FORMAT}; "
-                         f"extract the latents again with this version")
+    kind = index.get("condition", "labels")
+    if index.get("format") != FORMATS.get(kind):
+        readable = ", ".join(f"{number} ({name})" for name, number in FORMATS.items())
+        raise ValueError(f"{path} has cache format {index.get('format')!r} for condition {kind!r}, this code reads "
+                         f"formats {readable}; extract the latents again with this version")
     if index.get("dtype") not in DTYPES:
         raise ValueError(f"{path} says dtype {index.get('dtype')!r}, not one of {', '.join(DTYPES)}; the index is "
                          f"corrupt or from another program")
@@ -255,7 +400,9 @@ def read_index(folder: str | Path) -> dict:
 
 
 class LatentCache:
-    """Memory-mapped shards, labels (N,) and per-channel stats of a complete cache."""
+    """Memory-mapped shards, the images' conditions and per-channel stats of a complete cache. The condition's
+    per-image scalars (labels; or caption lengths and pair indices) are read whole into `scalars` (N,); a
+    caption cache's token embeddings stay memory-mapped per shard."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -263,11 +410,23 @@ class LatentCache:
         ix = self.index
         self.num_images, self.tokens, self.channels = ix["num_images"], ix["tokens"], ix["channels"]
         self.flips = bool(ix["flips"])
+        self.condition = condition_of(ix)
         self.shards = [self._open(s["file"], mmap_mode="r") for s in ix["shards"]]
         self.starts = np.array([s["start"] for s in ix["shards"]], dtype=np.int64)
-        self.labels = np.concatenate([self._open(s["labels"]) for s in ix["shards"]])
+        self.columns = {name: [self._open(s[name], mmap_mode="r") for s in ix["shards"]]
+                        for name in self.condition.columns}
         self._check_files()
+        self.scalars = {name: np.concatenate(parts) for name, parts in self.columns.items()
+                        if self.condition.columns[name].shape == ()}
         self.mean, self.std = self._read_stats()
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class labels (N,) int64 of a class cache."""
+        if "labels" not in self.scalars:
+            raise ValueError(f"latent cache {str(self.folder)!r} holds caption embeddings, not class labels; use a "
+                             f"cache extracted from a class-labelled image folder")
+        return self.scalars["labels"]
 
     def redo_hint(self, file: str) -> str:
         return (f"delete {self.folder / file} and {self.folder / 'index.json'}, then run training/extract_latents.py "
@@ -288,10 +447,16 @@ class LatentCache:
 
     def _check_files(self) -> None:
         want = (2 if self.flips else 1, self.tokens, self.channels)
-        for s, x in zip(self.index["shards"], self.shards):
+        for k, (s, x) in enumerate(zip(self.index["shards"], self.shards)):
             if x.shape != (s["count"], *want) or x.dtype != DTYPES[self.index["dtype"]]:
                 raise ValueError(f"{self.folder / s['file']} holds {x.dtype} {x.shape}, the index says "
                                  f"{self.index['dtype']} {(s['count'], *want)}; extract this cache again")
+            for name, column in self.condition.columns.items():
+                a = self.columns[name][k]
+                if a.shape != (s["count"], *column.shape) or a.dtype != column.dtype:
+                    expected = f"{np.dtype(column.dtype)} {(s['count'], *column.shape)}"
+                    raise ValueError(f"{self.folder / s[name]} holds {a.dtype} {a.shape}, the index says {expected}; "
+                                     f"{self.redo_hint(s[name])}")
         check_coverage(self.num_images, [(s["start"], s["count"]) for s in self.index["shards"]])
 
     def _read_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -306,21 +471,36 @@ class LatentCache:
                              f"this cache again")
         return mean, std
 
-    def gather(self, images: np.ndarray, flips: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Latents (B, T, C) of `images` (B,) (flipped twin where `flips`), in the cache's dtype.
-
-        Indices are sorted so each shard is read in increasing order, one fancy-indexing call per shard."""
-        images = np.asarray(images, dtype=np.int64)
-        if out is None:
-            out = np.empty((len(images), self.tokens, self.channels), dtype=DTYPES[self.index["dtype"]])
+    def _by_shard(self, images: np.ndarray):
+        """(shard k, rows of `images` in it, their indices inside the shard) per shard, each shard's indices
+        increasing, so that every shard is read in order by one fancy-indexing call."""
         order = np.argsort(images, kind="stable")
         sorted_images = images[order]
         shard_of = np.searchsorted(self.starts, sorted_images, side="right") - 1
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(images)]):
-            k, rows = shard_of[a], order[a:b]
-            local = sorted_images[a:b] - self.starts[k]
+            k = shard_of[a]
+            yield k, order[a:b], sorted_images[a:b] - self.starts[k]
+
+    def gather(self, images: np.ndarray, flips: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Latents (B, T, C) of `images` (B,) (flipped twin where `flips`), in the cache's dtype."""
+        images = np.asarray(images, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(images), self.tokens, self.channels), dtype=DTYPES[self.index["dtype"]])
+        for k, rows, local in self._by_shard(images):
             out[rows] = self.shards[k][local, flips[rows].astype(np.int64)]
+        return out
+
+    def text(self, images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Caption token embeddings (B, L, D) float16 of `images` (B,) of a caption cache."""
+        if self.condition.kind != "text":
+            raise ValueError(f"latent cache {str(self.folder)!r} holds class labels, not caption embeddings; "
+                             f"extract a caption cache (fae_fast/data/caption_cache.py)")
+        images = np.asarray(images, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(images), *self.condition.columns["text"].shape), dtype=np.float16)
+        for k, rows, local in self._by_shard(images):
+            out[rows] = self.columns["text"][k][local]
         return out
 
 
@@ -334,10 +514,35 @@ def check_fits(cache: LatentCache, model: LatentModel) -> None:
                          f"channels per image but the generator expects {model.grid}x{model.grid}={tokens} tokens x "
                          f"{model.in_channels} channels; set --model.grid={int(round(cache.tokens ** 0.5))} "
                          f"--model.in_channels={cache.channels} or extract latents with an FAE of that shape")
-    if len(cache.labels) and (cache.labels.min() < 0 or cache.labels.max() >= model.num_classes):
-        raise ValueError(f"latent cache {str(cache.folder)!r} holds class labels {int(cache.labels.min())}-"
-                         f"{int(cache.labels.max())} but the generator has {model.num_classes} classes; set "
-                         f"--model.num_classes={int(cache.labels.max()) + 1} (ImageNet: 1000)")
+    fits = {"labels": check_labels_fit, "text": check_text_fits}
+    fits[cache.condition.kind](cache, model)
+
+
+def check_labels_fit(cache: LatentCache, model: LatentModel) -> None:
+    """A class cache fits a class-conditional generator with as many classes as its labels need."""
+    if hasattr(model, "text_dim"):
+        raise ValueError(f"latent cache {str(cache.folder)!r} holds class labels, but the generator is conditioned "
+                         f"on captions; train it on a caption cache (fae_fast/data/caption_cache.py) or use a "
+                         f"class-conditional recipe")
+    labels = cache.labels
+    if len(labels) and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(f"latent cache {str(cache.folder)!r} holds class labels {int(labels.min())}-"
+                         f"{int(labels.max())} but the generator has {model.num_classes} classes; set "
+                         f"--model.num_classes={int(labels.max()) + 1} (ImageNet: 1000)")
+
+
+def check_text_fits(cache: LatentCache, model: TextGeneratorConfig) -> None:
+    """A caption cache fits a text-conditioned generator whose caption shape is the cache's."""
+    if not hasattr(model, "text_dim"):
+        raise ValueError(f"latent cache {str(cache.folder)!r} holds caption embeddings, which only a "
+                         f"text-conditioned generator takes; use a text recipe (TextGeneratorConfig, e.g. "
+                         f"--recipe t2i-demo) or a class-labelled cache")
+    length, width = cache.condition.columns["text"].shape
+    if (length, width) != (model.text_length, model.text_dim):
+        raise ValueError(f"latent cache {str(cache.folder)!r} holds captions of {length} tokens x {width} channels "
+                         f"but the generator expects {model.text_length} x {model.text_dim}; set "
+                         f"--model.text_length={length} --model.text_dim={width} or embed the captions with that "
+                         f"text tower")
 
 
 class LatentCacheSource:
@@ -348,7 +553,8 @@ class LatentCacheSource:
     takes the contiguous items [r * B, (r + 1) * B) of it. With random_flip the flipped twin is used
     where a coin seeded by (seed, e) comes up at the item's position. Everything is a function of the
     step, so a resumed run reads exactly the batches of an uninterrupted one. Latents come normalised
-    with the cache's per-channel stats, (z - mean) / std, float32 on the device.
+    with the cache's per-channel stats, (z - mean) / std, float32 on the device; the condition is the
+    image's class label, or in a caption cache its caption's token embeddings (what TextEmbeddings takes).
     """
 
     def __init__(self, data: DataConfig, model: LatentModel, *, rank: int, world: int, device):
@@ -404,17 +610,28 @@ class LatentCacheSource:
             file = self.cache.shard_of(bad)
             raise ValueError(f"the latents of image {bad} (step {step}) in {self.cache.folder / file} are NaN or inf: "
                              f"the latent cache is damaged, not the training; {self.cache.redo_hint(file)}")
-        y = torch.from_numpy(self.cache.labels[images])
-        return x, (y.pin_memory() if self.pin else y)
+        return x, self._host_condition(images)
+
+    def _host_condition(self, images: np.ndarray) -> torch.Tensor:
+        """Labels (B,) int64, or caption embeddings (B, L, D) float16, of `images`, pinned on CUDA."""
+        if self.cache.condition.kind == "labels":
+            y = torch.from_numpy(self.cache.labels[images])
+            return y.pin_memory() if self.pin else y
+        y = torch.empty((len(images), *self.cache.condition.columns["text"].shape), dtype=torch.float16,
+                        pin_memory=self.pin)
+        self.cache.text(images, out=y.numpy())
+        return y
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C) float32 normalised, y (B,) int64, both on the device; the next step is read meanwhile."""
+        """x (B, T, C) float32 normalised and the condition: y (B,) int64 labels, or (B, L, D) float32 caption
+        embeddings; both on the device. The next step is read meanwhile."""
         ahead, self._ahead = self._ahead, None
         x, y = ahead[1].result() if ahead is not None and ahead[0] == step else self._host_batch(step)
         self._ahead = (step + 1, self._pool.submit(self._host_batch, step + 1))
         self.next_step = step + 1
         x = x.to(self.device, non_blocking=True).float()
-        return x.sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        return x.sub_(self.mean).div_(self.std), (y.float() if y.is_floating_point() else y)
 
     def state_dict(self) -> dict:
         """Where the next batch starts (for inspection: batch(step) derives it from the step) and what it reads."""

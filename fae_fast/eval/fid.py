@@ -292,6 +292,13 @@ def default_cache_path(ref: str | Path, extractor: Extractor) -> Path:
     return Path(f"{str(ref).rstrip('/')}.{extractor.name}.stats.npz")
 
 
+def files_reference(files: list[Path], extractor: Extractor, *, cache: Path, source: str, batch: int = 200,
+                    size: int = 256, workers: int = 8) -> Reference:
+    """Reference statistics of image files, each center-cropped to `size` as ADM does, cached at `cache`."""
+    return cached(cache, extractor, len(files),
+                  lambda: _from_images(iter_folder_images(files, batch, size, workers), extractor, source, len(files)))
+
+
 def load_reference(ref: str | Path, extractor: Extractor, *, batch: int = 200, cache: str | Path | None = None,
                    size: int = 256, workers: int = 8) -> Reference:
     """Reference statistics from an ADM batch .npz (its mu/sigma when the extractor reads them, features
@@ -299,10 +306,8 @@ def load_reference(ref: str | Path, extractor: Extractor, *, batch: int = 200, c
     ref = Path(ref)
     cache = Path(cache) if cache else default_cache_path(ref, extractor)
     if ref.is_dir():
-        files = image_files(ref)
-        return cached(cache, extractor, len(files),
-                      lambda: _from_images(iter_folder_images(files, batch, size, workers), extractor, str(ref),
-                                           len(files)))
+        return files_reference(image_files(ref), extractor, cache=cache, source=str(ref), batch=batch, size=size,
+                               workers=workers)
     if ref.suffix != ".npz" or not ref.is_file():
         raise FileNotFoundError(f"reference {ref} is neither an image folder nor an .npz file; pass an ADM "
                                 f"reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder")
