@@ -14,6 +14,9 @@ Providers:
                        FSDP2 (bf16 params, fp32 reduce) on several GPUs and bf16 autocast on one (run.fsdp=auto)
   fae_fast.fp8         the same with run.precision=fp8 (fae_fast/fp8.py)
   fae_fast.fsdp        fae_fast with FSDP2 also on one GPU
+  fae_fast.graph       fae_fast with the whole step (forward, backward, clipping, AdamW) captured as one CUDA graph
+                       and replayed (fae_fast/train/cuda_graph.py): no host time between kernels
+  fae_fast.fp8.graph   fae_fast.fp8, captured the same way
 """
 import argparse
 import json
@@ -31,12 +34,13 @@ from fae_fast.config import generator_config  # noqa: E402
 from fae_fast.fp8 import use_fp8  # noqa: E402
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
 from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
+from fae_fast.train.cuda_graph import GraphedStep  # noqa: E402
 from fae_fast.train.parallelize import parallelize  # noqa: E402
 from fae_fast.train.runtime import init_distributed, measured_bf16_peak  # noqa: E402
 
 
 PROVIDERS = ("torch", "torch.compile", "torch.compile.whole", "torchao.float8", "fae_fast", "fae_fast.fp8",
-             "fae_fast.fsdp")
+             "fae_fast.fsdp", "fae_fast.graph", "fae_fast.fp8.graph")
 
 
 def torchao_float8(model: Generator) -> None:
@@ -62,20 +66,25 @@ def build(provider: str, size: str, device):
     if provider in ("torch.compile.whole", "torchao.float8"):
         model.compile()
     sharded = provider == "fae_fast.fsdp" or (provider.startswith("fae_fast") and dist.get_world_size() > 1)
-    if provider == "fae_fast.fp8":
+    if provider.startswith("fae_fast.fp8"):
         use_fp8(model, device)
     if provider.startswith("fae_fast"):
         parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed(provider))
     return cfg, model, opt, sharded
 
 
-def make_step(sharded: bool, model, opt, x1, y):
+def graphed(provider: str) -> bool:
+    return provider.endswith(".graph")
+
+
+def make_step(sharded: bool, model, opt, x1, y, graph: bool = False):
     autocast = not sharded  # FSDP2's MixedPrecisionPolicy gives bf16 compute there
 
     def step():
         t = sample_t(x1.shape[0], device=x1.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        # a captured step keeps no autocast cache: a cached cast would be freed outside the graph
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=not graph):
             loss = flow_matching_loss(lambda xt, tt: model(xt, tt, y), x1, t).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -117,7 +126,9 @@ def prepare(provider: str, size: str, batch: int, device):
     choose_attention_backend(cfg, batch, torch.bfloat16, device)
     x1 = torch.randn(batch, T, cfg.in_channels, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    step = make_step(sharded, model, opt, x1, y)
+    step = make_step(sharded, model, opt, x1, y, graphed(provider))
+    if graphed(provider):  # the first call warms up (3 eager steps), captures and replays
+        step = GraphedStep(step, opt)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()

@@ -1,0 +1,88 @@
+"""A whole training step (forward, backward, gradient clipping, optimizer) captured once as one CUDA graph and
+replayed, for steps where the GPU waits on the host: the FP8 step launches about 1,500 kernels and custom ops
+a step, and on an H200 its host time (Python, dispatch, cuBLASLt set-up) exceeds its kernel time.
+
+    batch = StaticInputs(latents=x, condition=y)           # the step reads these tensors, always the same ones
+    step = GraphedStep(lambda: train_step(model, opt, batch.latents, batch.condition))
+    for x, y in loader:
+        batch.load(latents=x, condition=y)                 # copies into the static tensors
+        loss = step()                                      # replays the graph; returns the static loss tensor
+
+What capture needs (PyTorch's whole-network capture): an optimizer built with `capturable=True` (its step
+count and learning rate live on the device), random numbers from the default CUDA generator (capture
+records the Philox offsets), no host synchronisation inside the step (no `.item()`, no data-dependent
+shapes), and autocast with `cache_enabled=False` (a cached weight cast would be freed outside the graph).
+The step runs `warmup` times eagerly on a side stream first (compilation, cuBLAS workspaces, optimizer
+state) and those steps train as usual; `GraphedStep.eager_steps` says how many there were.
+
+Gradients are allocated once, inside the graph's memory pool, and written in place on every replay, so
+`zero_grad(set_to_none=True)` must not run between replays (the captured step sets them itself).
+"""
+from typing import Callable
+
+import torch
+
+
+class StaticInputs:
+    """Named tensors a captured step reads; `load` copies new values into them (same shapes and dtypes)."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self._names = tuple(tensors)
+        for name, tensor in tensors.items():
+            setattr(self, name, tensor.clone())
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._names}
+
+    def load(self, **tensors: torch.Tensor) -> None:
+        if set(tensors) != set(self._names):
+            raise ValueError(f"StaticInputs.load needs exactly {', '.join(self._names)}; got {', '.join(tensors)}")
+        for name, tensor in tensors.items():
+            static = getattr(self, name)
+            if tensor.shape != static.shape:
+                raise ValueError(f"a captured step's {name} is {tuple(static.shape)}; got {tuple(tensor.shape)} "
+                                 f"(a captured graph replays one shape: keep the batch size fixed)")
+            static.copy_(tensor, non_blocking=True)
+
+
+def check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    if not all(group.get("capturable", False) for group in optimizer.param_groups):
+        raise ValueError(f"{type(optimizer).__name__} must be built with capturable=True to run inside a captured "
+                         f"training step (its step count then stays on the GPU)")
+
+
+class GraphedStep:
+    """`step()` (no arguments, returns the loss tensor) run `warmup` times eagerly, then captured on its next
+    call and replayed from then on. CUDA only."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, warmup: int = 3):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep captures a CUDA graph; no CUDA device is visible")
+        check_capturable(optimizer)
+        self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.eager_steps = 0
+
+    def _warm_up(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.step()
+                self.eager_steps += 1
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self.step()
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            self._warm_up()
+            self._capture()  # capture records the step without running it
+        self.graph.replay()
+        return self.loss
