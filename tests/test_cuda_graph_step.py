@@ -46,11 +46,12 @@ def _model_and_optimizer(seed: int):
 
 @pytest.mark.gpu
 def test_replayed_steps_match_eager_steps():
-    batches = [{name: fn(generator=torch.Generator().manual_seed(k)).cuda() for name, fn in (
-        ("x1", lambda generator: torch.randn(8, 16, 4, generator=generator)),
-        ("noise", lambda generator: torch.randn(8, 16, 4, generator=generator)),
-        ("t", lambda generator: torch.rand(8, generator=generator)),
-        ("y", lambda generator: torch.randint(0, 10, (8,), generator=generator)))} for k in range(5)]
+    batches = []
+    for k in range(5):
+        g = torch.Generator().manual_seed(k)
+        batches.append({"x1": torch.randn(8, 16, 4, generator=g), "noise": torch.randn(8, 16, 4, generator=g),
+                        "t": torch.rand(8, generator=g), "y": torch.randint(0, 10, (8,), generator=g)})
+    batches = [{name: value.cuda() for name, value in b.items()} for b in batches]
 
     def train_step(model, opt, b):
         loss = flow_matching_loss(lambda xt, tt: model(xt, tt, b["y"]), b["x1"], b["t"], noise=b["noise"]).mean()

@@ -123,21 +123,25 @@ def direct_latents_as_on_cuda(encoder, fae, path: Path) -> tuple[torch.Tensor, t
             return tuple(fae.encode(f, sample=False)[1][0].float().cpu() for f in features)
 
 
+def check_stored_latents(stored: torch.Tensor, encoder, fae, path: Path, what: str) -> None:
+    """`stored` (2, T, C): the program's latents of the image at `path` and of its flip, against the direct
+    computation. fp32 on CPU: equal up to float16 storage. On CUDA the program runs bf16: its error against
+    the fp32 direct computation is at most 2x that of the same computation in bf16, plus float16 storage."""
+    plain, flipped = direct_latents(encoder, fae, path)
+    if not torch.cuda.is_available():
+        torch.testing.assert_close(stored[0], plain, rtol=2**-10, atol=1e-5)
+        torch.testing.assert_close(stored[1], flipped, rtol=2**-10, atol=1e-5)
+        return
+    for got, want, bf16 in zip(stored, (plain, flipped), direct_latents_as_on_cuda(encoder, fae, path)):
+        err, err_bf16 = (got - want).norm(), (bf16 - want).norm()
+        assert err <= 2 * err_bf16 + 2**-10 * want.norm(), f"{what}: error {err:.3g} > 2 x bf16's {err_bf16:.3g}"
+
+
 def test_latents_and_flips_equal_a_direct_computation(setup):
-    """fp32 on CPU: equal up to float16 storage. On CUDA the program runs bf16: its error against the fp32
-    direct computation is at most 2x that of the same computation in bf16, plus float16 storage."""
     cache = LatentCache(setup["cache"])
     stored = torch.from_numpy(np.concatenate([np.asarray(x) for x in cache.shards])).float()  # (N, 2, T, C)
     for i, path in enumerate(files(setup["tmp"] / "images")):
-        plain, flipped = direct_latents(setup["encoder"], setup["fae"], path)
-        if not torch.cuda.is_available():
-            torch.testing.assert_close(stored[i, 0], plain, rtol=2**-10, atol=1e-5)
-            torch.testing.assert_close(stored[i, 1], flipped, rtol=2**-10, atol=1e-5)
-            continue
-        for got, want, bf16 in zip(stored[i], (plain, flipped), direct_latents_as_on_cuda(setup["encoder"],
-                                                                                          setup["fae"], path)):
-            err, err_bf16 = (got - want).norm(), (bf16 - want).norm()
-            assert err <= 2 * err_bf16 + 2**-10 * want.norm(), f"image {i}: error {err:.3g} > 2 x bf16's {err_bf16:.3g}"
+        check_stored_latents(stored[i], setup["encoder"], setup["fae"], path, f"image {i}")
     # the comparisons above can fail: twins differ, images differ
     assert (stored[:, 0] - stored[:, 1]).abs().amax() > 0.1
     assert (stored[0, 0] - stored[1, 0]).abs().amax() > 0.1
