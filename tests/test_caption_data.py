@@ -11,6 +11,8 @@ given, bit for bit; the stats are float64 reductions in another order (1e-12 rel
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 import torch.distributed as dist
 
 from fae_fast.config import (DataConfig, TextGeneratorConfig, TransportConfig, encoder_config, fae_config,
-                             generator_config)
+                             generator_config, recipe)
 from fae_fast.data import latent_cache as lc
 from fae_fast.data.backends import decode_reference
 from fae_fast.data.caption_cache import TextBatch, TextCacheWriter, caption_lengths, write_text_cache
@@ -35,10 +37,12 @@ from fae_fast.encoders import FrozenEncoder
 from fae_fast.fae import FeatureAutoencoder
 from fae_fast.families import family_of
 from training import extract_latents
-from test_extract_latents import check_stored_latents  # noqa: E402 (tests/ is on sys.path)
+from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
+from test_extract_latents import check_stored_latents  # noqa: E402
 
 CAPTIONS = ["a red circle", "the square is blue", "green square", "a yellow circle", "circle coloured purple",
             "the circle is white", "a black square", "orange circle", "the square is red", "  ", "a blue circle"]
+ROOT = Path(__file__).resolve().parents[1]
 SIZE, T, C, L, D = 32, 16, 4, 8, 32  # crops of 32 px; latents 4x4 tokens x 4 channels; captions 8 x 32
 # shard -> keys in member order (shard 1 out of key order: member order is what counts)
 LAYOUT = {"00000.tar": [0, 1, 2, 3], "00001.tar": [7, 4, 5, 6], "00002.tar": [8, 9, 10]}
@@ -336,6 +340,27 @@ def test_the_cache_source_gives_caption_embeddings_a_text_generator_trains_on(te
     assert out.shape == x.shape and torch.isfinite(out).all()
     loss = family.loss(model, x, text, TransportConfig(), torch.Generator().manual_seed(0))
     assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def test_training_on_a_caption_cache_draws_its_sample_grids_from_the_cached_captions(text_cache, tmp_path):
+    """train_gen.py with a text model on a caption cache: the grids' conditions are the cache's first pairs'
+    embeddings, in order, and a short run writes its sample grids (the toy caption set is not needed)."""
+    from training import train_gen
+
+    cfg = recipe("t2i-demo")
+    cfg.data.source, cfg.data.path = "cache", str(text_cache)
+    cache = lc.LatentCache(text_cache)
+    got = train_gen.conditions_of(cfg, torch.zeros(cache.num_images + 2, dtype=torch.long),
+                                  torch.arange(cache.num_images + 2))
+    want = torch.from_numpy(cache.text(np.arange(cache.num_images)).astype(np.float32))
+    assert torch.equal(got[:cache.num_images], want) and torch.equal(got[cache.num_images:], want[:2])
+    run = subprocess.run([sys.executable, str(ROOT / "training" / "train_gen.py"), "--recipe", "t2i-demo",
+                          "--data.source=cache", f"--data.path={text_cache}", "--data.global_batch=4",
+                          "--run.steps=4", "--run.sample_every=2", "--run.log_every=2", f"--run.out_dir={tmp_path}"],
+                         capture_output=True, text=True, env=program_env(), timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert {p.name for p in tmp_path.glob("samples_*.png")} == {"samples_00000002.png", "samples_00000004.png",
+                                                                 "samples_final.png"}
 
 
 def test_a_cache_that_does_not_fit_the_model_names_the_fix(text_cache):

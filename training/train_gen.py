@@ -13,12 +13,13 @@ exactly what an uninterrupted one would.
 import json
 from pathlib import Path
 
-
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from fae_fast.cli import UsageError, parse_command_line, run_program
 from fae_fast.config import PRECISIONS, RECIPES, GenTrainConfig, recipe
+from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
 from fae_fast.eval.frechet import frechet_distance, moments
@@ -62,14 +63,19 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 def conditions_of(cfg: GenTrainConfig, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The model's condition for evaluation samples of class `labels` at set positions `index`: the labels
-    themselves, or for a text-conditioned model on the toy captions, the caption embeddings of the class in
-    wording index // num_classes (every wording of every class alike)."""
+    themselves; for a text-conditioned model on the toy captions, the caption embeddings of the class in
+    wording index // num_classes (every wording of every class alike); on a caption cache, the cached
+    embeddings of pair `index` (the cache's first pairs, in order, so every grid shows the same captions)."""
     if not hasattr(cfg.model, "text_dim"):
         return labels
+    if cfg.data.source == "cache":
+        cache = LatentCache(cfg.data.path)
+        pairs = index.cpu().numpy() % cache.num_images
+        return torch.from_numpy(cache.text(pairs).astype(np.float32)).to(labels.device)
     if cfg.data.source != "toy_captions":
-        raise ValueError("sample grids and in-training evaluation of a text-conditioned model draw captions from "
-                         "the toy caption set only (data.source=toy_captions); set --run.sample_every=0 "
-                         "--run.eval_every=0 --run.eval_samples=0 for other data")
+        raise ValueError(f"sample grids and in-training evaluation of a text-conditioned model take captions from "
+                         f"the toy caption set or a caption cache, not data.source={cfg.data.source}; set "
+                         f"--run.sample_every=0 --run.eval_every=0 --run.eval_samples=0 for other data")
     from fae_fast.data.toy_captions import caption_conditions
 
     return caption_conditions(cfg.model, labels, index // cfg.model.num_classes)
