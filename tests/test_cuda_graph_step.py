@@ -1,6 +1,5 @@
 """A training step captured as one CUDA graph (fae_fast/train/cuda_graph.py) trains exactly as the same step run
 eagerly: the fused generator, compiled per block, on a sequence of batches loaded into static inputs."""
-import copy
 
 import pytest
 import torch
