@@ -316,8 +316,10 @@ class RunConfig:
 class GenTrainConfig:
     """Everything train_gen.py needs."""
 
-    model: GeneratorConfig = field(default_factory=GeneratorConfig)
-    """The generator."""
+    model: GeneratorConfig | StarFlowConfig = field(default_factory=GeneratorConfig)
+    """The generator: the config of a registered family (fae_fast/families.py): GeneratorConfig (SiT /
+    LightningDiT), its subclass TextGeneratorConfig, or StarFlowConfig; a recipe picks it, and `--model.x`
+    sets a field of whichever it picked."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Interpolant and t distribution."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -1,0 +1,86 @@
+"""The FP8 linear's parts at the LightningDiT-XL/1 block shapes (M = 128 x 256 tokens), each timed alone
+(triton's do_bench, CUDA events): the bf16 GEMMs (forward, input gradient, weight gradient), the FP8 scaled
+GEMMs that replace the first two (rowwise scales, with and without bias, and tensorwise for comparison), each
+quantising pass (x, dy, the weight along K and along N, contiguous or strided), and the whole fp8_linear
+forward + backward against bf16 F.linear, eager and compiled. One JSON line per linear, and a file.
+
+    python benchmarks/fp8_parts.py --out fp8_parts.json
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from fae_fast.fp8 import fp8_linear
+from fae_fast.kernels.fp8 import quantize_rows
+
+TOKENS = 128 * 256
+LINEARS = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 6144), ("fc2", 3072, 1152)]
+"""(name, in_features K, out_features N) of a LightningDiT-XL/1 block (SwiGLU fc1 packs both halves)."""
+COPY_BYTES_PER_S = 4.3e12
+"""The H200's copy bandwidth (BASELINES.md): the floor of a quantising pass is 3 bytes an element / this."""
+
+
+def parts(K: int, N: int) -> dict:
+    x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(N, K, device="cuda", requires_grad=True)
+    b = torch.randn(N, device="cuda", requires_grad=True)
+    dy = torch.randn(TOKENS, N, device="cuda", dtype=torch.bfloat16)
+    xd, wd, wb, bb = x.detach(), w.detach(), w.detach().bfloat16(), b.detach().bfloat16()
+    (xq, xs), (wq, ws) = quantize_rows(xd), quantize_rows(wd)
+    (dyq, dys), (wtq, wts) = quantize_rows(dy), quantize_rows(wd.t().contiguous())
+    one = torch.ones((), device="cuda")
+    scaled = lambda a, s_a, b_, s_b, **kw: torch._scaled_mm(a, b_.t(), scale_a=s_a, scale_b=s_b.t(),  # noqa: E731
+                                                             out_dtype=torch.bfloat16, **kw)
+
+    def bf16_linear():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = F.linear(x, w, b)
+        y.backward(dy)
+
+    def fp8():
+        fp8_linear(x, w, b).backward(dy)
+
+    timings = {
+        "gemm_forward_bf16": lambda: xd @ wb.t(),
+        "gemm_input_grad_bf16": lambda: dy @ wb,
+        "gemm_weight_grad_bf16": lambda: dy.t() @ xd,
+        "gemm_forward_fp8_rowwise_bias": lambda: scaled(xq, xs, wq, ws, bias=bb),
+        "gemm_forward_fp8_rowwise": lambda: scaled(xq, xs, wq, ws),
+        "gemm_forward_fp8_tensorwise": lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
+                                                                out_dtype=torch.bfloat16),
+        "gemm_input_grad_fp8_rowwise": lambda: scaled(dyq, dys, wtq, wts),
+        "quantize_x": lambda: quantize_rows(xd),
+        "quantize_dy": lambda: quantize_rows(dy),
+        "quantize_weight_fp32": lambda: quantize_rows(wd),
+        "quantize_weight_t_contiguous": lambda: quantize_rows(wd.t().contiguous()),
+        "quantize_weight_t_strided": lambda: quantize_rows(wd.t()),
+        "linear_bf16": bf16_linear,
+        "linear_fp8": fp8,
+        "linear_bf16_compiled": torch.compile(bf16_linear),
+        "linear_fp8_compiled": torch.compile(fp8),
+    }
+    result = {name + "_ms": do_bench(fn, warmup=10, rep=40) for name, fn in timings.items()}
+    result["quantize_x_floor_ms"] = TOKENS * K * 3 / COPY_BYTES_PER_S * 1e3
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_parts.py measures a GPU; no CUDA device is visible")
+    rows = []
+    for name, K, N in LINEARS:
+        rows.append({"linear": name, "K": K, "N": N, "gpu": torch.cuda.get_device_name(), **parts(K, N)})
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
