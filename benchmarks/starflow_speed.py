@@ -7,61 +7,21 @@ block of 24 layers and five shallow blocks of 2) on one GPU, all in one run:
 - sampling at batch 256 (no guidance, no denoising step, so that the three do the same work): the KV-cached
   inverse replaying CUDA graphs, the same run eagerly, and the uncached inverse (every prefix run again).
 
-    python benchmarks/starflow_speed.py --out results.json
+    python -m benchmarks.starflow_speed --out results.json     (from the repository root)
+
+The training step is benchmarks/family_step.py's measurement of the recipe.
 """
 import argparse
 import json
-import time
 
 import torch
 
-from fae_fast.config import StarFlowConfig
-from fae_fast.starflow import StarFlow, choose_attention, flops_per_sample, starflow_loss
-from fae_fast.train.parallelize import parallelize
-from fae_fast.train.runtime import init_distributed, measured_bf16_peak
+from benchmarks.family_step import measure as train_step_rate, timed_seconds
+from fae_fast.config import StarFlowConfig, recipe
+from fae_fast.starflow import StarFlow, flops_per_sample
+from fae_fast.train.runtime import init_distributed
 
-
-def seconds(fn, repeats: int) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
-
-
-def train_step_rate(cfg: StarFlowConfig, provider: str, batch: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = StarFlow(cfg, impl="torch" if provider == "torch.compile.whole" else "auto").cuda()
-    choose_attention(cfg, batch, torch.bfloat16, "cuda")
-    if provider == "torch.compile.whole":
-        model.compile()
-    else:
-        parallelize(model, model.blocks, precision="bf16", compile=True, shard=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(batch, cfg.grid ** 2, cfg.in_channels, device="cuda")
-    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = starflow_loss(model, x, y, None, g).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    seconds(step, 3)
-    per_step = seconds(step, steps)
-    images_per_s = batch / per_step
-    return {"provider": provider, "batch": batch, "images_per_s": images_per_s, "step_ms": per_step * 1e3,
-            "mfu": images_per_s * 3 * flops_per_sample(cfg) / measured_bf16_peak(torch.device("cuda")),
-            "first_step_s": first, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+RECIPE = "starflow-imagenet256"
 
 
 @torch.no_grad()
@@ -77,7 +37,7 @@ def sampling_rates(cfg: StarFlowConfig, batch: int) -> dict:
         for name, options in (("cached, CUDA graphs", dict(graphs=True)), ("cached, eager", {}),
                               ("uncached", dict(cached=False))):
             model.inverse(z[:8], y[:8], **options) if name != "uncached" else None  # warm-up of kernels
-            s = seconds(lambda: model.inverse(z, y, **options), 1)
+            s = timed_seconds(lambda: model.inverse(z, y, **options), 1)
             out[name] = {"seconds_per_batch": s, "images_per_s": batch / s}
             print(f"  sampling {name}: {batch / s:.2f} images/s ({s:.2f} s per batch of {batch})", flush=True)
         first = model.inverse(z, y, graphs=True).float()
@@ -98,14 +58,14 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("starflow_speed.py measures a GPU; no CUDA device is visible")
     init_distributed()  # one process group of one rank (parallelize asks for the world size)
-    cfg = StarFlowConfig()
+    cfg = recipe(RECIPE).model
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": vars(cfg),
                "forward_gflops_per_sample": flops_per_sample(cfg) / 1e9}
     skip = set(filter(None, args.skip.split(",")))
     if "train" not in skip:
         rows = []
         for provider in ("fae_fast", "torch.compile.whole"):
-            rows.append(train_step_rate(cfg, provider, args.train_batch, args.steps))
+            rows.append(train_step_rate(RECIPE, provider, args.train_batch, args.steps))
             r = rows[-1]
             print(f"  train {provider}: {r['images_per_s']:.1f} images/s, MFU {r['mfu']:.3f}, "
                   f"{r['peak_mem_gib']:.1f} GiB, first step {r['first_step_s']:.1f} s", flush=True)

@@ -52,6 +52,23 @@ def one_thread():
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+@pytest.fixture(scope="module")
+def in_process_group():
+    """For tests that run a program in-process (`main([...])`): it joins a one-rank gloo group and sets RANK
+    etc.; meanwhile one intra-op thread (tiny models on a shared CPU: thread hand-offs would cost more than
+    they give); afterwards the process as it was. Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    restore_env(saved)
+
+
 def restore_env(saved: dict) -> None:
     """Put back the variables `{k: os.environ.get(k) for k in DIST_ENV}` saved (None: was unset)."""
     for k, v in saved.items():

@@ -10,7 +10,6 @@ given, bit for bit; the stats are float64 reductions in another order (1e-12 rel
 """
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -23,7 +22,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import torch.distributed as dist
 
 from fae_fast.config import (DataConfig, TextGeneratorConfig, TransportConfig, encoder_config, fae_config,
                              generator_config, recipe)
@@ -376,19 +374,8 @@ def test_a_cache_that_does_not_fit_the_model_names_the_fix(text_cache):
 # ----------------------------------------------------------------------------------------------------
 # The extraction program
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_process_group():
-    """An in-process run joins a one-process gloo group (init_distributed sets RANK etc.); undone afterwards."""
-    env = dict(os.environ)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_extract_latents_writes_a_caption_cache_from_the_shards(shards, text_encoder, tmp_path, one_process_group):
+@pytest.mark.usefixtures("in_process_group")
+def test_extract_latents_writes_a_caption_cache_from_the_shards(shards, text_encoder, tmp_path):
     """--captions: FAE-tiny latents (64 px crops) of every usable pair equal to a direct computation (up to
     float16 storage: rtol 2^-10, atol 1e-5 as in test_extract_latents.py), the captions' embeddings equal
     the text tower's, the skipped pairs left out; a second run finds the cache complete."""

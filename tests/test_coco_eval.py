@@ -5,7 +5,6 @@ do not fit. A fake COCO tree (captions JSON and small JPEGs), a tiny random text
 SigLIP 2 text tower stand in for the real ones; a random conv net stands in for Inception (tests/test_fid.py)."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("transformers")
 
@@ -29,7 +27,7 @@ from fae_fast.eval.protocol import index_labels, index_normal  # noqa: E402
 from fae_fast.families import family_of  # noqa: E402
 from fae_fast.sampling import sample_latents  # noqa: E402
 from training import evaluate, sample  # noqa: E402
-from conftest import DIST_ENV, program_env, restore_env  # noqa: E402 (tests/ is on sys.path)
+from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 from test_fid import RandomConv  # noqa: E402
 from test_sample import tiny_fae, tiny_generator  # noqa: E402
 from test_text import TINY  # noqa: E402
@@ -41,17 +39,7 @@ STEPS = ["--preset=paper-cfg", "--sampler.steps=4", "--impl=torch", "--seed=5"]
 """Euler, guidance 1.5 on t in [0.3, 1): two of the four steps guided against the null caption."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def process_group():
-    """sample.main joins a one-rank gloo group and sets RANK etc.; leave the process as it was."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    restore_env(saved)
+pytestmark = pytest.mark.usefixtures("in_process_group")
 
 
 def write_coco_tree(root: Path, images: int = 10) -> tuple[Path, Path]:

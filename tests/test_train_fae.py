@@ -3,7 +3,6 @@ on generated smooth images with a random tiny timm ViT as the frozen encoder; th
 VGG weights warns once; a killed feature run resumes to the uninterrupted result; bad input names itself."""
 import json
 import math
-import os
 import urllib.error
 import warnings
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,7 +19,7 @@ from fae_fast.data.synthetic import photo
 from fae_fast.losses import PerceptualWeightsWarning
 from training import train_fae
 
-from conftest import DIST_ENV, PooledPixels, restore_env  # noqa: E402 (tests/ is on sys.path)
+from conftest import PooledPixels  # noqa: E402 (tests/ is on sys.path)
 
 # the tiny recipe (vit_tiny_patch16_224 at 64 px, FAE-tiny at 192 channels) on a folder of generated
 # images; a wider pixel decoder and 16 latent channels so that a few dozen steps show learning, a short
@@ -31,17 +29,7 @@ COMMON = ["--data.source=folder", "--data.global_batch=8", "--data.backend=pil",
           "--fae.latent_dim=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def process_group():
-    """train_fae.main joins a one-rank gloo group and sets RANK etc.; leave the process as it was."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU: thread hand-offs would cost more than they give
-    yield
-    torch.set_num_threads(threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    restore_env(saved)
+pytestmark = pytest.mark.usefixtures("in_process_group")
 
 
 @pytest.fixture(scope="module")

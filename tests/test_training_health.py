@@ -1,13 +1,11 @@
 """Training health: the loss-spike guard (judging, rollback, skipped batches, the stop after too many) and the
 run that replays the skipped batches' absence exactly."""
 import json
-import os
 import random
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import DIST_ENV, PooledPixels, restore_env, write_random_fae
+from conftest import PooledPixels, write_random_fae
 from safetensors.torch import load_file
 
 from fae_fast.data.latents import ToySource
@@ -15,17 +13,7 @@ from training import train_gen
 from fae_fast.train.runtime import SpikeGuard, data_index, merge_ranges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def process_group():
-    """train_gen.main joins a one-rank gloo group and sets RANK etc.; leave the process as it was."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    restore_env(saved)
+pytestmark = pytest.mark.usefixtures("in_process_group")
 
 
 def test_data_index_skips_inclusive_ranges_in_order():
