@@ -361,6 +361,30 @@ def test_training_on_a_caption_cache_draws_its_sample_grids_from_the_cached_capt
                                                                  "samples_final.png"}
 
 
+def test_a_resumed_text_run_on_a_caption_cache_matches_an_uninterrupted_one(text_cache, tmp_path):
+    """A text model trained 8 steps straight, and 4 steps then resumed from the step-4 checkpoint to 8:
+    the same losses at every logged step (the condition dropout and noise are drawn per step)."""
+    def train(out: Path, steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "training" / "train_gen.py"), "--recipe", "t2i-demo",
+                               "--data.source=cache", f"--data.path={text_cache}", "--data.global_batch=4",
+                               f"--run.steps={steps}", "--run.ckpt_every=4", "--run.log_every=2",
+                               "--run.sample_every=0", "--run.eval_every=0", "--run.eval_samples=0",
+                               f"--run.out_dir={out}"], capture_output=True, text=True, env=program_env(),
+                              timeout=600)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out, steps in ((straight, 8), (resumed, 4), (resumed, 8)):
+        run = train(out, steps)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "resumed from" in run.stdout
+    a, b = ({step: entry["loss"] for step, entry in json.loads((out / "history.json").read_text())}
+            for out in (straight, resumed))
+    assert set(a) == set(b) == {2, 4, 6, 8}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a[step], b[step])
+    assert len(set(a.values())) == 4  # the losses move, so equal ones mean something
+
+
 def test_a_cache_that_does_not_fit_the_model_names_the_fix(text_cache):
     data = DataConfig(source="cache", path=str(text_cache), global_batch=4)
     with pytest.raises(ValueError, match="holds caption embeddings, which only a text-conditioned generator takes"):

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from fae_fast.train.checkpoint import CheckpointManager
+from fae_fast.train.checkpoint import CheckpointManager, fill_missing_optimizer_state
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +142,26 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_matches(tmp_path):
     assert res.returncode != 0
     assert "error: every checkpoint in" in res.stderr and "config.json unreadable" in res.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_a_parameter_without_gradients_gets_the_state_a_load_expects_and_nothing_moves():
+    """A parameter that never had a gradient (a dead output path) has no AdamW state after training, while
+    DCP's load into a fresh optimizer expects state for every parameter: the save fills it in with a
+    zero-learning-rate step on a zero gradient, leaving every parameter and the others' state as they were."""
+    torch.manual_seed(0)
+    used, dead = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW([*used.parameters(), *dead.parameters()], lr=0.1, weight_decay=0.1)
+    used(torch.randn(2, 4)).square().sum().backward()
+    opt.step()
+    assert dead.weight not in opt.state
+    params = {f"{which}.{name}": t for which, layer in (("used", used), ("dead", dead))
+              for name, t in layer.named_parameters()}
+    before = {name: t.detach().clone() for name, t in params.items()}
+    moments = opt.state[used.weight]["exp_avg"].clone()
+    grad = used.weight.grad
+    fill_missing_optimizer_state(opt)
+    assert float(opt.state[dead.weight]["step"]) == 1 and not opt.state[dead.weight]["exp_avg"].any()
+    assert float(opt.state[used.weight]["step"]) == 1 and torch.equal(opt.state[used.weight]["exp_avg"], moments)
+    for name, t in params.items():
+        assert torch.equal(t, before[name]), name
+    assert used.weight.grad is grad and dead.weight.grad is None and opt.param_groups[0]["lr"] == 0.1

@@ -39,6 +39,30 @@ def step_of(folder: Path) -> int:
     return int(_NAME.match(Path(folder).name).group(1))
 
 
+def fill_missing_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter that has no optimizer state yet (one that never had a gradient, e.g.
+    the caption stream's output path in a text model's last joint block) the state that DCP gives every
+    parameter of a fresh optimizer when a checkpoint is loaded into it: one step at learning rate 0 on a
+    zero gradient (the parameter does not move). Saved checkpoints then hold what a load expects, and the
+    uninterrupted run, which saved it, holds the same state as the resumed one."""
+    missing = [p for group in optimizer.param_groups for p in group["params"]
+               if p.requires_grad and p not in optimizer.state]
+    if not missing:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads, missing_ids = [p.grad for p in params], {id(p) for p in missing}
+    for p in params:  # only the missing ones take this step
+        p.grad = torch.zeros_like(p) if id(p) in missing_ids else None
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p, grad in zip(params, grads):
+        p.grad = grad
+
+
 class ModelAndOptimizer(Stateful):
     """Model and optimizer state through DCP's FSDP2-aware state-dict helpers."""
 
@@ -46,6 +70,7 @@ class ModelAndOptimizer(Stateful):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self):
+        fill_missing_optimizer_state(self.optimizer)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         return {"model": model_state, "optim": optim_state}
 
