@@ -517,7 +517,7 @@ def t2i_demo() -> GenTrainConfig:
 
 
 def t2i_1b() -> GenTrainConfig:
-    """The paper's text-to-image scale (about 1.1B parameters: 1.105B) on FAE latents of caption data:
+    """The paper's text-to-image scale (about 1.1B parameters: 1.088B) on FAE latents of caption data:
     LightningDiT-XL/1's width, heads and layers (the library's fastest kernels) in 23 joint text-image blocks,
     conditioned on SigLIP 2 So400m's caption tokens (1152 wide, 64 long), caption dropout 0.1 for guidance.
     The paper gives the size, not the layout: the depth is the one whose parameter count is nearest 1.1B

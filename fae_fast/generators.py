@@ -69,7 +69,7 @@ class Generator(nn.Module):
             self.register_buffer("pos_embed", sincos_pos_embed_2d(tokens_per_side, D)[None], persistent=False)
         else:
             self.pos_embed = None
-        self.blocks = nn.ModuleList(self.make_block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(cfg, self.ops)
         self.initialize_weights()
 
@@ -78,7 +78,7 @@ class Generator(nn.Module):
         self.conditioning = ClassLabels(cfg.num_classes, cfg.class_dropout)
         self.y_embed = LabelEmbedder(cfg.num_classes, cfg.width)
 
-    def make_block(self, cfg: GeneratorConfig) -> nn.Module:
+    def make_block(self, cfg: GeneratorConfig, index: int) -> nn.Module:
         return Block(cfg, self.ops)
 
     def initialize_weights(self):

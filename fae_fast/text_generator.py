@@ -69,18 +69,22 @@ def modulate(x, scale, shift):
 
 class JointBlock(nn.Module):
     """One attention over the latent tokens and the caption tokens; each stream its own adaLN, norms,
-    projections and MLP (the latent stream is the flow transformer's block, fused kernels and all)."""
+    projections and MLP (the latent stream is the flow transformer's block, fused kernels and all). The last
+    block (`text_output=False`) only lets the caption be attended to: nothing reads the caption tokens after
+    it, so it has no caption output projection or MLP (MMDiT's last block is built the same way)."""
 
-    def __init__(self, cfg: TextGeneratorConfig, ops):
+    def __init__(self, cfg: TextGeneratorConfig, ops, text_output: bool = True):
         super().__init__()
         D = cfg.width
+        self.text_output = text_output
         self.image = Block(cfg, ops)
-        self.text_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.text_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, (6 if text_output else 2) * D))
         self.text_norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.text_qkv = nn.Linear(D, 3 * D)
-        self.text_proj = nn.Linear(D, D)
-        self.text_norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.text_mlp = make_mlp(cfg.mlp, D, cfg.mlp_ratio, ops=ops)
+        if text_output:
+            self.text_proj = nn.Linear(D, D)
+            self.text_norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+            self.text_mlp = make_mlp(cfg.mlp, D, cfg.mlp_ratio, ops=ops)
 
     def forward(self, x, c, text):  # x (B, T, D), c (B, D), text (B, L, D) -> both updated
         image, attn = self.image, self.image.attn
@@ -92,7 +96,8 @@ class JointBlock(nn.Module):
             q, k, v = image.ops.rope_qkv(qkv, attn.rope_angles, attn.q_norm, attn.k_norm)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.text_adaLN(c).chunk(6, dim=-1)
+        text_modulation = self.text_adaLN(c).chunk(6 if self.text_output else 2, dim=-1)
+        t_shift1, t_scale1 = text_modulation[:2]
         tq, tk, tv = self.text_qkv(modulate(self.text_norm1(text), t_scale1, t_shift1)).view(
             B, L, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2))  # (B, H, T+L, Dh)
@@ -100,6 +105,9 @@ class JointBlock(nn.Module):
         x, h = image.ops.gated_residual_modulated_norm(
             x, gate1, attn.proj(out[:, :T]), scale2, shift2, image.norm2.weight, norm=image.norm_kind)
         x = image.ops.gated_residual(x, gate2, image.mlp(h))
+        if not self.text_output:
+            return x, text
+        t_gate1, t_shift2, t_scale2, t_gate2 = text_modulation[2:]
         text = text + t_gate1[:, None] * self.text_proj(out[:, T:])
         text = text + t_gate2[:, None] * self.text_mlp(modulate(self.text_norm2(text), t_scale2, t_shift2))
         return x, text
@@ -118,10 +126,12 @@ class TextGenerator(Generator):
         self.conditioning = TextEmbeddings(cfg.caption_dropout)
         self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim, eps=1e-6), nn.Linear(cfg.text_dim, cfg.width))
 
-    def make_block(self, cfg: TextGeneratorConfig) -> nn.Module:
+    def make_block(self, cfg: TextGeneratorConfig, index: int) -> nn.Module:
         if cfg.text_attention not in TEXT_ATTENTION:
             raise ValueError(f"model.text_attention={cfg.text_attention!r} is not one of {', '.join(TEXT_ATTENTION)}")
-        return TextBlock(cfg, self.ops) if cfg.text_attention == "cross" else JointBlock(cfg, self.ops)
+        if cfg.text_attention == "cross":
+            return TextBlock(cfg, self.ops)
+        return JointBlock(cfg, self.ops, text_output=index < cfg.depth - 1)
 
     def initialize_weights(self):
         """The flow transformer's, with the caption path's output projections (and a joint block's
@@ -157,9 +167,13 @@ def text_flops_per_sample(cfg: TextGeneratorConfig) -> float:
     T, L, D = (cfg.grid // cfg.patch_size) ** 2, cfg.text_length, cfg.width
     if cfg.text_attention == "cross":
         per_block = 2 * T * 2 * D * D + 2 * L * 2 * D * D + 4 * T * L * D  # q and out; k and v; QK^T and AV
-    else:  # the caption stream's qkv, proj and MLP, and the attention's extra L keys and queries
+    else:  # the caption stream's qkv, proj and MLP (the last block: qkv only), and the attention's extra L keys
+        # and queries
         hidden = int(D * cfg.mlp_ratio) if cfg.mlp == "gelu" else int(2 * D * cfg.mlp_ratio / 3)
         mlp = 2 * D * hidden if cfg.mlp == "gelu" else 3 * D * hidden
-        per_block = 2 * L * (4 * D * D + mlp) + 4 * ((T + L) ** 2 - T * T) * D
+        attention = 4 * ((T + L) ** 2 - T * T) * D
+        per_block = 2 * L * (4 * D * D + mlp) + attention
+        last_block = 2 * L * 3 * D * D + attention
+        return forward_flops_per_sample(cfg) + (cfg.depth - 1) * per_block + last_block + 2 * L * cfg.text_dim * D
     return forward_flops_per_sample(cfg) + cfg.depth * per_block + 2 * L * cfg.text_dim * D
 

@@ -89,6 +89,23 @@ def test_text_generator_fused_path_matches_the_plain_one_and_guidance_runs(devic
     assert guided.shape == x.shape and (guided - unguided).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("text_attention", ["cross", "joint"])
+def test_every_weight_of_a_text_model_reaches_the_output(text_attention):
+    """No dead weights: every parameter gets a gradient from the velocity (the last joint block has no
+    caption output path, since nothing reads the caption tokens after it)."""
+    cfg = dataclasses.replace(TINY, text_attention=text_attention)
+    torch.manual_seed(0)
+    model = family_of(cfg).build(cfg, impl="torch")
+    with torch.no_grad():
+        for p in model.parameters():  # past the zero start, so that every path carries a gradient
+            p.add_(torch.randn_like(p) * 0.1)
+    model(torch.randn(3, 16, 4), torch.rand(3), torch.randn(3, 8, 32)).square().sum().backward()
+    unreached = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not unreached, unreached
+    if text_attention == "joint":
+        assert not hasattr(model.blocks[-1], "text_mlp") and hasattr(model.blocks[0], "text_mlp")
+
+
 def test_toy_captions_name_each_class_in_every_wording_and_the_source_draws_them():
     captions = toy_captions(4)
     assert len(captions) == 4 and all(len(c) == len(WORDINGS) for c in captions)
