@@ -186,3 +186,42 @@ def test_fae_training_refuses_fp8():
     cfg.run.precision = "fp8"
     with pytest.raises(ValueError, match="train_gen.py --run.precision=fp8"):
         validate(cfg)
+
+
+def _write_run(folder, losses: list[float], frechet: float) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "history.json").write_text(json.dumps([[10 * (i + 1), {"loss": v}] for i, v in enumerate(losses)]))
+    (folder / "frechet.json").write_text(json.dumps({"after": {"overall": frechet}}))
+
+
+def test_the_quality_guard_judges_the_mean_of_the_last_tenth_and_the_frechet_gap(tmp_path):
+    from benchmarks.fp8_quality import compare, plot
+
+    bf16 = [5.0] * 18 + [1.00, 1.00]  # 20 logged losses: the last tenth is the last two
+    _write_run(tmp_path / "bf16", bf16, 2.00)
+    _write_run(tmp_path / "fp8", [9.0] * 18 + [1.005, 1.025], 2.12)  # +1.5% loss, +6% Frechet
+    runs = {p: tmp_path / p for p in ("bf16", "fp8")}
+    verdict = compare(runs)
+    assert verdict["final_loss"] == {"bf16": 1.0, "fp8": pytest.approx(1.015)}
+    assert verdict["loss_gap"] == pytest.approx(0.015) and not verdict["loss_within_1_percent"]
+    assert verdict["frechet_gap"] == pytest.approx(0.06) and not verdict["frechet_within_5_percent"]
+    plot(runs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_the_quality_guard_trains_both_precisions_through_the_program(tmp_path):
+    """Tiny and short (CPU): both runs of train_gen.py, their curves on one plot, the verdict file."""
+    import json
+
+    from benchmarks.fp8_quality import main
+
+    verdict = main(["--out_dir", str(tmp_path), "--width=32", "--depth=2", "--heads=2", "--grid=4", "--channels=4",
+                    "--batch=16", "--steps=10", "--log_every=5", "--eval_samples=128", "--compile=false"])
+    saved = json.loads((tmp_path / "fp8_quality.json").read_text())
+    assert saved["final_loss"] == verdict["final_loss"] and set(verdict["final_loss"]) == {"bf16", "fp8"}
+    assert (tmp_path / "fp8_quality.png").is_file() and saved["settings"]["steps"] == 10
+    for precision in ("bf16", "fp8"):
+        config = next((tmp_path / precision / "checkpoints").glob("step_*/config.json"))
+        assert json.loads(config.read_text())["run"]["precision"] == precision
