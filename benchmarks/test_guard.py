@@ -1,11 +1,12 @@
 """The guarded cases `pytest benchmarks/` runs by default (benchmarks/guard.py says how they are judged):
 every fused op forward + backward at the XL shapes against torch.compile of its reference, the FP8
-quantising pass, one XL block per family against the compiled plain block, and one LightningDiT-XL/1
-training step (its MFU). Ops and blocks are timed by their kernels' summed durations (the profiler's), so
-that the guard sees the kernels and not the host time of launching them: through CUDA events a lone
-0.3 ms op measured 1 ms and its ratio varied 20% between two runs on an H200, a block's 10%; by kernel time
-the op ratios of two runs agreed within 1%. The training step is timed by CUDA events (wall time: there
-the host runs ahead of the GPU, and the step's wall time is what a user gets)."""
+quantising pass, one XL block per family against the compiled plain block, one LightningDiT-XL/1 training
+step and one STARFlow training step at its ImageNet-256 size (their MFU). Ops and blocks are timed by their
+kernels' summed durations (the profiler's), so that the guard sees the kernels and not the host time of
+launching them: through CUDA events a lone 0.3 ms op measured 1 ms and its ratio varied 20% between two runs
+on an H200, a block's 10%; by kernel time the op ratios of two runs agreed within 1%. The training steps are
+timed by the wall clock between synchronisations (there the host runs ahead of the GPU, and the step's wall
+time is what a user gets)."""
 import pytest
 import torch
 
@@ -85,3 +86,17 @@ def test_train_step(guard, gpu_ceilings):
     ours = _time_ms(step, warmup=3, iters=10)
     flops = batch * 3 * forward_flops_per_sample(cfg)
     guard.check(result("LightningDiT-XL/1 train step, batch 128", ours, None, flops, "bf16", gpu_ceilings))
+
+
+def test_starflow_train_step(guard, gpu_ceilings):
+    """The normalizing-flow family's step at its ImageNet-256 size (benchmarks/family_step.py's measurement)."""
+    from benchmarks.family_step import measure
+    from fae_fast.config import recipe
+    from fae_fast.starflow import flops_per_sample
+
+    batch = 128
+    torch.cuda.empty_cache()
+    measured = measure("starflow-imagenet256", "fae_fast", batch, steps=10)
+    flops = batch * 3 * flops_per_sample(recipe("starflow-imagenet256").model)
+    guard.check(result("STARFlow imagenet256 train step, batch 128", measured["step_ms"], None, flops, "bf16",
+                       gpu_ceilings))
