@@ -78,6 +78,11 @@ def make_source(data: DataConfig, model: LatentModel, *, rank: int, world: int, 
     sources = {"toy": ToySource, "toy_captions": ToyCaptionSource, "synthetic": SyntheticSource}
     if data.source == "cache":
         from fae_fast.data.latent_cache import LatentCacheSource
+
+        if not data.path:
+            raise ValueError("data.source=cache needs data.path: the --out folder of training/extract_latents.py "
+                             "(--images for class labels, --captions for a text model); or data.source=toy / "
+                             "synthetic to run without data")
         sources["cache"] = LatentCacheSource
     if data.source not in sources:
         raise ValueError(f"data.source={data.source!r} is not one of: toy, toy_captions, synthetic, cache")
