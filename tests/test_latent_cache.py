@@ -297,9 +297,6 @@ def test_train_gen_decodes_its_sample_grids_with_the_fae(cache, tmp_path):
 
 
 def test_a_cache_source_without_a_path_names_the_option_and_the_program():
-    from fae_fast.config import DataConfig, generator_config
-    from fae_fast.data.latents import make_source
-
     with pytest.raises(ValueError, match="data.source=cache needs data.path: the --out folder of "
                                          "training/extract_latents.py"):
         make_source(DataConfig(source="cache", global_batch=4), generator_config("SiT-tiny/1"), rank=0, world=1,
