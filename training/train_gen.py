@@ -252,6 +252,8 @@ def build(cfg: GenTrainConfig, d):
         model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
         use_fp8(model, d.device)
+        print0("note: run.precision=fp8 trains slower than bf16 for now (0.65x on an H200: the FP8 step waits on "
+               "the host; README, 'FP8'); use it to check FP8's numerics, bf16 for speed")
     family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
                                           torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
