@@ -44,7 +44,10 @@ def fill_missing_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     the caption stream's output path in a text model's last joint block) the state that DCP gives every
     parameter of a fresh optimizer when a checkpoint is loaded into it: one step at learning rate 0 on a
     zero gradient (the parameter does not move). Saved checkpoints then hold what a load expects, and the
-    uninterrupted run, which saved it, holds the same state as the resumed one."""
+    uninterrupted run, which saved it, holds the same state as the resumed one. DCP's own save does the same
+    to an optimizer with no state at all (e.g. the FAE discriminator's before loss.disc_start); in both cases
+    a parameter whose first gradient comes after a save starts its Adam steps at 2, not 1 (its first update
+    about 0.74x as large with betas (0.9, 0.999)), in the saving run and in a run resumed from it alike."""
     missing = [p for group in optimizer.param_groups for p in group["params"]
                if p.requires_grad and p not in optimizer.state]
     if not missing:
