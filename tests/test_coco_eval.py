@@ -257,3 +257,54 @@ def test_evaluate_refuses_a_prompt_list_that_is_not_the_sets(coco, tmp_path):
         evaluate.parse_args([samples, f"--ref={coco['images']}", f"--coco_prompts={other}"])
     with pytest.raises(FileNotFoundError, match="COCO image folder .*moved.* does not exist"):
         evaluate.main([samples, f"--coco_images={tmp_path / 'moved'}"], extractor=RandomConv())
+
+
+# ---------------------------------------------------------------------------------- text-image score
+def save_tiny_siglip(folder: Path, words: list[str]) -> Path:
+    """A 1-layer SiglipModel with random weights, a word-level tokenizer of `words` and a 32 px image
+    processor, saved as a SigLIP checkpoint is (model and processor in one folder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel,
+                              SiglipProcessor)
+
+    vocabulary = ["<pad>", "<unk>", "</s>", *sorted(set(words))]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="</s>")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = SiglipConfig(text_config=dict(vocab_size=len(vocabulary), max_position_embeddings=16, **tower),
+                          vision_config=dict(image_size=32, patch_size=8, **tower))
+    torch.manual_seed(0)
+    SiglipModel(config).save_pretrained(folder)
+    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+                    tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_text_image_score_of_a_coco_set_is_the_mean_cosine_of_each_sample_with_its_caption(coco, tmp_path):
+    from fae_fast.eval.text_image import TextImageScorer, text_image_score
+
+    prompts = coco_prompts(coco["annotations"], coco["images"], count=COUNT)
+    model = save_tiny_siglip(tmp_path / "siglip", [w for p in prompts for w in p.caption.split()])
+    args = [f"--samples={coco['whole']}", "--batch=4", "--workers=0", "--prc=false", "--isc=false",
+            f"--text_image_model={model}", f"--out={tmp_path / 'metrics.json'}"]
+    record = evaluate.main(args, extractor=RandomConv())
+    scorer = TextImageScorer.load(str(model))
+    images = read_npz(coco["whole"])[0]
+    cosines = [scorer.similarities(images[i:i + 1], [p.caption])[0].item() for i, p in enumerate(prompts)]
+    assert record["text_image_score"] == pytest.approx(100 * np.mean(cosines), rel=1e-4, abs=1e-4)
+    shuffled = text_image_score(scorer, [images], [p.caption for p in prompts[1:] + prompts[:1]])
+    assert abs(shuffled - record["text_image_score"]) > 1e-3  # the score reads each sample with its own caption
+    assert json.loads((tmp_path / "metrics.json").read_text())["text_image_model"] == str(model)
+
+
+def test_text_image_score_needs_a_coco_set_and_a_model_before_any_work(coco, tmp_path):
+    with pytest.raises(UsageError, match="--text_image_model scores samples against their captions: it needs a "
+                                         "COCO set"):
+        evaluate.main([f"--samples={coco['whole']}", f"--ref={coco['images']}", "--text_image_model=x"],
+                      extractor=RandomConv())
+    extractor = RandomConv()
+    with pytest.raises(FileNotFoundError, match=r"--text_image_model='.*nope' is not a SigLIP / SigLIP 2 checkpoint"):
+        evaluate.main([f"--samples={coco['whole']}", f"--text_image_model={tmp_path / 'nope'}"], extractor=extractor)
+    assert extractor.calls == 0

@@ -17,7 +17,8 @@ the same COCO image ids in order, and scores it against those same val2014 image
 and resized to 256 px as ADM crops its references, through the same Inception network), their statistics
 cached in <val2014>.coco-<prompt set digest>.<network>.stats.npz (or --ref_cache):
 
-    python training/evaluate.py --samples=runs/samples-coco/samples_30000x256x256x3.npz
+    python training/evaluate.py --samples=runs/samples-coco/samples_30000x256x256x3.npz \\
+        --text_image_model=google/siglip2-so400m-patch16-256     # optional: the text-image score too
 """
 import json
 import time
@@ -33,6 +34,7 @@ from fae_fast.eval.coco import (PROMPT_LIST, CocoPrompt, check_sample_set, coco_
 from fae_fast.eval.fid import (Extractor, FeatureProgress, InceptionExtractor, Reference, count_images,
                                extract_features, iter_images, load_reference, score)
 from fae_fast.eval.npz import npz_array_shape
+from fae_fast.eval.text_image import TextImageScorer, text_image_score
 
 
 @dataclass(kw_only=True)
@@ -50,6 +52,10 @@ class EvalConfig:
     the same val2014 images, centre-cropped and resized to image_size, through the same network)."""
     coco_images: str = ""
     """COCO's val2014 folder, when it is not where the prompt list says (the set was drawn on another machine)."""
+    text_image_model: str = ""
+    """A COCO set's text-image score: a SigLIP / SigLIP 2 checkpoint (hub id or save_pretrained folder, model
+    and processor); 100 x the mean cosine similarity of each sample with its caption (fae_fast/eval/
+    text_image.py). Empty: not computed."""
     ref_cache: str = ""
     """Where statistics computed from reference images are cached (default: beside the reference; for COCO
     beside val2014, named by the prompt set's digest)."""
@@ -81,6 +87,9 @@ def parse_args(argv: list[str]) -> EvalConfig:
         cfg.coco_prompts = str(beside)
     if cfg.ref and cfg.coco_prompts:
         raise UsageError("--ref and --coco_prompts name two references; pass one of them")
+    if cfg.text_image_model and not cfg.coco_prompts:
+        raise UsageError("--text_image_model scores samples against their captions: it needs a COCO set (the "
+                         "prompts.json sample.py writes beside it, or --coco_prompts)")
     if cfg.coco_prompts and not Path(cfg.coco_prompts).is_file():
         raise FileNotFoundError(f"--coco_prompts={cfg.coco_prompts!r} does not exist; pass the prompts.json "
                                 f"sample.py wrote beside the sample set")
@@ -100,6 +109,8 @@ def results_line(metrics: dict, cfg: EvalConfig, extractor_name: str, against: s
         parts.append(f"IS {metrics['inception_score']:.2f} +- {metrics['inception_score_std']:.2f}")
     if "precision" in metrics:
         parts.append(f"precision {metrics['precision']:.4f} | recall {metrics['recall']:.4f}")
+    if "text_image_score" in metrics:
+        parts.append(f"text-image {metrics['text_image_score']:.2f} ({cfg.text_image_model})")
     parts.append(f"{metrics['num_samples']:,} samples of {cfg.samples} vs {against} ({extractor_name})")
     return " | ".join(parts)
 
@@ -128,6 +139,7 @@ def main(argv: list[str], extractor=None) -> dict:
     prompts = coco_set(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = extractor or InceptionExtractor(device, cfg.inception_weights or None)  # fails before any work
+    scorer = TextImageScorer.load(cfg.text_image_model, device) if cfg.text_image_model else None  # so does this
     t0 = time.perf_counter()
     ref = reference_of(cfg, prompts, extractor)
     samples = extract_features(iter_images(cfg.samples, cfg.batch, cfg.image_size, cfg.workers), extractor,
@@ -137,6 +149,11 @@ def main(argv: list[str], extractor=None) -> dict:
               "seconds": time.perf_counter() - t0}
     if prompts is not None:
         record.update(protocol="coco-zero-shot", prompt_list=cfg.coco_prompts, prompt_set=prompt_set_digest(prompts))
+    if scorer is not None:
+        images = iter_images(cfg.samples, cfg.batch, cfg.image_size, cfg.workers)
+        metrics["text_image_score"] = record["text_image_score"] = text_image_score(
+            scorer, images, [p.caption for p in prompts])
+        record["text_image_model"] = cfg.text_image_model
     out = Path(cfg.out or f"{cfg.samples.rstrip('/')}.metrics.json")
     out.write_text(json.dumps(record, indent=1))
     against = cfg.ref or f"COCO prompt set {prompt_set_digest(prompts)} ({len(prompts):,} val2014 images)"
