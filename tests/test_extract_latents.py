@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from PIL import Image
 from safetensors.torch import save_file
@@ -39,18 +38,7 @@ SIZES = [(72, 96), (96, 80), (64, 64), (90, 120), (80, 70)]  # (h, w): all cropp
 CLASSES, PER_CLASS = 3, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_process_group():
-    """In-process runs join a one-process gloo group (init_distributed sets RANK etc.); undone afterwards.
-    One intra-op thread: tiny models on a busy shared CPU are faster without thread hand-offs."""
-    env, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_process_group")
 
 
 @pytest.fixture(scope="module")
