@@ -10,6 +10,7 @@ started again with the same command continues from its last complete checkpoint.
 dropout of a step are drawn from a generator seeded by (seed, step, rank), so a resumed run draws
 exactly what an uninterrupted one would.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_objects(x.cpu()))
 
 
+@functools.lru_cache(maxsize=1)
+def opened_cache(path: str) -> LatentCache:
+    """The run's latent cache, opened (index, statistics, every shard mapped) once for all its sample grids."""
+    return LatentCache(path)
+
+
 def conditions_of(cfg: GenTrainConfig, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The model's condition for evaluation samples of class `labels` at set positions `index`: the labels
     themselves; for a text-conditioned model on the toy captions, the caption embeddings of the class in
@@ -69,7 +76,7 @@ def conditions_of(cfg: GenTrainConfig, labels: torch.Tensor, index: torch.Tensor
     if not hasattr(cfg.model, "text_dim"):
         return labels
     if cfg.data.source == "cache":
-        cache = LatentCache(cfg.data.path)
+        cache = opened_cache(cfg.data.path)
         pairs = index.cpu().numpy() % cache.num_images
         return torch.from_numpy(cache.text(pairs).astype(np.float32)).to(labels.device)
     if cfg.data.source != "toy_captions":
