@@ -1,25 +1,60 @@
-"""The training step of any recipe's generator on one GPU: fae_fast (fused kernels, per-block torch.compile,
-bf16 autocast, fused AdamW, what train_gen.py runs on one GPU) against the same model on PyTorch ops compiled
-whole with torch.compile, in the same run, and fae_fast with the whole step captured as one CUDA graph
-(fae_fast.graph, fae_fast/train/cuda_graph.py), on random latents and a random condition of the model's kind
-(class labels, or caption embeddings at the model's text length). Reports images/s, MFU (3x the family's
-forward FLOPs over the bf16 matmul rate measured in the run), peak memory and the first step's time.
+"""The training step of any recipe's generator, by provider, timed on one GPU; every step benchmark's set-up.
+
+The set-up (prepare): the model of a config built through its family (fae_fast/families.py) the way a
+provider says (PROVIDERS), its fused AdamW (capturable for a captured step), and a step closure (forward
+under bf16 autocast, backward, clipping, AdamW) on random latents and a random condition of the model's kind
+(class labels, or caption embeddings at the model's text length). benchmarks/train_step.py times it for a
+generator size, also under torchrun.
+
+This program compares, in one run: fae_fast (fused kernels, per-block torch.compile, bf16 autocast, fused
+AdamW, what train_gen.py runs on one GPU), the same model on PyTorch ops compiled whole with torch.compile,
+and fae_fast with the whole step captured as one CUDA graph (fae_fast.graph, fae_fast/train/cuda_graph.py).
+Reports images/s, MFU (3x the family's forward FLOPs over the bf16 matmul rate measured in the run), peak
+memory and the first step's time.
 
     python benchmarks/family_step.py --recipe t2i-1b --out results.jsonl
 """
 import argparse
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from fae_fast.config import TextGeneratorConfig, recipe
-from fae_fast.families import family_of
+from fae_fast.config import TextGeneratorConfig, TransportConfig, recipe
+from fae_fast.families import GeneratorFamily, family_of
+from fae_fast.fp8 import use_fp8
 from fae_fast.train.cuda_graph import GraphedStep
 from fae_fast.train.parallelize import parallelize
 from fae_fast.train.runtime import init_distributed, measured_bf16_peak
 
-PROVIDERS = ("fae_fast", "fae_fast.graph", "torch.compile.whole")
+PROVIDERS = {
+    "torch": "plain PyTorch reference of the same model (impl='torch'), bf16 autocast, fused AdamW, eager",
+    "torch.compile": "the same, each block under torch.compile",
+    "torch.compile.whole": "the same, the whole model under one torch.compile (the strongest plain baseline)",
+    "torchao.float8": "the plain reference with torchao's float8 training (tensorwise scales) on the same linears "
+                      "fae_fast runs in FP8, whole model compiled (needs torchao)",
+    "fae_fast": "what train_gen.py runs: fused Triton kernels + per-block torch.compile + fused AdamW, with FSDP2 "
+                "(bf16 params, fp32 reduce) on several GPUs and bf16 autocast on one (run.fsdp=auto)",
+    "fae_fast.fp8": "the same with run.precision=fp8 (fae_fast/fp8.py)",
+    "fae_fast.fsdp": "fae_fast with FSDP2 also on one GPU",
+    "fae_fast.graph": "fae_fast with the whole step (forward, backward, clipping, AdamW) captured as one CUDA graph "
+                      "and replayed (fae_fast/train/cuda_graph.py): no host time between kernels",
+    "fae_fast.fp8.graph": "fae_fast.fp8, captured the same way",
+}
+COMPARED = ("fae_fast", "fae_fast.graph", "torch.compile.whole")
+"""The providers this program measures unless --providers names others."""
+
+
+def providers_help() -> str:
+    """The providers and what each runs, for a program's --help."""
+    return "providers:\n" + "\n".join(f"  {name:20} {what}" for name, what in PROVIDERS.items())
+
+
+def graphed(provider: str) -> bool:
+    return provider.endswith(".graph")
 
 
 def random_condition(model_cfg, batch: int, device) -> torch.Tensor:
@@ -38,57 +73,107 @@ def timed_seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def measure(recipe_name: str, provider: str, batch: int, steps: int) -> dict:
-    cfg = recipe(recipe_name)
-    family = family_of(cfg.model)
+def torchao_float8(model: torch.nn.Module) -> None:
+    """torchao's float8 training (tensorwise, its default recipe) on the linears fae_fast runs in FP8."""
+    from torchao.float8 import convert_to_float8_training
+
+    targets = {id(m) for mod in model.fp8_modules() for m in mod.modules()}
+    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: id(module) in targets)
+
+
+def build(model_cfg, provider: str, batch: int, device):
+    """(family, model, optimizer, sharded): the model of `model_cfg` built through its family as `provider`
+    runs it, its attention backend chosen for `batch` samples per forward (before compiling), and its AdamW.
+    sharded: FSDP2 holds the model (fae_fast.fsdp, or fae_fast* on several GPUs)."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    family, fused = family_of(model_cfg), provider.startswith("fae_fast")
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = family.build(cfg.model, impl="torch" if provider == "torch.compile.whole" else "auto")
-    family.choose_attention(cfg.model, batch, torch.bfloat16, torch.device("cuda"))
-    if provider == "torch.compile.whole":
+    with device:
+        model = family.build(model_cfg, impl="triton" if fused else "torch")
+    family.choose_attention(model_cfg, batch, torch.bfloat16, device)
+    if provider == "torch.compile":
+        for block in model.blocks:
+            block.compile()
+    if provider == "torchao.float8":
+        torchao_float8(model)
+    if provider in ("torch.compile.whole", "torchao.float8"):
         model.compile()
-    else:
-        parallelize(model, model.blocks, precision="bf16", compile=True, shard=False)
-    graph = provider == "fae_fast.graph"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graph)
-    x = torch.randn(batch, cfg.model.grid ** 2, cfg.model.in_channels, device="cuda")
-    condition = random_condition(cfg.model, batch, "cuda")
+    sharded = provider == "fae_fast.fsdp" or (fused and dist.get_world_size() > 1)
+    if provider.startswith("fae_fast.fp8"):
+        use_fp8(model, device)
+    if fused:
+        parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed(provider))
+    return family, model, opt, sharded
+
+
+def make_step(family: GeneratorFamily, model, opt, x, condition, transport: TransportConfig, *, autocast: bool,
+              graph: bool) -> Callable[[], torch.Tensor]:
+    """One training step on the latents x (B, T, C) and `condition`, returning the loss; graph: captured as
+    one CUDA graph on its first call (after 3 eager steps) and replayed from then on."""
 
     def step():  # random numbers from the default CUDA generator (a captured graph records its offsets)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
-            loss = family.loss(model, x, condition, cfg.transport, None).mean()
+        # a captured step keeps no autocast cache: a cached cast would be freed outside the graph
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=not graph):
+            loss = family.loss(model, x, condition, transport, None).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    if graph:
-        step = GraphedStep(step, opt)
+    return GraphedStep(step, opt) if graph else step
+
+
+@dataclass
+class PreparedStep:
+    family: GeneratorFamily
+    model: torch.nn.Module
+    step: Callable[[], torch.Tensor]
+    """One training step; returns the loss."""
+    first_step_s: float
+    """Seconds of the first step (compiling; for a captured step also its eager steps and the capture)."""
+
+
+def prepare(model_cfg, transport: TransportConfig, provider: str, batch: int, device) -> PreparedStep:
+    """`provider`'s training step of `model_cfg` at `batch` samples per GPU, on random latents and a random
+    condition on the device, with its first step run; peak memory counts from that step."""
+    family, model, opt, sharded = build(model_cfg, provider, batch, device)
+    x = torch.randn(batch, model_cfg.grid ** 2, model_cfg.in_channels, device=device)
+    condition = random_condition(model_cfg, batch, device)
+    # FSDP2's MixedPrecisionPolicy gives bf16 compute where the model is sharded
+    step = make_step(family, model, opt, x, condition, transport, autocast=not sharded, graph=graphed(provider))
     torch.cuda.reset_peak_memory_stats()
-    first = timed_seconds(step, 1)
-    timed_seconds(step, 3)
-    per_step = timed_seconds(step, steps)
+    return PreparedStep(family, model, step, first_step_s=timed_seconds(step, 1))
+
+
+def measure(recipe_name: str, provider: str, batch: int, steps: int) -> dict:
+    cfg = recipe(recipe_name)
+    device = init_distributed().device
+    prepared = prepare(cfg.model, cfg.transport, provider, batch, device)
+    timed_seconds(prepared.step, 3)
+    per_step = timed_seconds(prepared.step, steps)
     images_per_s = batch / per_step
-    flops = 3 * family.flops_per_sample(cfg.model)
-    return {"recipe": recipe_name, "family": family.name, "provider": provider, "gpu": torch.cuda.get_device_name(),
-            "parameters": sum(p.numel() for p in model.parameters()), "batch": batch,
-            "images_per_s": images_per_s, "step_ms": per_step * 1e3,
-            "mfu": images_per_s * flops / measured_bf16_peak(torch.device("cuda")), "first_step_s": first,
+    flops = 3 * prepared.family.flops_per_sample(cfg.model)
+    return {"recipe": recipe_name, "family": prepared.family.name, "provider": provider,
+            "gpu": torch.cuda.get_device_name(), "parameters": sum(p.numel() for p in prepared.model.parameters()),
+            "batch": batch, "images_per_s": images_per_s, "step_ms": per_step * 1e3,
+            "mfu": images_per_s * flops / measured_bf16_peak(device), "first_step_s": prepared.first_step_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=providers_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="t2i-1b")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, of: {', '.join(PROVIDERS)}")
+    parser.add_argument("--providers", default=",".join(COMPARED), help="comma-separated, of the providers below")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="", help="append each result as a JSON line here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("family_step.py measures a GPU; no CUDA device is visible")
-    init_distributed()
     rows = []
     for provider in args.providers.split(","):
         if provider not in PROVIDERS:

@@ -4,19 +4,8 @@ torchrun for the multi-GPU scaling figure:
 
     torchrun --standalone --nproc_per_node=N benchmarks/train_step.py --provider fae_fast --size LightningDiT-XL/1
 
-Providers:
-  torch                plain PyTorch reference of the same model (impl='torch'), bf16 autocast, fused AdamW, eager
-  torch.compile        the same, each block under torch.compile
-  torch.compile.whole  the same, the whole model under one torch.compile (the strongest plain baseline)
-  torchao.float8       the plain reference with torchao's float8 training (tensorwise scales) on the same
-                       linears fae_fast runs in FP8, whole model compiled (needs torchao)
-  fae_fast             what train_gen.py runs: fused Triton kernels + per-block torch.compile + fused AdamW, with
-                       FSDP2 (bf16 params, fp32 reduce) on several GPUs and bf16 autocast on one (run.fsdp=auto)
-  fae_fast.fp8         the same with run.precision=fp8 (fae_fast/fp8.py)
-  fae_fast.fsdp        fae_fast with FSDP2 also on one GPU
-  fae_fast.graph       fae_fast with the whole step (forward, backward, clipping, AdamW) captured as one CUDA graph
-                       and replayed (fae_fast/train/cuda_graph.py): no host time between kernels
-  fae_fast.fp8.graph   fae_fast.fp8, captured the same way
+The step is benchmarks/family_step.py's (the model built through its family, each provider's set-up, the
+step closure), of flow matching; its PROVIDERS are this program's (`--help` lists what each runs).
 """
 import argparse
 import json
@@ -30,69 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fae_fast.config import generator_config  # noqa: E402
-from fae_fast.fp8 import use_fp8  # noqa: E402
-from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample  # noqa: E402
-from fae_fast.transport import flow_matching_loss, sample_t  # noqa: E402
-from fae_fast.train.cuda_graph import GraphedStep  # noqa: E402
-from fae_fast.train.parallelize import parallelize  # noqa: E402
+from benchmarks.family_step import PROVIDERS, prepare as prepare_step, providers_help  # noqa: E402
+from fae_fast.config import TransportConfig, generator_config  # noqa: E402
+from fae_fast.generators import forward_flops_per_sample  # noqa: E402
 from fae_fast.train.runtime import init_distributed, measured_bf16_peak  # noqa: E402
-
-
-PROVIDERS = ("torch", "torch.compile", "torch.compile.whole", "torchao.float8", "fae_fast", "fae_fast.fp8",
-             "fae_fast.fsdp", "fae_fast.graph", "fae_fast.fp8.graph")
-
-
-def torchao_float8(model: Generator) -> None:
-    """torchao's float8 training (tensorwise, its default recipe) on the linears fae_fast runs in FP8."""
-    from torchao.float8 import convert_to_float8_training
-
-    targets = {id(m) for mod in model.fp8_modules() for m in mod.modules()}
-    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: id(module) in targets)
-
-
-def build(provider: str, size: str, device):
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
-    cfg = generator_config(size)
-    torch.manual_seed(0)
-    with device:
-        model = Generator(cfg, impl="triton" if provider.startswith("fae_fast") else "torch")
-    if provider == "torch.compile":
-        for block in model.blocks:
-            block.compile()
-    if provider == "torchao.float8":
-        torchao_float8(model)
-    if provider in ("torch.compile.whole", "torchao.float8"):
-        model.compile()
-    sharded = provider == "fae_fast.fsdp" or (provider.startswith("fae_fast") and dist.get_world_size() > 1)
-    if provider.startswith("fae_fast.fp8"):
-        use_fp8(model, device)
-    if provider.startswith("fae_fast"):
-        parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed(provider))
-    return cfg, model, opt, sharded
-
-
-def graphed(provider: str) -> bool:
-    return provider.endswith(".graph")
-
-
-def make_step(sharded: bool, model, opt, x1, y, graph: bool = False):
-    autocast = not sharded  # FSDP2's MixedPrecisionPolicy gives bf16 compute there
-
-    def step():
-        t = sample_t(x1.shape[0], device=x1.device)
-        # a captured step keeps no autocast cache: a cached cast would be freed outside the graph
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=not graph):
-            loss = flow_matching_loss(lambda xt, tt: model(xt, tt, y), x1, t).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
 
 
 def profile(step, path: str, steps: int = 3) -> None:
@@ -119,21 +49,12 @@ def profile(step, path: str, steps: int = 3) -> None:
 
 
 def prepare(provider: str, size: str, batch: int, device):
-    """(config, one-step callable, seconds of the first step): the model built, the attention backend
-    chosen for the shape, random latents and labels on the device, and the first (compiling) step run."""
-    cfg, model, opt, sharded = build(provider, size, device)
-    T = cfg.grid * cfg.grid
-    choose_attention_backend(cfg, batch, torch.bfloat16, device)
-    x1 = torch.randn(batch, T, cfg.in_channels, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    step = make_step(sharded, model, opt, x1, y, graphed(provider))
-    if graphed(provider):  # the first call warms up (3 eager steps), captures and replays
-        step = GraphedStep(step, opt)
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    return cfg, step, time.perf_counter() - t0
+    """(config, one-step callable, seconds of the first step) of generator size `size`: family_step.py's step
+    of flow matching with the default transport (uniform t), its first (compiling) step run."""
+    # no label dropout: the step this benchmark has always timed (the same model; dropout adds four tiny kernels)
+    cfg = generator_config(size, class_dropout=0.0)
+    prepared = prepare_step(cfg, TransportConfig(), provider, batch, device)
+    return cfg, prepared.step, prepared.first_step_s
 
 
 def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profile_path: str = "") -> dict:
@@ -163,7 +84,7 @@ def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profi
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(epilog=providers_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--provider", default="fae_fast", choices=PROVIDERS)
     parser.add_argument("--size", default="LightningDiT-XL/1")
     parser.add_argument("--batch", type=int, default=128, help="per GPU")
