@@ -8,13 +8,26 @@ import torch
 from fae_fast.eval.protocol import index_labels
 
 
+def draw_dropped(conditioning, batch: int, device, generator: torch.Generator | None) -> torch.Tensor | None:
+    """Which samples of a batch lose their condition, bool (B,): one uniform draw per sample from `generator`,
+    below `conditioning.dropout`; None, and nothing drawn, without dropout."""
+    if conditioning.dropout <= 0:
+        return None
+    return torch.rand(batch, device=device, generator=generator) < conditioning.dropout
+
+
+def replace_dropped(conditioning, condition: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    """`condition` with the samples marked in `dropped` (draw_dropped) replaced by `conditioning.null`."""
+    if dropped is None:
+        return condition
+    return torch.where(dropped.view(-1, *[1] * (condition.dim() - 1)), conditioning.null(condition), condition)
+
+
 def drop_to_null(conditioning, condition: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """`condition` with each sample (along dim 0) replaced by `conditioning.null` with probability
     `conditioning.dropout`, one uniform draw per sample from `generator`."""
-    if conditioning.dropout <= 0:
-        return condition
-    dropped = torch.rand(condition.shape[:1], device=condition.device, generator=generator) < conditioning.dropout
-    return torch.where(dropped.view(-1, *[1] * (condition.dim() - 1)), conditioning.null(condition), condition)
+    dropped = draw_dropped(conditioning, condition.shape[0], condition.device, generator)
+    return replace_dropped(conditioning, condition, dropped)
 
 
 class ClassLabels:

@@ -289,6 +289,11 @@ class RunConfig:
     fae_fast/fp8.py; CUDA with FP8 tensor cores, e.g. H100/H200) or 'fp32'."""
     fsdp: str = "auto"
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
+    cuda_graph: str = "off"
+    """train_gen.py: capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
+    after 3 eager steps and replay it (fae_fast/train/cuda_graph.py): 'on', 'off', or 'auto' (on for one
+    CUDA rank without FSDP). The same steps, losses and weights as eager; it removes host time, which
+    matters most for run.precision=fp8."""
     eval_samples: int = 0
     """Samples drawn at the end to score the run (toy: Frechet distance to the true distribution)."""
     eval_every: int = 0

@@ -8,6 +8,9 @@ fae_fast/conditioning.py), which gives the null condition for guidance and the d
     family = family_of(cfg.model)
     model = family.build(cfg.model, impl)
     loss = family.loss(model, latents, condition, cfg.transport, generator).mean()
+    # or, with the random numbers drawn apart (a captured CUDA-graph step reads them as inputs):
+    draws = family.draw(model, latents, condition, cfg.transport, generator)
+    loss = family.loss_of_draws(model, latents, condition, draws, cfg.transport).mean()
     latents = family.sample(model, condition, noise, cfg.sampler)
 
 Registered: "flow_transformer" (SiT / LightningDiT, flow matching), "text_flow_transformer" (the same,
@@ -25,6 +28,7 @@ from typing import Callable
 import torch
 
 from fae_fast import starflow
+from fae_fast.conditioning import draw_dropped, replace_dropped
 from fae_fast.config import (GeneratorConfig, StarFlowConfig, TextGeneratorConfig, TransportConfig, config_from_json,
                              to_dict)
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample
@@ -40,9 +44,11 @@ class GeneratorFamily:
     """The dataclass of the model's options (a run's `model` section)."""
     build: Callable[..., torch.nn.Module]
     """(config, impl='auto') -> model, with `model.conditioning`."""
-    loss: Callable[..., torch.Tensor]
-    """(model, latents (B, T, C), condition, transport config, torch.Generator) -> per-sample loss (B,);
-    draws every random number (condition dropout included) from the generator."""
+    draw: Callable[..., dict[str, torch.Tensor]]
+    """(model, latents (B, T, C), condition, transport config, torch.Generator) -> every random number of one
+    training step (condition dropout included), by name, drawn from the generator in a fixed order."""
+    loss_of_draws: Callable[..., torch.Tensor]
+    """(model, latents, condition, draws, transport config) -> per-sample loss (B,); draws nothing itself."""
     sample: Callable[..., torch.Tensor]
     """(model, condition, noise (B, T, C), SamplerConfig, generator=None, step_noise=None) -> latents."""
     flops_per_sample: Callable[[object], float]
@@ -59,31 +65,48 @@ class GeneratorFamily:
     """(model, latents, condition) -> -log2 p(latents | condition) per dimension (B,), for families with an
     exact likelihood; None for the others."""
 
+    def loss(self, model, latents: torch.Tensor, condition, tc: TransportConfig,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """Per-sample loss (B,) of one batch, every random number drawn from `generator` (draw, then
+        loss_of_draws)."""
+        return self.loss_of_draws(model, latents, condition, self.draw(model, latents, condition, tc, generator), tc)
 
-def flow_matching_step_loss(model: Generator, x1: torch.Tensor, condition: torch.Tensor, tc: TransportConfig,
-                            generator: torch.Generator) -> torch.Tensor:
-    """Flow matching of one batch: condition dropout, t from tc's schedule, Gaussian noise, all from
-    `generator` in that order; returns the per-sample loss (B,)."""
-    condition = model.conditioning.drop(condition, generator)
-    t = sample_t(x1.shape[0], method=tc.t_sampling, mean=tc.logit_mean, std=tc.logit_std, shift=tc.time_shift,
-                 device=x1.device, generator=generator)
-    noise = torch.randn(x1.shape, device=x1.device, generator=generator)
-    return flow_matching_loss(lambda xt, tt: model(xt, tt, condition).float(), x1, t, noise=noise,
+
+def flow_matching_draws(model: Generator, x1: torch.Tensor, condition: torch.Tensor, tc: TransportConfig,
+                        generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """The random numbers of one flow-matching step, from `generator` in this order: which samples lose their
+    condition ('dropped', only with condition dropout), t from tc's schedule ('t', (B,)), and the Gaussian
+    noise ('noise', x1's shape)."""
+    draws = {}
+    if (dropped := draw_dropped(model.conditioning, x1.shape[0], x1.device, generator)) is not None:
+        draws["dropped"] = dropped
+    draws["t"] = sample_t(x1.shape[0], method=tc.t_sampling, mean=tc.logit_mean, std=tc.logit_std,
+                          shift=tc.time_shift, device=x1.device, generator=generator)
+    draws["noise"] = torch.randn(x1.shape, device=x1.device, generator=generator)
+    return draws
+
+
+def flow_matching_loss_of_draws(model: Generator, x1: torch.Tensor, condition: torch.Tensor,
+                                draws: dict[str, torch.Tensor], tc: TransportConfig) -> torch.Tensor:
+    """Flow matching of one batch, its random numbers given (flow_matching_draws): per-sample loss (B,)."""
+    condition = replace_dropped(model.conditioning, condition, draws.get("dropped"))
+    return flow_matching_loss(lambda xt, tt: model(xt, tt, condition).float(), x1, draws["t"], noise=draws["noise"],
                               cosine_weight=tc.cosine_weight)
 
 
 FLOW_TRANSFORMER = GeneratorFamily(
-    name="flow_transformer", config_class=GeneratorConfig, build=Generator, loss=flow_matching_step_loss,
-    sample=sample_latents, flops_per_sample=forward_flops_per_sample, choose_attention=choose_attention_backend,
-    evaluation_plan=evaluation_plan)
+    name="flow_transformer", config_class=GeneratorConfig, build=Generator, draw=flow_matching_draws,
+    loss_of_draws=flow_matching_loss_of_draws, sample=sample_latents, flops_per_sample=forward_flops_per_sample,
+    choose_attention=choose_attention_backend, evaluation_plan=evaluation_plan)
 
 TEXT_FLOW_TRANSFORMER = GeneratorFamily(
     name="text_flow_transformer", config_class=TextGeneratorConfig, build=TextGenerator,
-    loss=flow_matching_step_loss, sample=sample_latents, flops_per_sample=text_flops_per_sample,
-    choose_attention=choose_attention_backend, evaluation_plan=evaluation_plan)
+    draw=flow_matching_draws, loss_of_draws=flow_matching_loss_of_draws, sample=sample_latents,
+    flops_per_sample=text_flops_per_sample, choose_attention=choose_attention_backend, evaluation_plan=evaluation_plan)
 
 STARFLOW = GeneratorFamily(
-    name="starflow", config_class=StarFlowConfig, build=starflow.StarFlow, loss=starflow.starflow_loss,
+    name="starflow", config_class=StarFlowConfig, build=starflow.StarFlow, draw=starflow.starflow_draws,
+    loss_of_draws=starflow.starflow_loss_of_draws,
     sample=starflow.sample_starflow, flops_per_sample=starflow.flops_per_sample,
     choose_attention=starflow.choose_attention, loss_floor=starflow.nll_floor,
     bits_per_dim=lambda model, x, y: model.nll_per_dim(x, y) / math.log(2))

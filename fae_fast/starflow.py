@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fae_fast.attention import attention, choose_backend
-from fae_fast.conditioning import ClassLabels
+from fae_fast.conditioning import ClassLabels, draw_dropped, replace_dropped
 from fae_fast.config import GeneratorConfig, SamplerConfig, StarFlowConfig, validate_starflow
 from fae_fast.generators import Block
 from fae_fast.layers import LabelEmbedder, ModulatedNorm, Ops, rope_angles_2d, sincos_pos_embed_2d
@@ -370,12 +370,28 @@ def denoise(model: StarFlow, x, y):
     return (x + sigma ** 2 * score).detach()
 
 
+def starflow_draws(model: StarFlow, x, condition, tc, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random numbers of one training step, from `generator` in this order: which samples lose their
+    label ('dropped', only with label dropout), then the augmentation noise ('noise', x's shape). `tc` (the
+    flow-matching options) is not read."""
+    draws = {}
+    if (dropped := draw_dropped(model.conditioning, x.shape[0], x.device, generator)) is not None:
+        draws["dropped"] = dropped
+    draws["noise"] = torch.randn(x.shape, device=x.device, generator=generator)
+    return draws
+
+
+def starflow_loss_of_draws(model: StarFlow, x, condition, draws: dict[str, torch.Tensor], tc=None):
+    """Per-sample NLL (nats per dimension) of the noise-augmented latents, the step's random numbers given
+    (starflow_draws)."""
+    condition = replace_dropped(model.conditioning, condition, draws.get("dropped"))
+    return model.nll_per_dim(x + model.cfg.noise_std * draws["noise"], condition)
+
+
 def starflow_loss(model: StarFlow, x, condition, tc, generator: torch.Generator):
     """Per-sample NLL (nats per dimension) of the noise-augmented latents: label dropout, then the noise,
-    both from `generator` in that order. `tc` (the flow-matching options) is not read."""
-    condition = model.conditioning.drop(condition, generator)
-    noise = torch.randn(x.shape, device=x.device, generator=generator)
-    return model.nll_per_dim(x + model.cfg.noise_std * noise, condition)
+    both from `generator` in that order."""
+    return starflow_loss_of_draws(model, x, condition, starflow_draws(model, x, condition, tc, generator), tc)
 
 
 @torch.no_grad()

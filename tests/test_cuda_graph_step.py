@@ -1,14 +1,24 @@
 """A training step captured as one CUDA graph (fae_fast/train/cuda_graph.py) trains exactly as the same step run
-eagerly: the fused generator, compiled per block, on a sequence of batches loaded into static inputs."""
+eagerly: the fused generator, compiled per block, on a sequence of batches loaded into static inputs; and
+train_gen.py with run.cuda_graph=on trains, checkpoints and resumes as its eager run does."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fae_fast.config import generator_config
 from fae_fast.generators import Generator
 from fae_fast.train.cuda_graph import GraphedStep, StaticInputs, check_capturable
 from fae_fast.train.parallelize import parallelize
 from fae_fast.transport import flow_matching_loss
+from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
+from test_train_gen import history  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_static_inputs_copy_in_place_and_name_a_wrong_shape():
@@ -64,15 +74,56 @@ def test_replayed_steps_match_eager_steps():
     graphed, graphed_opt = _model_and_optimizer(0)
     static = StaticInputs(**batches[0])
     step = GraphedStep(lambda: train_step(graphed, graphed_opt, static.tensors), graphed_opt, warmup=2)
-    # the graphed run's first call trains warmup + 1 steps on its first batch; the eager run does the same
-    eager_losses = [train_step(eager, eager_opt, batches[0]).item() for _ in range(2)]
-    graphed_losses = []
-    for b in batches:
+    eager_losses, graphed_losses = [], []
+    for b in batches:  # every call is one step: 2 eager, then the capture and its replays
         eager_losses.append(train_step(eager, eager_opt, b).item())
         static.load(**b)
         graphed_losses.append(step().item())
-    assert step.eager_steps == 2
-    torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses[2:]), rtol=1e-5, atol=1e-6)
+    assert step.eager_steps == 2 and step.graph is not None
+    torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
     assert eager_losses[-1] != eager_losses[2], "the batches differ, so the losses must"
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+TRAIN_GEN = ["--model.depth=2", "--model.width=64", "--model.heads=2", "--data.global_batch=32",
+             "--run.eval_samples=0", "--run.log_every=1", "--run.sample_every=0", "--run.precision=fp32",
+             "--run.compile=false", "--optim.warmup_steps=8", "--optim.lr=2e-3"]
+
+
+def train_gen(out, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(ROOT / "training" / "train_gen.py"), *TRAIN_GEN, f"--run.out_dir={out}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=program_env(1), capture_output=True, text=True, timeout=600)
+
+
+def test_cuda_graph_on_without_cuda_names_the_fix(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    res = train_gen(tmp_path / "run", "--run.steps=2", "--run.cuda_graph=on")
+    assert res.returncode != 0
+    assert "run.cuda_graph=on captures a one-GPU step, and this run has no CUDA device" in res.stderr + res.stdout
+
+
+@pytest.mark.gpu
+def test_train_gen_with_a_captured_step_trains_what_eager_trains_and_resumes(tmp_path):
+    """train_gen.py, 12 steps under a learning-rate warm-up (the rate changes every step, and the captured
+    AdamW must read each new one): run.cuda_graph=on gives the eager run's losses and EMA weights, and a
+    graphed run stopped at step 6 and resumed (its checkpoint holding the device-side rate and step count)
+    gives the straight run's."""
+    runs = {"eager": ["--run.cuda_graph=off", "--run.steps=12"], "graphed": ["--run.cuda_graph=on", "--run.steps=12"]}
+    for name, args in runs.items():
+        res = train_gen(tmp_path / name, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+    res = train_gen(tmp_path / "resumed", "--run.cuda_graph=on", "--run.steps=6", "--run.ckpt_every=6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = train_gen(tmp_path / "resumed", "--run.cuda_graph=on", "--run.steps=12", "--run.ckpt_every=6")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    losses = {name: history(tmp_path / name) for name in ("eager", "graphed", "resumed")}
+    assert sorted(losses["graphed"]) == list(range(1, 13)) and losses["eager"][12] < losses["eager"][1]
+    for name in ("graphed", "resumed"):
+        for step in range(1, 13):
+            assert losses[name][step] == pytest.approx(losses["eager"][step], rel=1e-5), (name, step)
+        weights, want = load_file(tmp_path / name / "ema.safetensors"), load_file(tmp_path / "eager" / "ema.safetensors")
+        for key in want:
+            torch.testing.assert_close(weights[key], want[key], rtol=1e-5, atol=1e-6, msg=key)

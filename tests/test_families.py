@@ -136,3 +136,32 @@ def test_evaluation_conditions_come_from_the_conditioning():
     labels, idx = ClassLabels(10), torch.arange(25)
     assert torch.equal(labels.for_indices(0, idx), idx % 10)
     assert torch.equal(labels.for_indices(3, idx, "random"), index_labels(3, idx, 10, "random"))
+
+
+@pytest.mark.parametrize("name", ["demo", "t2i-demo", "starflow-demo"])
+def test_every_familys_loss_is_its_draws_then_a_loss_that_draws_nothing(name):
+    """A family's loss is draw (every random number, from the step's generator) then loss_of_draws (none
+    of its own), so a captured CUDA-graph step can take the draws as inputs and train what eager trains."""
+    from fae_fast.config import recipe
+
+    cfg = recipe(name)
+    family = family_of(cfg.model)
+    torch.manual_seed(0)
+    model = family.build(cfg.model, impl="torch")
+    x = torch.randn(8, cfg.model.grid ** 2, cfg.model.in_channels)
+    if hasattr(cfg.model, "text_dim"):
+        condition = torch.randn(8, cfg.model.text_length, cfg.model.text_dim)
+    else:
+        condition = torch.randint(0, cfg.model.num_classes, (8,))
+    whole = family.loss(model, x, condition, cfg.transport, torch.Generator().manual_seed(5))
+    draws = family.draw(model, x, condition, cfg.transport, torch.Generator().manual_seed(5))
+    assert draws["noise"].shape == x.shape
+    assert ("dropped" in draws) == (model.conditioning.dropout > 0)
+    torch.manual_seed(123)
+    split = family.loss_of_draws(model, x, condition, draws, cfg.transport)
+    torch.manual_seed(456)  # another global RNG state: loss_of_draws must not read it
+    again = family.loss_of_draws(model, x, condition, draws, cfg.transport)
+    torch.testing.assert_close(split, whole, rtol=0, atol=0)
+    torch.testing.assert_close(again, whole, rtol=0, atol=0)
+    other = family.loss(model, x, condition, cfg.transport, torch.Generator().manual_seed(6))
+    assert not torch.equal(other, whole), "another seed draws other numbers"

@@ -30,6 +30,7 @@ from fae_fast.inference import LatentDecoder
 from fae_fast.seeding import step_generator
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid
 from fae_fast.train.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of
+from fae_fast.train.cuda_graph import GraphedStep, StaticInputs, device_learning_rate
 from fae_fast.train.parallelize import parallelize
 from fae_fast.train.loop import LoopSettings, train_loop
 from fae_fast.train.runtime import (EMA, Spike, data_index, finish_distributed, gather_objects, init_distributed,
@@ -247,10 +248,25 @@ def use_fsdp(cfg: GenTrainConfig, d) -> bool:
     return cfg.run.fsdp == "on" or (cfg.run.fsdp == "auto" and d.world > 1)
 
 
-def autocast(cfg: GenTrainConfig, d, sharded: bool):
-    """bf16 autocast where FSDP2's mixed-precision policy does not already give bf16 compute."""
+def uses_cuda_graph(cfg: GenTrainConfig, d) -> bool:
+    """Whether the training step is captured as one CUDA graph (run.cuda_graph): 'on' needs one CUDA rank
+    without FSDP; 'auto' is on exactly there."""
+    choice = cfg.run.cuda_graph
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"run.cuda_graph={choice!r} is not 'auto', 'on' or 'off'")
+    possible = d.device.type == "cuda" and not use_fsdp(cfg, d)
+    if choice == "on" and not possible:
+        where = "no CUDA device" if d.device.type != "cuda" else "FSDP2 (several ranks or run.fsdp=on)"
+        raise ValueError(f"run.cuda_graph=on captures a one-GPU step, and this run has {where}; use "
+                         f"run.cuda_graph=auto or off")
+    return choice != "off" and possible
+
+
+def autocast(cfg: GenTrainConfig, d, sharded: bool, cache: bool = True):
+    """bf16 autocast where FSDP2's mixed-precision policy does not already give bf16 compute. cache=False for
+    a captured step (a cached weight cast would be freed outside the graph)."""
     enabled = cfg.run.precision in ("bf16", "fp8") and not sharded
-    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
 
 
 def build(cfg: GenTrainConfig, d):
@@ -259,13 +275,14 @@ def build(cfg: GenTrainConfig, d):
         model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
         use_fp8(model, d.device)
-        print0("note: run.precision=fp8 trains slower than bf16 for now (0.65x on an H200: the FP8 step waits on "
-               "the host; README, 'FP8'); use it to check FP8's numerics, bf16 for speed")
+        if not uses_cuda_graph(cfg, d):
+            print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
+                   "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
     family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
                                           torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
-    return model, make_adamw(model.parameters(), cfg.optim, d.device)
+    return model, make_adamw(model.parameters(), cfg.optim, d.device, capturable=uses_cuda_graph(cfg, d))
 
 
 def main(argv: list[str]) -> dict:
@@ -378,34 +395,69 @@ def roll_back(spike: Spike, cfg: GenTrainConfig, ckpts: CheckpointManager, state
 
 class GeneratorTraining:
     """train_gen's TrainingTask (fae_fast/train/loop.py): the family's loss on a batch of the latent source,
-    AdamW with clipping, the EMA; evaluation, sample grids and rollback after a loss spike."""
+    AdamW with clipping, the EMA; evaluation, sample grids and rollback after a loss spike.
+
+    With run.cuda_graph the step's random numbers are drawn as in an eager step (family.draw, from the
+    step's seeded generator), loaded with the batch into a captured step's inputs, and the step replayed:
+    fae_fast/train/cuda_graph.py. The EMA update stays outside the graph."""
 
     def __init__(self, model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, decoder=None):
         self.model, self.optimizer, self.ema, self.source, self.cfg, self.d = model, optimizer, ema, source, cfg, d
         self.ckpts, self.state, self.decoder, self.rollbacks = ckpts, state, decoder, []
         self.sharded = use_fsdp(cfg, d)
-        self.loss_floor = family_of(cfg.model).loss_floor(cfg.model)
+        self.family = family_of(cfg.model)
+        self.loss_floor = self.family.loss_floor(cfg.model)
         self.evaluation = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
+        self.graphed = uses_cuda_graph(cfg, d)
+        self.captured: GraphedStep | None = None
+        self.inputs: StaticInputs | None = None
 
     def batch(self, step: int):
         return self.source.batch(data_index(step, self.cfg.data.skip))
 
     def train_step(self, step: int, batch) -> dict[str, torch.Tensor]:
         cfg, (x1, y) = self.cfg, batch
-        set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
-        with autocast(cfg, self.d, self.sharded):
-            gen = step_generator(cfg.run.seed, step, self.d.rank, "noise", self.d.device)
-            loss = family_of(cfg.model).loss(self.model, x1, y, cfg.transport, gen).mean()
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        gen = step_generator(cfg.run.seed, step, self.d.rank, "noise", self.d.device)
+        if self.graphed:
+            if device_learning_rate(self.optimizer, self.d.device):  # a checkpoint load set a float rate
+                self.captured = self.inputs = None
+            set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
+            loss = self.replay(x1, y, self.family.draw(self.model, x1, y, cfg.transport, gen))
+        else:
+            set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
+            with autocast(cfg, self.d, self.sharded):
+                loss = self.family.loss(self.model, x1, y, cfg.transport, gen).mean()
+            self.backward_and_update(loss)
         self.ema.update()
         return {"loss": loss}
 
+    def backward_and_update(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_on_inputs(self) -> torch.Tensor:
+        """The step that is captured: it reads the batch and its random numbers from self.inputs."""
+        inputs = dict(self.inputs.tensors)
+        x1, y = inputs.pop("latents"), inputs.pop("condition")
+        with autocast(self.cfg, self.d, self.sharded, cache=False):
+            loss = self.family.loss_of_draws(self.model, x1, y, inputs, self.cfg.transport).mean()
+        self.backward_and_update(loss)
+        return loss
+
+    def replay(self, x1: torch.Tensor, condition: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One step through the captured graph (eager for its first 3 calls); the loss, copied out of the graph."""
+        if self.captured is None:
+            self.inputs = StaticInputs(latents=x1, condition=condition, **draws)
+            self.captured = GraphedStep(self.step_on_inputs, self.optimizer)
+        else:
+            self.inputs.load(latents=x1, condition=condition, **draws)
+        return self.captured().clone()  # the next replay overwrites the graph's own loss tensor
+
     def flops_per_image(self, step: int) -> float:
-        return 3 * family_of(self.cfg.model).flops_per_sample(self.cfg.model)
+        return 3 * self.family.flops_per_sample(self.cfg.model)
 
     def evaluate(self, done: int) -> dict | None:
         return None if self.evaluation is None else self.evaluation(self.model, self.ema)
@@ -416,6 +468,7 @@ class GeneratorTraining:
                              self.decoder)
 
     def roll_back(self, spike: Spike) -> tuple[Path, int]:
+        self.captured = self.inputs = None  # the load replaces the optimizer's state tensors: capture anew
         return roll_back(spike, self.cfg, self.ckpts, self.state, self.rollbacks)
 
 

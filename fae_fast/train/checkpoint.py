@@ -75,6 +75,9 @@ class ModelAndOptimizer(Stateful):
     def state_dict(self):
         fill_missing_optimizer_state(self.optimizer)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        for group in optim_state.get("param_groups", []):  # a captured step's rate is a device tensor
+            if isinstance(group.get("lr"), torch.Tensor):  # saved as the float every run saves and loads
+                group["lr"] = float(group["lr"])
         return {"model": model_state, "optim": optim_state}
 
     def load_state_dict(self, state):

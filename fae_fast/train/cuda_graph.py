@@ -9,11 +9,15 @@ a step, and on an H200 its host time (Python, dispatch, cuBLASLt set-up) exceeds
         loss = step()                                      # replays the graph; returns the static loss tensor
 
 What capture needs (PyTorch's whole-network capture): an optimizer built with `capturable=True` (its step
-count and learning rate live on the device), random numbers from the default CUDA generator (capture
-records the Philox offsets), no host synchronisation inside the step (no `.item()`, no data-dependent
+count lives on the device) whose learning rate is a device tensor changed in place (a float is recorded
+once; `device_learning_rate`), random numbers drawn outside the step and loaded with the batch (train_gen
+draws each step's from its own seeded generator) or from the default CUDA generator (capture records its
+Philox offsets), no host synchronisation inside the step (no `.item()`, no data-dependent
 shapes), and autocast with `cache_enabled=False` (a cached weight cast would be freed outside the graph).
-The step runs `warmup` times eagerly on a side stream first (compilation, cuBLAS workspaces, optimizer
-state) and those steps train as usual; `GraphedStep.eager_steps` says how many there were.
+Every call trains one step: the first `warmup` calls run it eagerly on a side stream (compilation,
+cuBLAS workspaces, optimizer state), the next captures it and replays it, and every later call replays
+it; `GraphedStep.eager_steps` says how many ran eagerly. So a graphed run trains the same steps on the
+same batches as an eager one.
 
 Gradients are allocated once, inside the graph's memory pool, and written in place on every replay, so
 `zero_grad(set_to_none=True)` must not run between replays (the captured step sets them itself).
@@ -46,6 +50,22 @@ class StaticInputs:
             static.copy_(tensor, non_blocking=True)
 
 
+def device_learning_rate(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Make each parameter group's learning rate a 0-d fp32 tensor on `device` (same value) unless it is one,
+    so that a captured optimizer step reads the rate set_lr writes into it in place. True if any was
+    replaced (a graph captured before then reads the old tensors: capture again)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    replaced = False
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not (isinstance(lr, torch.Tensor) and lr.device == device):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+            replaced = True
+    return replaced
+
+
 def check_capturable(optimizer: torch.optim.Optimizer) -> None:
     if not all(group.get("capturable", False) for group in optimizer.param_groups):
         raise ValueError(f"{type(optimizer).__name__} must be built with capturable=True to run inside a captured "
@@ -53,8 +73,9 @@ def check_capturable(optimizer: torch.optim.Optimizer) -> None:
 
 
 class GraphedStep:
-    """`step()` (no arguments, returns the loss tensor) run `warmup` times eagerly, then captured on its next
-    call and replayed from then on. CUDA only."""
+    """`step()` (no arguments, returns the loss tensor), one training step per call: eager for the first
+    `warmup` calls, then captured and replayed. The returned loss is the graph's own output tensor, which the
+    next call overwrites: clone it to keep it. CUDA only."""
 
     def __init__(self, step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, warmup: int = 3):
         if not torch.cuda.is_available():
@@ -65,14 +86,14 @@ class GraphedStep:
         self.loss: torch.Tensor | None = None
         self.eager_steps = 0
 
-    def _warm_up(self) -> None:
+    def _eager(self) -> torch.Tensor:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.step()
-                self.eager_steps += 1
+            loss = self.step()
         torch.cuda.current_stream().wait_stream(side)
+        self.eager_steps += 1
+        return loss
 
     def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
@@ -82,7 +103,8 @@ class GraphedStep:
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
-            self._warm_up()
+            if self.eager_steps < self.warmup:
+                return self._eager()
             self._capture()  # capture records the step without running it
         self.graph.replay()
         return self.loss

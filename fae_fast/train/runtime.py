@@ -6,6 +6,7 @@ import atexit
 import collections
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import math
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from fae_fast.train.cuda_graph import device_learning_rate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,18 +290,29 @@ class SpikeGuard:
 # Progress
 # ----------------------------------------------------------------------------------------------------
 def measured_bf16_peak(device: torch.device) -> float:
-    """bf16 matmul FLOP/s of this GPU, measured now (a few 8192^3 products); 0 on CPU."""
+    """bf16 matmul FLOP/s of this GPU: the best of five timings of ten 8192^3 products, measured once per
+    process and device (one run of a few milliseconds varies by 5% with clocks), so that every MFU of a
+    process has the same, highest, denominator; 0 on CPU."""
+    device = torch.device(device)
     if device.type != "cuda":
         return 0.0
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    return _measured_bf16_peak(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _measured_bf16_peak(index: int) -> float:
+    a = torch.randn(8192, 8192, device=f"cuda:{index}", dtype=torch.bfloat16)
     for _ in range(3):
         a @ a
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+    best = math.inf
+    for _ in range(5):
+        torch.cuda.synchronize(index)
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(index)
+        best = min(best, time.perf_counter() - start)
+    return 10 * 2 * 8192**3 / best
 
 
 class Progress:
@@ -414,18 +428,28 @@ def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: s
 # ----------------------------------------------------------------------------------------------------
 # Step pieces shared by the training programs (train_gen.py, train_fae.py)
 # ----------------------------------------------------------------------------------------------------
-def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, betas=None) -> torch.optim.AdamW:
-    """AdamW of an OptimConfig (fused on CUDA, foreach elsewhere); lr and betas may be overridden."""
+def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, betas=None,
+               capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW of an OptimConfig (fused on CUDA, foreach elsewhere); lr and betas may be overridden.
+    capturable: for a step captured as a CUDA graph (fae_fast/train/cuda_graph.py): the step count and the
+    learning rate live on the device."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas if betas is None else betas,
-                             weight_decay=optim.weight_decay, fused=fused, foreach=not fused)
+    opt = torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas if betas is None else betas,
+                            weight_decay=optim.weight_decay, fused=fused, foreach=not fused, capturable=capturable)
+    if capturable:
+        device_learning_rate(opt, device)
+    return opt
 
 
 def set_lr(optimizer: torch.optim.Optimizer, optim, step: int, total: int) -> None:
-    """Peak lr of an OptimConfig times its warmup/schedule factor at `step`."""
+    """Peak lr of an OptimConfig times its warmup/schedule factor at `step` (written in place into a
+    learning rate held as a tensor, so that a captured step reads it)."""
     factor = lr_factor(step, total=total, warmup=optim.warmup_steps, schedule=optim.schedule)
     for group in optimizer.param_groups:
-        group["lr"] = optim.lr * factor
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(optim.lr * factor)
+        else:
+            group["lr"] = optim.lr * factor
 
 
 class TermMeter:
