@@ -259,6 +259,8 @@ class DataConfig:
 
 PRECISIONS = ("bf16", "fp8", "fp32")
 """The values of RunConfig.precision (fp8: the generator only)."""
+CUDA_GRAPH_CHOICES = ("auto", "on", "off")
+"""The values of RunConfig.cuda_graph."""
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fae_fast.cli import UsageError, parse_command_line, run_program
-from fae_fast.config import PRECISIONS, RECIPES, GenTrainConfig, recipe
+from fae_fast.config import CUDA_GRAPH_CHOICES, PRECISIONS, RECIPES, GenTrainConfig, recipe
 from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
@@ -47,6 +47,8 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
     run = cfg.run
     if run.precision not in PRECISIONS:
         raise UsageError(f"--run.precision={run.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if run.cuda_graph not in CUDA_GRAPH_CHOICES:
+        raise UsageError(f"--run.cuda_graph={run.cuda_graph!r} is not one of {', '.join(CUDA_GRAPH_CHOICES)}")
     if evaluates_during_training(cfg) and run.eval_every % run.log_every:
         raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
     if run.eval_ref and not cfg.fae_decoder:
@@ -252,8 +254,6 @@ def uses_cuda_graph(cfg: GenTrainConfig, d) -> bool:
     """Whether the training step is captured as one CUDA graph (run.cuda_graph): 'on' needs one CUDA rank
     without FSDP; 'auto' is on exactly there."""
     choice = cfg.run.cuda_graph
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"run.cuda_graph={choice!r} is not 'auto', 'on' or 'off'")
     possible = d.device.type == "cuda" and not use_fsdp(cfg, d)
     if choice == "on" and not possible:
         where = "no CUDA device" if d.device.type != "cuda" else "FSDP2 (several ranks or run.fsdp=on)"
