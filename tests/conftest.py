@@ -24,6 +24,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # the slow tests (whole training programs, minutes each) first, so that a parallel run (-n) starts its
+    # longest tests at once instead of last, which set the whole run's length on the GPU machine
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

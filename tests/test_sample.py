@@ -242,6 +242,7 @@ def run_sample(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.slow
 def test_program_output_does_not_depend_on_world_size_batch_or_a_crash(tmp_path):
     """SDE sampling (per-index noise at every step) of 13 samples: 1 process with batch 5, 2 processes with
     batch 3, and that run resumed by 1 process with batch 4 after losing two chunks (and with a
