@@ -127,3 +127,44 @@ def test_train_gen_with_a_captured_step_trains_what_eager_trains_and_resumes(tmp
         weights, want = load_file(tmp_path / name / "ema.safetensors"), load_file(tmp_path / "eager" / "ema.safetensors")
         for key in want:
             torch.testing.assert_close(weights[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_device_learning_rate_is_saved_as_the_float_every_run_loads(tmp_path):
+    """A captured step's AdamW holds its rate in a tensor (device_learning_rate); checkpoints save it as a
+    float, so a checkpoint moves between runs with and without run.cuda_graph both ways, and the tensor the
+    optimizer holds is the one it held before the save (a captured graph reads that one)."""
+    import torch.distributed.checkpoint as dcp
+
+    from fae_fast.train.checkpoint import ModelAndOptimizer
+    from fae_fast.train.cuda_graph import device_learning_rate
+    from fae_fast.train.runtime import set_lr
+    from fae_fast.config import OptimConfig
+
+    def trained(lr_on_device: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, foreach=False)
+        if lr_on_device:
+            assert device_learning_rate(opt, torch.device("cpu"))
+            assert not device_learning_rate(opt, torch.device("cpu")), "a rate already on the device stays"
+        model(torch.randn(2, 4)).square().sum().backward()
+        opt.step()
+        return model, opt
+
+    optim = OptimConfig(lr=0.02, warmup_steps=10)
+    for saved_on_device, loaded_on_device in ((True, False), (False, True)):
+        model, opt = trained(saved_on_device)
+        rate = opt.param_groups[0]["lr"]
+        folder = tmp_path / f"{saved_on_device}-{loaded_on_device}"
+        dcp.save({"train": ModelAndOptimizer(model, opt)}, checkpoint_id=folder)
+        assert opt.param_groups[0]["lr"] is rate
+        fresh, fresh_opt = trained(loaded_on_device)
+        with torch.no_grad():
+            fresh.weight.zero_()
+        dcp.load({"train": ModelAndOptimizer(fresh, fresh_opt)}, checkpoint_id=folder)
+        assert torch.equal(fresh.weight, model.weight)
+        assert float(fresh_opt.state[fresh.weight]["step"]) == 1
+        device_learning_rate(fresh_opt, torch.device("cpu"))  # what train_gen's captured step does first
+        set_lr(fresh_opt, optim, step=4, total=100)
+        held = fresh_opt.param_groups[0]["lr"]
+        assert isinstance(held, torch.Tensor) and held.item() == pytest.approx(0.02 * 5 / 10)
