@@ -116,6 +116,9 @@ def validate(cfg: FAETrainConfig) -> None:
     if cfg.run.precision not in ("bf16", "fp32"):
         raise ValueError(f"run.precision={cfg.run.precision!r} is not 'bf16' or 'fp32' (FP8 is for the generator's "
                          f"blocks: training/train_gen.py --run.precision=fp8)")
+    if cfg.run.cuda_graph != "off":
+        raise ValueError(f"run.cuda_graph={cfg.run.cuda_graph!r}: train_fae.py runs its step eagerly (the captured "
+                         f"step is training/train_gen.py's); leave run.cuda_graph at 'off'")
     if cfg.data.source not in ("folder", "synthetic"):
         raise ValueError(f"data.source={cfg.data.source!r} is not 'folder' or 'synthetic'")
     if cfg.data.source == "folder" and not cfg.data.root:

@@ -168,3 +168,12 @@ def test_a_device_learning_rate_is_saved_as_the_float_every_run_loads(tmp_path):
         set_lr(fresh_opt, optim, step=4, total=100)
         held = fresh_opt.param_groups[0]["lr"]
         assert isinstance(held, torch.Tensor) and held.item() == pytest.approx(0.02 * 5 / 10)
+
+
+def test_fae_training_refuses_a_captured_step():
+    from fae_fast.fae_config import fae_recipe, validate
+
+    cfg = fae_recipe("tiny", "feature")
+    cfg.run.cuda_graph = "auto"
+    with pytest.raises(ValueError, match="train_fae.py runs its step eagerly.*leave run.cuda_graph at 'off'"):
+        validate(cfg)
