@@ -133,7 +133,7 @@ class PreparedStep:
     step: Callable[[], torch.Tensor]
     """One training step; returns the loss."""
     first_step_s: float
-    """Seconds of the first step (compiling; for a captured step also its eager steps and the capture)."""
+    """Seconds of the first step (with its compilation; a captured step's first call is one eager step)."""
 
 
 def prepare(model_cfg, transport: TransportConfig, provider: str, batch: int, device) -> PreparedStep:

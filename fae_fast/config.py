@@ -293,7 +293,7 @@ class RunConfig:
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     cuda_graph: str = "off"
     """train_gen.py: capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
-    after 3 eager steps and replay it (fae_fast/train/cuda_graph.py): 'on', 'off', or 'auto' (on for one
+    after a few eager steps (GraphedStep.warmup) and replay it (fae_fast/train/cuda_graph.py): 'on', 'off', or 'auto' (on for one
     CUDA rank without FSDP). The same steps, losses and weights as eager; it removes host time, which
     matters most for run.precision=fp8."""
     eval_samples: int = 0

@@ -388,12 +388,6 @@ def starflow_loss_of_draws(model: StarFlow, x, condition, draws: dict[str, torch
     return model.nll_per_dim(x + model.cfg.noise_std * draws["noise"], condition)
 
 
-def starflow_loss(model: StarFlow, x, condition, tc, generator: torch.Generator):
-    """Per-sample NLL (nats per dimension) of the noise-augmented latents: label dropout, then the noise,
-    both from `generator` in that order."""
-    return starflow_loss_of_draws(model, x, condition, starflow_draws(model, x, condition, tc, generator), tc)
-
-
 @torch.no_grad()
 def sample_starflow(model: StarFlow, condition, noise, cfg: SamplerConfig, generator=None, step_noise=None):
     """Latents for `condition` (labels (B,)) from Gaussian `noise` (B, T, C): the KV-cached inverse, guided on

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from fae_fast.config import generator_config
+from fae_fast.config import OptimConfig, generator_config
 from fae_fast.generators import Generator
-from fae_fast.train.cuda_graph import GraphedStep, StaticInputs, check_capturable
+from fae_fast.train.checkpoint import ModelAndOptimizer
+from fae_fast.train.cuda_graph import GraphedStep, StaticInputs, check_capturable, make_capturable
 from fae_fast.train.parallelize import parallelize
+from fae_fast.train.runtime import set_lr
 from fae_fast.transport import flow_matching_loss
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 from test_train_gen import history  # noqa: E402
@@ -130,25 +133,18 @@ def test_train_gen_with_a_captured_step_trains_what_eager_trains_and_resumes(tmp
 
 
 def test_a_device_learning_rate_is_saved_as_the_float_every_run_loads(tmp_path):
-    """A captured step's AdamW holds its rate in a tensor (device_learning_rate); checkpoints save it as a
-    float, so a checkpoint moves between runs with and without run.cuda_graph both ways, and the tensor the
+    """A captured step's AdamW holds its rate in a tensor (make_capturable); checkpoints save it as a float,
+    so a checkpoint moves between runs with and without run.cuda_graph both ways, and the tensor the
     optimizer holds is the one it held before the save (a captured graph reads that one)."""
-    import torch.distributed.checkpoint as dcp
-
-    from fae_fast.train.checkpoint import ModelAndOptimizer
-    from fae_fast.train.cuda_graph import device_learning_rate
-    from fae_fast.train.runtime import set_lr
-    from fae_fast.config import OptimConfig
 
     def trained(lr_on_device: bool):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 4)
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, foreach=False)
-        if lr_on_device:
-            assert device_learning_rate(opt, torch.device("cpu"))
-            assert not device_learning_rate(opt, torch.device("cpu")), "a rate already on the device stays"
         model(torch.randn(2, 4)).square().sum().backward()
         opt.step()
+        if lr_on_device:  # (capturable itself needs a CUDA device to step)
+            opt.param_groups[0]["lr"] = torch.tensor(0.01)
         return model, opt
 
     optim = OptimConfig(lr=0.02, warmup_steps=10)
@@ -164,10 +160,27 @@ def test_a_device_learning_rate_is_saved_as_the_float_every_run_loads(tmp_path):
         dcp.load({"train": ModelAndOptimizer(fresh, fresh_opt)}, checkpoint_id=folder)
         assert torch.equal(fresh.weight, model.weight)
         assert float(fresh_opt.state[fresh.weight]["step"]) == 1
-        device_learning_rate(fresh_opt, torch.device("cpu"))  # what train_gen's captured step does first
         set_lr(fresh_opt, optim, step=4, total=100)
-        held = fresh_opt.param_groups[0]["lr"]
-        assert isinstance(held, torch.Tensor) and held.item() == pytest.approx(0.02 * 5 / 10)
+        assert float(fresh_opt.param_groups[0]["lr"]) == pytest.approx(0.02 * 5 / 10)
+
+
+def test_make_capturable_restores_what_a_load_of_an_eager_checkpoint_takes_away():
+    """Optimizer.load_state_dict takes every hyperparameter from the saved groups: a graphed run resuming an
+    eager run's checkpoint gets capturable=False and a float rate back; make_capturable sets both again and
+    says so (the run then captures anew), and changes nothing the second time."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    eager = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.01)
+    graphed = torch.optim.AdamW(params, lr=0.01, capturable=True)
+    assert make_capturable(graphed, torch.device("cpu"))
+    held = graphed.param_groups[0]["lr"]
+    assert not make_capturable(graphed, torch.device("cpu")) and graphed.param_groups[0]["lr"] is held
+    graphed.load_state_dict(eager.state_dict())
+    group = graphed.param_groups[0]
+    assert group["capturable"] is False and not isinstance(group["lr"], torch.Tensor)
+    assert make_capturable(graphed, torch.device("cpu"))
+    assert group["capturable"] is True and isinstance(group["lr"], torch.Tensor)
+    assert float(group["lr"]) == pytest.approx(0.01)  # the same rate, in fp32
+    check_capturable(graphed)
 
 
 def test_fae_training_refuses_a_captured_step():

@@ -12,7 +12,7 @@ import torch
 
 from fae_fast.config import SamplerConfig, StarFlowConfig
 from fae_fast.families import FAMILIES, family_of, model_config_from_json
-from fae_fast.starflow import StarFlow, denoise, guided_gaussian, sample_starflow, starflow_loss
+from fae_fast.starflow import StarFlow, denoise, guided_gaussian, sample_starflow
 from conftest import program_env  # noqa: E402 (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,12 +105,21 @@ def test_a_fresh_flow_is_the_identity_and_its_nll_and_score_are_the_standard_nor
 
 
 def test_the_loss_draws_dropout_then_noise_from_the_generator():
-    model = trained_looking()
+    """The family's loss: which labels drop (one uniform per sample, below the dropout), then the augmentation
+    noise, both from the step's generator in that order; the NLL of the noised latents under the kept labels."""
+    from dataclasses import replace
+
+    model = trained_looking(replace(TINY, class_dropout=0.5))
     x, y = latents_and_labels()
-    a = starflow_loss(model, x, y, None, torch.Generator().manual_seed(3))
-    b = starflow_loss(model, x, y, None, torch.Generator().manual_seed(3))
-    c = starflow_loss(model, x, y, None, torch.Generator().manual_seed(4))
-    assert a.shape == (3,) and torch.equal(a, b) and not torch.equal(a, c)
+    family = family_of(model.cfg)
+    a = family.loss(model, x, y, None, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    dropped = torch.rand(3, generator=g) < 0.5
+    noise = torch.randn(x.shape, generator=g)
+    want = model.nll_per_dim(x + model.cfg.noise_std * noise, torch.where(dropped, torch.full_like(y, 5), y))
+    torch.testing.assert_close(a, want, rtol=0, atol=0)
+    c = family.loss(model, x, y, None, torch.Generator().manual_seed(4))
+    assert a.shape == (3,) and not torch.equal(a, c)
 
 
 def test_fused_path_matches_the_plain_one(device):

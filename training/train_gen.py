@@ -30,7 +30,7 @@ from fae_fast.inference import LatentDecoder
 from fae_fast.seeding import step_generator
 from fae_fast.viz import latents_to_images, plot_toy_projection, save_grid
 from fae_fast.train.checkpoint import CheckpointManager, ModelAndOptimizer, export_weights, step_of
-from fae_fast.train.cuda_graph import GraphedStep, StaticInputs, device_learning_rate
+from fae_fast.train.cuda_graph import GraphedStep, StaticInputs, make_capturable
 from fae_fast.train.parallelize import parallelize
 from fae_fast.train.loop import LoopSettings, train_loop
 from fae_fast.train.runtime import (EMA, Spike, data_index, finish_distributed, gather_objects, init_distributed,
@@ -418,13 +418,12 @@ class GeneratorTraining:
     def train_step(self, step: int, batch) -> dict[str, torch.Tensor]:
         cfg, (x1, y) = self.cfg, batch
         gen = step_generator(cfg.run.seed, step, self.d.rank, "noise", self.d.device)
+        if self.graphed and make_capturable(self.optimizer, self.d.device):
+            self.captured = self.inputs = None  # a checkpoint load restored the saved groups: capture anew
+        set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
         if self.graphed:
-            if device_learning_rate(self.optimizer, self.d.device):  # a checkpoint load set a float rate
-                self.captured = self.inputs = None
-            set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
             loss = self.replay(x1, y, self.family.draw(self.model, x1, y, cfg.transport, gen))
         else:
-            set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
             with autocast(cfg, self.d, self.sharded):
                 loss = self.family.loss(self.model, x1, y, cfg.transport, gen).mean()
             self.backward_and_update(loss)
@@ -448,7 +447,8 @@ class GeneratorTraining:
         return loss
 
     def replay(self, x1: torch.Tensor, condition: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One step through the captured graph (eager for its first 3 calls); the loss, copied out of the graph."""
+        """One step through the captured graph (eager for its first GraphedStep.warmup calls); the loss, copied
+        out of the graph."""
         if self.captured is None:
             self.inputs = StaticInputs(latents=x1, condition=condition, **draws)
             self.captured = GraphedStep(self.step_on_inputs, self.optimizer)

@@ -10,7 +10,7 @@ a step, and on an H200 its host time (Python, dispatch, cuBLASLt set-up) exceeds
 
 What capture needs (PyTorch's whole-network capture): an optimizer built with `capturable=True` (its step
 count lives on the device) whose learning rate is a device tensor changed in place (a float is recorded
-once; `device_learning_rate`), random numbers drawn outside the step and loaded with the batch (train_gen
+once; `make_capturable`), random numbers drawn outside the step and loaded with the batch (train_gen
 draws each step's from its own seeded generator) or from the default CUDA generator (capture records its
 Philox offsets), no host synchronisation inside the step (no `.item()`, no data-dependent
 shapes), and autocast with `cache_enabled=False` (a cached weight cast would be freed outside the graph).
@@ -19,8 +19,9 @@ cuBLAS workspaces, optimizer state), the next captures it and replays it, and ev
 it; `GraphedStep.eager_steps` says how many ran eagerly. So a graphed run trains the same steps on the
 same batches as an eager one.
 
-Gradients are allocated once, inside the graph's memory pool, and written in place on every replay, so
-`zero_grad(set_to_none=True)` must not run between replays (the captured step sets them itself).
+Gradients are allocated once, inside the graph's memory pool, and written in place on every replay; the
+captured step's own `zero_grad(set_to_none=True)` leaves `.grad` None between replays, so nothing outside
+the graph sees or frees them.
 """
 from typing import Callable
 
@@ -50,20 +51,24 @@ class StaticInputs:
             static.copy_(tensor, non_blocking=True)
 
 
-def device_learning_rate(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
-    """Make each parameter group's learning rate a 0-d fp32 tensor on `device` (same value) unless it is one,
-    so that a captured optimizer step reads the rate set_lr writes into it in place. True if any was
-    replaced (a graph captured before then reads the old tensors: capture again)."""
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Set what a captured optimizer step needs on every parameter group, where a checkpoint load (which takes
+    every hyperparameter from the saved groups) or the constructor left something else: `capturable=True`
+    (the step count stays on the device) and the learning rate as a 0-d fp32 tensor on `device`, same value,
+    which set_lr then writes in place. True if anything changed: a graph captured before reads the old
+    tensors and settings, so capture again."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    replaced = False
+    changed = False
     for group in optimizer.param_groups:
+        if not group.get("capturable", False):
+            group["capturable"] = changed = True
         lr = group["lr"]
         if not (isinstance(lr, torch.Tensor) and lr.device == device):
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
-            replaced = True
-    return replaced
+            changed = True
+    return changed
 
 
 def check_capturable(optimizer: torch.optim.Optimizer) -> None:
@@ -98,7 +103,9 @@ class GraphedStep:
     def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a data loader's prefetch thread may pin host memory meanwhile, which a global-mode
+        # capture would count as an unsafe call and fail on
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.loss = self.step()
 
     def __call__(self) -> torch.Tensor:

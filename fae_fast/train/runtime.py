@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fae_fast.train.cuda_graph import device_learning_rate
+from fae_fast.train.cuda_graph import make_capturable
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, 
     opt = torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas if betas is None else betas,
                             weight_decay=optim.weight_decay, fused=fused, foreach=not fused, capturable=capturable)
     if capturable:
-        device_learning_rate(opt, device)
+        make_capturable(opt, device)
     return opt
 
 
