@@ -293,9 +293,9 @@ class RunConfig:
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     cuda_graph: str = "off"
     """train_gen.py: capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
-    after a few eager steps (GraphedStep.warmup) and replay it (fae_fast/train/cuda_graph.py): 'on', 'off', or 'auto' (on for one
-    CUDA rank without FSDP). The same steps, losses and weights as eager; it removes host time, which
-    matters most for run.precision=fp8."""
+    after a few eager steps (GraphedStep.warmup) and replay it (fae_fast/train/cuda_graph.py): 'on', 'off',
+    or 'auto' (on for one CUDA rank without FSDP2 and without activation checkpointing). The same steps,
+    losses and weights as eager; it removes host time, which matters most for run.precision=fp8."""
     eval_samples: int = 0
     """Samples drawn at the end to score the run (toy: Frechet distance to the true distribution)."""
     eval_every: int = 0

@@ -252,14 +252,21 @@ def use_fsdp(cfg: GenTrainConfig, d) -> bool:
 
 def uses_cuda_graph(cfg: GenTrainConfig, d) -> bool:
     """Whether the training step is captured as one CUDA graph (run.cuda_graph): 'on' needs one CUDA rank
-    without FSDP; 'auto' is on exactly there."""
+    without FSDP2 and without activation checkpointing (its recomputation has not been tried inside a
+    capture); 'auto' is on exactly there."""
     choice = cfg.run.cuda_graph
-    possible = d.device.type == "cuda" and not use_fsdp(cfg, d)
-    if choice == "on" and not possible:
-        where = "no CUDA device" if d.device.type != "cuda" else "FSDP2 (several ranks or run.fsdp=on)"
-        raise ValueError(f"run.cuda_graph=on captures a one-GPU step, and this run has {where}; use "
+    if d.device.type != "cuda":
+        obstacle = "no CUDA device"
+    elif use_fsdp(cfg, d):
+        obstacle = "FSDP2 (several ranks or run.fsdp=on)"
+    elif cfg.run.activation_checkpointing:
+        obstacle = "run.activation_checkpointing=true"
+    else:
+        obstacle = ""
+    if choice == "on" and obstacle:
+        raise ValueError(f"run.cuda_graph=on captures a one-GPU step, and this run has {obstacle}; use "
                          f"run.cuda_graph=auto or off")
-    return choice != "off" and possible
+    return choice != "off" and not obstacle
 
 
 def autocast(cfg: GenTrainConfig, d, sharded: bool, cache: bool = True):
