@@ -109,6 +109,7 @@ def test_cuda_graph_on_without_cuda_names_the_fix(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_train_gen_with_a_captured_step_trains_what_eager_trains_and_resumes(tmp_path):
     """train_gen.py, 12 steps under a learning-rate warm-up (the rate changes every step, and the captured
     AdamW must read each new one): run.cuda_graph=on gives the eager run's losses and EMA weights, and a
