@@ -148,12 +148,38 @@ def prepare(model_cfg, transport: TransportConfig, provider: str, batch: int, de
     return PreparedStep(family, model, step, first_step_s=timed_seconds(step, 1))
 
 
-def measure(recipe_name: str, provider: str, batch: int, steps: int) -> dict:
+def profile(step, path: str, steps: int = 3) -> None:
+    """Write the CUDA kernels of a few steps, by total time, to `path` (a text table)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    averages = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e3 / steps
+    with open(path, "w") as f:
+        # kernel time below wall time: the GPU waits (on the host, or between launches)
+        f.write(f"per step (under the profiler): wall {wall_ms:.1f} ms, CUDA kernels {kernel_ms:.1f} ms\n")
+        kernels = sorted((e for e in averages if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
+        for e in kernels:  # every kernel: ms and launches per step
+            f.write(f"{e.self_device_time_total / 1e3 / steps:8.3f} ms {e.count / steps:6.1f}x  {e.key[:110]}\n")
+        f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
+
+
+def measure(recipe_name: str, provider: str, batch: int, steps: int, profile_path: str = "") -> dict:
+    """One provider's row; with profile_path, also the kernel table of a few steps after the timed ones."""
     cfg = recipe(recipe_name)
     device = init_distributed().device
     prepared = prepare(cfg.model, cfg.transport, provider, batch, device)
     timed_seconds(prepared.step, 3)
     per_step = timed_seconds(prepared.step, steps)
+    if profile_path:
+        profile(prepared.step, profile_path)
     images_per_s = batch / per_step
     flops = 3 * prepared.family.flops_per_sample(cfg.model)
     return {"recipe": recipe_name, "family": prepared.family.name, "provider": provider,
@@ -171,6 +197,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="", help="append each result as a JSON line here")
+    parser.add_argument("--profile", default="", help="write each provider's CUDA kernel table to PROFILE.<provider>.txt")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("family_step.py measures a GPU; no CUDA device is visible")
@@ -178,7 +205,8 @@ def main():
     for provider in args.providers.split(","):
         if provider not in PROVIDERS:
             raise SystemExit(f"--providers: {provider!r} is not one of {', '.join(PROVIDERS)}")
-        rows.append(measure(args.recipe, provider, args.batch, args.steps))
+        rows.append(measure(args.recipe, provider, args.batch, args.steps,
+                            f"{args.profile}.{provider}.txt" if args.profile else ""))
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             with open(args.out, "a") as f:

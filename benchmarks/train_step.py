@@ -19,33 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks.family_step import PROVIDERS, prepare as prepare_step, providers_help  # noqa: E402
+from benchmarks.family_step import PROVIDERS, prepare as prepare_step, profile, providers_help  # noqa: E402
 from fae_fast.config import TransportConfig, generator_config  # noqa: E402
 from fae_fast.generators import forward_flops_per_sample  # noqa: E402
 from fae_fast.train.runtime import init_distributed, measured_bf16_peak  # noqa: E402
-
-
-def profile(step, path: str, steps: int = 3) -> None:
-    """Write the CUDA kernels of a few steps, by total time, to `path` (a text table)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    averages = prof.key_averages()
-    kernel_ms = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e3 / steps
-    with open(path, "w") as f:
-        # kernel time below wall time: the GPU waits (on the host, or between launches)
-        f.write(f"per step (under the profiler): wall {wall_ms:.1f} ms, CUDA kernels {kernel_ms:.1f} ms\n")
-        kernels = sorted((e for e in averages if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
-        for e in kernels:  # every kernel: ms and launches per step
-            f.write(f"{e.self_device_time_total / 1e3 / steps:8.3f} ms {e.count / steps:6.1f}x  {e.key[:110]}\n")
-        f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
-        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
 
 
 def prepare(provider: str, size: str, batch: int, device):
