@@ -197,7 +197,8 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="", help="append each result as a JSON line here")
-    parser.add_argument("--profile", default="", help="write each provider's CUDA kernel table to PROFILE.<provider>.txt")
+    parser.add_argument("--profile", default="",
+                        help="write each provider's CUDA kernel table to PROFILE.<provider>.txt")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("family_step.py measures a GPU; no CUDA device is visible")

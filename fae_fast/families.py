@@ -33,7 +33,7 @@ from fae_fast.config import (GeneratorConfig, StarFlowConfig, TextGeneratorConfi
                              to_dict)
 from fae_fast.generators import Generator, choose_attention_backend, forward_flops_per_sample
 from fae_fast.sampling import evaluation_plan, sample_latents
-from fae_fast.text_generator import TextGenerator, text_flops_per_sample
+from fae_fast.text_generator import TextGenerator, choose_text_attention_backend, text_flops_per_sample
 from fae_fast.transport import flow_matching_loss, sample_t
 
 
@@ -102,7 +102,8 @@ FLOW_TRANSFORMER = GeneratorFamily(
 TEXT_FLOW_TRANSFORMER = GeneratorFamily(
     name="text_flow_transformer", config_class=TextGeneratorConfig, build=TextGenerator,
     draw=flow_matching_draws, loss_of_draws=flow_matching_loss_of_draws, sample=sample_latents,
-    flops_per_sample=text_flops_per_sample, choose_attention=choose_attention_backend, evaluation_plan=evaluation_plan)
+    flops_per_sample=text_flops_per_sample, choose_attention=choose_text_attention_backend,
+    evaluation_plan=evaluation_plan)
 
 STARFLOW = GeneratorFamily(
     name="starflow", config_class=StarFlowConfig, build=starflow.StarFlow, draw=starflow.starflow_draws,

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fae_fast.attention import attention
+from fae_fast.attention import attention, choose_backend
 from fae_fast.conditioning import TextEmbeddings
 from fae_fast.config import TextGeneratorConfig
 from fae_fast.generators import Block, Generator, forward_flops_per_sample, patchify_latents, unpatchify_latents
@@ -160,6 +160,14 @@ class TextGenerator(Generator):
         for block in self.blocks:
             h, tokens = block(h, c, tokens)
         return unpatchify_latents(self.final(h, c), cfg.grid, cfg.patch_size)
+
+
+def choose_text_attention_backend(cfg: TextGeneratorConfig, rows: int, dtype: torch.dtype, device) -> str:
+    """fae_fast.attention.choose_backend for the shape this model attends with at `rows` samples per forward:
+    latent and caption tokens together (joint), or the latent tokens (cross: its self-attention; the small
+    cross-attention over the caption runs SDPA's own choice); call it before compiling."""
+    tokens = (cfg.grid // cfg.patch_size) ** 2 + (cfg.text_length if cfg.text_attention == "joint" else 0)
+    return choose_backend(rows, cfg.heads, tokens, cfg.width // cfg.heads, dtype, device)
 
 
 def text_flops_per_sample(cfg: TextGeneratorConfig) -> float:

@@ -128,7 +128,8 @@ def test_train_gen_with_a_captured_step_trains_what_eager_trains_and_resumes(tmp
     for name in ("graphed", "resumed"):
         for step in range(1, 13):
             assert losses[name][step] == pytest.approx(losses["eager"][step], rel=1e-5), (name, step)
-        weights, want = load_file(tmp_path / name / "ema.safetensors"), load_file(tmp_path / "eager" / "ema.safetensors")
+        weights = load_file(tmp_path / name / "ema.safetensors")
+        want = load_file(tmp_path / "eager" / "ema.safetensors")
         for key in want:
             torch.testing.assert_close(weights[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
 

@@ -90,6 +90,27 @@ def test_text_generator_fused_path_matches_the_plain_one_and_guidance_runs(devic
 
 
 @pytest.mark.parametrize("text_attention", ["cross", "joint"])
+def test_the_attention_backend_is_measured_for_the_shape_the_model_attends_with(monkeypatch, text_attention):
+    """The family's chooser measures the self-attention shape the forward runs: 16 latent + 8 caption tokens
+    for joint attention (a choice for the latent tokens alone is never looked up there), 16 for cross."""
+    import fae_fast.layers as layers
+    import fae_fast.text_generator as text_generator
+
+    cfg = dataclasses.replace(TINY, text_attention=text_attention)
+    measured, attended = [], []
+    monkeypatch.setattr(text_generator, "choose_backend", lambda rows, heads, tokens, head_dim, dtype, device:
+                        measured.append((rows, heads, tokens, head_dim)) or "sdpa")
+    family_of(cfg).choose_attention(cfg, 3, torch.float32, torch.device("cpu"))
+    model = family_of(cfg).build(cfg, impl="torch")
+    module = text_generator if text_attention == "joint" else layers  # where the self-attention is called
+    real = module.attention
+    monkeypatch.setattr(module, "attention",
+                        lambda q, k, v, **kw: attended.append(tuple(q.shape)) or real(q, k, v, **kw))
+    model(torch.randn(3, 16, 4), torch.rand(3), torch.randn(3, 8, 32))
+    assert len(measured) == 1 and attended and set(attended) == set(measured), (measured, attended)
+
+
+@pytest.mark.parametrize("text_attention", ["cross", "joint"])
 def test_every_weight_of_a_text_model_reaches_the_output(text_attention):
     """No dead weights: every parameter gets a gradient from the velocity (the last joint block has no
     caption output path, since nothing reads the caption tokens after it)."""
