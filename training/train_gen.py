@@ -276,28 +276,29 @@ def autocast(cfg: GenTrainConfig, d, sharded: bool, cache: bool = True):
     return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
 
 
-def build(cfg: GenTrainConfig, d):
+def build(cfg: GenTrainConfig, d, graphed: bool):
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank before sharding
     with d.device:
         model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
         use_fp8(model, d.device)
-        if not uses_cuda_graph(cfg, d):
+        if not graphed:
             print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
                    "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
     family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
                                           torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
                 activation_checkpointing=cfg.run.activation_checkpointing, shard=use_fsdp(cfg, d))
-    return model, make_adamw(model.parameters(), cfg.optim, d.device, capturable=uses_cuda_graph(cfg, d))
+    return model, make_adamw(model.parameters(), cfg.optim, d.device)
 
 
 def main(argv: list[str]) -> dict:
     cfg = parse_args(argv)
     d = init_distributed()
     out = Path(cfg.run.out_dir)
+    graphed = uses_cuda_graph(cfg, d)  # run.cuda_graph=on where it cannot be fails here, before any work
     source = make_source(cfg.data, cfg.model, rank=d.rank, world=d.world, device=d.device)  # checks the data first
-    model, optimizer = build(cfg, d)
+    model, optimizer = build(cfg, d, graphed)
     decoder = grid_decoder(cfg, d)
     ema = EMA(model, cfg.optim.ema_decay)
     is_toy = on_toy(cfg) and cfg.run.eval_samples > 0
@@ -316,7 +317,7 @@ def main(argv: list[str]) -> dict:
         start = load_checkpoint(latest, state, cfg)
         print0(f"resumed from {latest} at step {start}")
 
-    task = GeneratorTraining(model, optimizer, ema, source, cfg, d, ckpts, state, decoder)
+    task = GeneratorTraining(model, optimizer, ema, source, cfg, d, ckpts, state, decoder, graphed)
     settings = LoopSettings(run=cfg.run, global_batch=cfg.data.global_batch, lr=cfg.optim.lr,
                             record=lambda: run_record(cfg))
     history = train_loop(task, settings, d, ckpts, state, start, latest)
@@ -408,14 +409,15 @@ class GeneratorTraining:
     step's seeded generator), loaded with the batch into a captured step's inputs, and the step replayed:
     fae_fast/train/cuda_graph.py. The EMA update stays outside the graph."""
 
-    def __init__(self, model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, decoder=None):
+    def __init__(self, model, optimizer, ema, source, cfg: GenTrainConfig, d, ckpts, state, decoder=None,
+                 graphed: bool = False):
         self.model, self.optimizer, self.ema, self.source, self.cfg, self.d = model, optimizer, ema, source, cfg, d
         self.ckpts, self.state, self.decoder, self.rollbacks = ckpts, state, decoder, []
         self.sharded = use_fsdp(cfg, d)
         self.family = family_of(cfg.model)
         self.loss_floor = self.family.loss_floor(cfg.model)
         self.evaluation = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
-        self.graphed = uses_cuda_graph(cfg, d)
+        self.graphed = graphed  # uses_cuda_graph
         self.captured: GraphedStep | None = None
         self.inputs: StaticInputs | None = None
 
@@ -425,8 +427,10 @@ class GeneratorTraining:
     def train_step(self, step: int, batch) -> dict[str, torch.Tensor]:
         cfg, (x1, y) = self.cfg, batch
         gen = step_generator(cfg.run.seed, step, self.d.rank, "noise", self.d.device)
+        # capturable with a device-held rate before the first capture, and again after a checkpoint load
+        # restored the saved groups (then capture anew)
         if self.graphed and make_capturable(self.optimizer, self.d.device):
-            self.captured = self.inputs = None  # a checkpoint load restored the saved groups: capture anew
+            self.captured = self.inputs = None
         set_lr(self.optimizer, cfg.optim, step, cfg.run.steps)
         if self.graphed:
             loss = self.replay(x1, y, self.family.draw(self.model, x1, y, cfg.transport, gen))

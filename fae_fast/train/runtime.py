@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fae_fast.train.cuda_graph import make_capturable
-
 
 # ----------------------------------------------------------------------------------------------------
 # Processes
@@ -429,17 +427,12 @@ def plot_curves(history: list[tuple[int, dict[str, float]]], path: str, title: s
 # ----------------------------------------------------------------------------------------------------
 # Step pieces shared by the training programs (train_gen.py, train_fae.py)
 # ----------------------------------------------------------------------------------------------------
-def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, betas=None,
-               capturable: bool = False) -> torch.optim.AdamW:
-    """AdamW of an OptimConfig (fused on CUDA, foreach elsewhere); lr and betas may be overridden.
-    capturable: for a step captured as a CUDA graph (fae_fast/train/cuda_graph.py): the step count and the
-    learning rate live on the device."""
+def make_adamw(params, optim, device: torch.device, *, lr: float | None = None, betas=None) -> torch.optim.AdamW:
+    """AdamW of an OptimConfig (fused on CUDA, foreach elsewhere); lr and betas may be overridden. A step
+    captured as a CUDA graph makes it capturable first (fae_fast/train/cuda_graph.make_capturable)."""
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas if betas is None else betas,
-                            weight_decay=optim.weight_decay, fused=fused, foreach=not fused, capturable=capturable)
-    if capturable:
-        make_capturable(opt, device)
-    return opt
+    return torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas if betas is None else betas,
+                             weight_decay=optim.weight_decay, fused=fused, foreach=not fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, optim, step: int, total: int) -> None:
