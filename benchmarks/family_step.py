@@ -200,12 +200,13 @@ def main():
     parser.add_argument("--profile", default="",
                         help="write each provider's CUDA kernel table to PROFILE.<provider>.txt")
     args = parser.parse_args()
+    providers = args.providers.split(",")
+    if unknown := [p for p in providers if p not in PROVIDERS]:
+        raise SystemExit(f"--providers: {unknown[0]!r} is not one of {', '.join(PROVIDERS)}")
     if not torch.cuda.is_available():
         raise SystemExit("family_step.py measures a GPU; no CUDA device is visible")
     rows = []
-    for provider in args.providers.split(","):
-        if provider not in PROVIDERS:
-            raise SystemExit(f"--providers: {provider!r} is not one of {', '.join(PROVIDERS)}")
+    for provider in providers:
         rows.append(measure(args.recipe, provider, args.batch, args.steps,
                             f"{args.profile}.{provider}.txt" if args.profile else ""))
         print(json.dumps(rows[-1]), flush=True)
