@@ -15,14 +15,13 @@ train with. Writes <out_dir>/{bf16,fp8}/ (the runs),
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import ROOT, child_env
 from fae_fast.train.runtime import plot_curves
 
-ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOLERANCE, FRECHET_TOLERANCE = 0.01, 0.05
 """FP8 against bf16: final loss within 1%, Frechet distance within 5% (relative)."""
 
@@ -41,7 +40,7 @@ def train(args, precision: str) -> Path:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                str(ROOT / "training" / "train_gen.py"), "--recipe", "demo", *run_overrides(args, precision)]
     print(f"== {precision}: {' '.join(command[5:])}", flush=True)
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    done = subprocess.run(command, cwd=ROOT, env=child_env())
     if done.returncode != 0:
         raise SystemExit(f"the {precision} run failed (exit {done.returncode}); its output is above")
     return out

@@ -8,7 +8,6 @@ NVLink multicast (NVLS) stays off: it is switched off in the environment of ever
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-NCCL_SAFE = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import child_env  # noqa: E402
 
 
 def run(n: int, args) -> dict:
@@ -24,7 +24,7 @@ def run(n: int, args) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                str(Path(__file__).with_name("train_step.py")), "--provider", "fae_fast", "--size", args.size,
                "--batch", str(args.batch), "--steps", str(args.steps), "--out", out.name]
-        subprocess.run(cmd, check=True, env={**os.environ, **NCCL_SAFE})
+        subprocess.run(cmd, check=True, env=child_env())
         return json.loads(out.read().splitlines()[-1])
 
 

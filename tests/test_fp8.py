@@ -225,3 +225,19 @@ def test_the_quality_guard_trains_both_precisions_through_the_program(tmp_path):
     for precision in ("bf16", "fp8"):
         config = next((tmp_path / precision / "checkpoints").glob("step_*/config.json"))
         assert json.loads(config.read_text())["run"]["precision"] == precision
+
+
+def test_the_programs_a_benchmark_launches_import_this_checkout_without_an_install():
+    """The quality guard's torchrun children found `fae_fast` only through an install (on the H200, without
+    one, both runs died on the import): their environment puts the checkout first on PYTHONPATH."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    from benchmarks import ROOT, child_env
+
+    where = "import importlib.util as u; print(u.find_spec('fae_fast').origin)"
+    found = subprocess.run([sys.executable, "-S", "-c", where], env=child_env(), capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()).resolve() == ROOT / "fae_fast" / "__init__.py"
