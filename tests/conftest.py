@@ -21,6 +21,11 @@ def device() -> torch.device:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: a multi-process or multi-minute test")
+    # pytest-xdist's load scheduling first sends each worker a run of consecutive tests a quarter of its share
+    # long (15 at -n 14), so the slow tests, sorted first, all went to one worker, which did not reach 8 of
+    # them within the H200 suite's time limit; runs of 2 hand them out across the workers
+    if getattr(config.option, "maxschedchunk", False) is None:
+        config.option.maxschedchunk = 2
 
 
 def pytest_collection_modifyitems(config, items):

@@ -220,3 +220,43 @@ def test_a_damaged_npz_is_named(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match=f"{bad} is not a readable .npz with arr_0"):
         evaluate.parse_args([f"--samples={bad}", f"--ref={tmp_path}"])
+
+
+@pytest.mark.parametrize("n", [40, 300])  # fewer samples than dimensions (the toy at 16x16x32), and more
+def test_low_rank_gaussian_scores_as_the_dense_frechet_distance(n):
+    from fae_fast.eval.frechet import LowRankGaussian, moments
+
+    g = torch.Generator().manual_seed(n)
+    d, k = 96, 7
+    truth = LowRankGaussian(torch.randn(d, generator=g), torch.randn(d, k, generator=g), floor=0.3)
+    samples = 0.5 + 1.3 * torch.randn(n, 4, d // 4, generator=g, dtype=torch.float64)
+    # the d x d computation, written out: R = C^1/2 by eigendecomposition, tr (R S R)^1/2 over its eigenvalues;
+    # R S R has rank min(n - 1, d), and its zero eigenvalues come out as +-1e-14 noise whose square roots
+    # would add ~1e-6, so only the nonzero ones are summed
+    mean, sample_cov = moments(samples)
+    vals, vecs = torch.linalg.eigh(truth.covariance())
+    root = (vecs * vals.sqrt()) @ vecs.T
+    spectrum = torch.linalg.eigvalsh(root @ sample_cov @ root)
+    cross = spectrum[spectrum > 1e-9 * spectrum.max()].sqrt().sum()
+    dense = float((mean - truth.mean).square().sum() + sample_cov.trace() + truth.covariance().trace() - 2 * cross)
+    assert (spectrum > 1e-9 * spectrum.max()).sum() == min(n - 1, d)
+    assert truth.frechet_distance(samples) == pytest.approx(dense, rel=1e-9)
+    assert truth.frechet_distance(samples) > 10  # far from the truth: the comparison is not of two zeros
+
+
+def test_toy_references_are_its_class_and_mixture_gaussians():
+    from fae_fast.data.toy import ToyLatents
+
+    toy = ToyLatents(num_classes=3, tokens=4, channels=5, rank=2, seed=1)
+    for k in range(3):
+        reference = toy.reference(k)
+        assert torch.equal(reference.mean, toy.means[k])
+        torch.testing.assert_close(reference.covariance(), toy.covariance(k), rtol=1e-12, atol=1e-12)
+    mean, covariance = toy.mixture_moments()
+    mixture = toy.mixture_reference()
+    torch.testing.assert_close(mixture.mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mixture.covariance(), covariance, rtol=1e-12, atol=1e-12)
+    # true samples of the mixture score near its estimator floor, far below a shifted set
+    labels = torch.arange(3000) % 3
+    true = toy.sample(labels, torch.Generator().manual_seed(2))
+    assert mixture.frechet_distance(true) < 0.1 * mixture.frechet_distance(true + 1.0)

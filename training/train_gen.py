@@ -23,7 +23,6 @@ from fae_fast.config import CUDA_GRAPH_CHOICES, PRECISIONS, RECIPES, GenTrainCon
 from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
-from fae_fast.eval.frechet import frechet_distance, moments
 from fae_fast.fp8 import use_fp8
 from fae_fast.families import family_of, run_record
 from fae_fast.inference import LatentDecoder
@@ -120,10 +119,10 @@ def toy_frechet(model, cfg: GenTrainConfig, d) -> tuple[dict[str, float], tuple[
     toy = toy_of(cfg)
     labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
     samples, labels = sample_share(model, cfg, labels, d, seed=cfg.run.seed + 12345)
-    flat = samples.flatten(1)
-    scores = {f"class {k}": frechet_distance(*moments(flat[labels == k]), toy.means[k], toy.covariance(k))
-              for k in range(toy.num_classes)}
-    scores["overall"] = frechet_distance(*moments(flat), *toy.mixture_moments())
+    flat = samples.flatten(1).to(d.device)  # scored where the samples were drawn (fp64 on a GPU is fast)
+    on_device = labels.to(d.device)
+    scores = {f"class {k}": toy.reference(k).frechet_distance(flat[on_device == k]) for k in range(toy.num_classes)}
+    scores["overall"] = toy.mixture_reference().frechet_distance(flat)
     return scores, (samples, labels)
 
 
@@ -208,7 +207,7 @@ def toy_floor(cfg: GenTrainConfig) -> float:
     toy = toy_of(cfg)
     labels = torch.arange(cfg.run.eval_samples) % cfg.model.num_classes
     x = toy.sample(labels, torch.Generator().manual_seed(99)).flatten(1)
-    return frechet_distance(*moments(x), *toy.mixture_moments())
+    return toy.mixture_reference().frechet_distance(x)
 
 
 def grid_decoder(cfg: GenTrainConfig, d):

@@ -7,6 +7,8 @@ and the true per-class and overall (mixture) moments.
 """
 import torch
 
+from fae_fast.eval.frechet import LowRankGaussian
+
 
 class ToyLatents:
     """Class-conditional Gaussian latents of shape (T, C), drawn deterministically from (seed, step, rank)."""
@@ -34,6 +36,17 @@ class ToyLatents:
         centred = self.means - mean
         cov = sum(self.covariance(k) for k in range(self.num_classes)) / self.num_classes
         return mean, cov + centred.T @ centred / self.num_classes
+
+    def reference(self, label: int) -> LowRankGaussian:
+        """Class `label`'s true Gaussian, in the form that scores samples against it fast."""
+        return LowRankGaussian(self.means[label], self.factors[label], self.floor)
+
+    def mixture_reference(self) -> LowRankGaussian:
+        """The mixture's moments (`mixture_moments`) as a low-rank Gaussian: its covariance is floor^2 I plus
+        the classes' factors and the centred means, each over sqrt(K)."""
+        mean = self.means.mean(0)
+        spread = torch.cat([*self.factors, (self.means - mean).T], dim=1) / self.num_classes**0.5
+        return LowRankGaussian(mean, spread, self.floor)
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents (B, T, C) float32 for the given labels (B,), on the CPU."""
