@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import ROOT
 from benchmarks.guard import BASELINES, MARGIN, baseline_file, judge, load_baseline, save_baseline, table
 
 HERE = Path(__file__).parent
@@ -95,10 +96,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _git_revision() -> str:
+    """The commit measured: git's HEAD where this tree is a git checkout, else (a `git archive` copy, which
+    may sit inside some other repository) the commit named in the tree's REVISION file."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=ROOT,
+                                            text=True, stderr=subprocess.DEVNULL).split()
+        if Path(top).resolve() == ROOT:
+            return head
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    stamp = ROOT / "REVISION"
+    return stamp.read_text().strip() if stamp.is_file() else "unknown"
 
 
 def _time_ms(fn, warmup: int = 5, iters: int = 20) -> float:

@@ -60,11 +60,11 @@ def load_baseline(path: Path) -> Optional[dict]:
 def save_baseline(path: Path, gpu_name: str, revision: str, results: list[Result]) -> None:
     """Write the ratios of `results` as the baseline of this GPU kind (cases not measured now are kept)."""
     cases = load_baseline(path) or {}
-    for r in results:
-        cases[r.case] = {k: v for k, v in asdict(r).items() if k in RATIOS + ("ms",) and v is not None}
+    for r in results:  # each case keeps the revision it was measured at (a run may add cases to an old file)
+        cases[r.case] = {**{k: v for k, v in asdict(r).items() if k in RATIOS + ("ms",) and v is not None},
+                         "git": revision}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"gpu": gpu_name, "git": revision, "cases": dict(sorted(cases.items()))},
-                               indent=1) + "\n")
+    path.write_text(json.dumps({"gpu": gpu_name, "cases": dict(sorted(cases.items()))}, indent=1) + "\n")
 
 
 def judge(result: Result, stored: Optional[dict], margin: float = MARGIN) -> tuple[str, str]:
