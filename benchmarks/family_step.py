@@ -43,6 +43,7 @@ PROVIDERS = {
     "fae_fast.graph": "fae_fast with the whole step (forward, backward, clipping, AdamW) captured as one CUDA graph "
                       "and replayed (fae_fast/train/cuda_graph.py): no host time between kernels",
     "fae_fast.fp8.graph": "fae_fast.fp8, captured the same way",
+    "fae_fast.fp8w.graph": "fae_fast.fp8.graph with the weight-gradient GEMM in FP8 too (run.fp8_weight_gradient)",
 }
 COMPARED = ("fae_fast", "fae_fast.graph", "torch.compile.whole")
 """The providers this program measures unless --providers names others."""
@@ -101,7 +102,7 @@ def build(model_cfg, provider: str, batch: int, device):
         model.compile()
     sharded = provider == "fae_fast.fsdp" or (fused and dist.get_world_size() > 1)
     if provider.startswith("fae_fast.fp8"):
-        use_fp8(model, device)
+        use_fp8(model, device, weight_gradient=provider.startswith("fae_fast.fp8w"))
     if fused:
         parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed(provider))

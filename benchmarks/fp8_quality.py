@@ -32,7 +32,9 @@ def run_overrides(args, precision: str) -> list[str]:
             f"--run.compile={str(args.compile).lower()}", f"--run.steps={args.steps}",
             f"--run.log_every={args.log_every}", f"--run.eval_samples={args.eval_samples}", "--run.eval_every=0",
             "--run.ckpt_every=0", "--run.cuda_graph=auto", f"--run.seed={args.seed}",
-            f"--data.global_batch={args.batch}", f"--optim.lr={args.lr}", f"--run.out_dir={Path(args.out_dir) / precision}"]
+            f"--data.global_batch={args.batch}", f"--optim.lr={args.lr}",
+            f"--run.out_dir={Path(args.out_dir) / precision}",
+            *(["--run.fp8_weight_gradient=true"] if precision == "fp8" and args.fp8_weight_gradient else [])]
 
 
 def train(args, precision: str) -> Path:
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_samples", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--fp8_weight_gradient", action="store_true",
+                        help="the FP8 run's weight-gradient GEMMs in FP8 too (run.fp8_weight_gradient)")
     args = parser.parse_args(argv)
     runs = {precision: train(args, precision) for precision in ("bf16", "fp8")}
     verdict = compare(runs)

@@ -289,6 +289,9 @@ class RunConfig:
     """'bf16' (bf16 params/compute, fp32 master weights and reductions), 'fp8' (bf16, and the blocks'
     attention and MLP linears run their forward and input-gradient GEMMs in FP8 with rowwise scales:
     fae_fast/fp8.py; CUDA with FP8 tensor cores, e.g. H100/H200) or 'fp32'."""
+    fp8_weight_gradient: bool = False
+    """With run.precision=fp8: the weight-gradient GEMM in FP8 too, with tensorwise scales made from the
+    rowwise FP8 copies of x and dy the other two GEMMs use (fae_fast/fp8.py); off, it stays bf16."""
     fsdp: str = "auto"
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     cuda_graph: str = "off"

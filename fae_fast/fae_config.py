@@ -116,6 +116,9 @@ def validate(cfg: FAETrainConfig) -> None:
     if cfg.run.precision not in ("bf16", "fp32"):
         raise ValueError(f"run.precision={cfg.run.precision!r} is not 'bf16' or 'fp32' (FP8 is for the generator's "
                          f"blocks: training/train_gen.py --run.precision=fp8)")
+    if cfg.run.fp8_weight_gradient:
+        raise ValueError("run.fp8_weight_gradient=true is for the generator's FP8 linears (training/train_gen.py "
+                         "--run.precision=fp8); leave it off for train_fae.py")
     if cfg.run.cuda_graph != "off":
         raise ValueError(f"run.cuda_graph={cfg.run.cuda_graph!r}: train_fae.py runs its step eagerly (the captured "
                          f"step is training/train_gen.py's); leave run.cuda_graph at 'off'")

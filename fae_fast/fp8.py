@@ -10,13 +10,22 @@ input gradient. Master weights, gradients and the optimizer are as in bf16 train
     dx = (q(dy) * s_dy) @ (q(W^T) * s_W^T)^T         dy (M, N), W^T (K, N): both along N
     dW = dy^T @ x (bf16, fp32 accumulation),  db = sum of dy over rows
 
+With `weight_gradient=True` (`run.fp8_weight_gradient`) the weight-gradient GEMM runs in FP8 too, with
+tensorwise scales: it contracts over the M rows, so each operand needs one scale along M, and
+`kernels/fp8.requantize_transposed` makes the transposed, tensorwise-scaled copies of q(x) and q(dy) from
+the 1-byte rowwise ones the other two GEMMs already made (no second read of x or dy; the forward then keeps
+q(x), 1 byte a value, for the backward instead of bf16 x). Rows need a count divisible by 16 (the GEMM's
+contraction); other batches take the bf16 weight gradient.
+
+    dW = (T(q(dy)) * t_dy) @ (T(q(x)) * t_x)^T       T: transposed to (N, M) and (K, M), t: the largest row scale
+
 `convert_to_fp8(modules)` swaps the class of the nn.Linear modules inside (same parameters, same state
 dict), so checkpoints move freely between bf16 and FP8 runs.
 """
 import torch
 import torch.nn as nn
 
-from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_ref
+from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_ref, requantize_transposed, requantize_transposed_ref
 
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -26,44 +35,65 @@ def _quantizer(x: torch.Tensor):
     return quantize_rows if x.is_cuda else quantize_rows_ref
 
 
-def fp8_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T in FP8: both quantised rowwise along K, one scaled GEMM, bf16 out. b may be a
-    transposed view (a weight read as W^T): it is made contiguous first, so that the quantising pass reads
-    whole rows rather than strided columns (a weight is small to copy; the two ways have not been timed
-    against each other). Off CUDA the GEMM is emulated: the dequantised operands multiplied in fp32 (the
-    same products; CPU `torch._scaled_mm` differs by version)."""
-    quantize = _quantizer(a)
-    aq, a_scale = quantize(a)
-    bq, b_scale = quantize(b.contiguous())
+def scaled_matmul(aq: torch.Tensor, a_scale: torch.Tensor, bq: torch.Tensor, b_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """aq (M, C) @ bq (N, C)^T of FP8 operands with their scales, both rowwise ((M, 1) and (N, 1)) or both
+    tensorwise ((1,)): one scaled GEMM, bf16 out. Off CUDA it is emulated: the dequantised operands
+    multiplied in fp32 (the same products; CPU `torch._scaled_mm` differs by version)."""
     bias = None if bias is None else bias.to(COMPUTE_DTYPE)
-    if not a.is_cuda:
+    if not aq.is_cuda:
         out = (aq.float() * a_scale) @ (bq.float() * b_scale).t()
         return (out if bias is None else out + bias.float()).to(COMPUTE_DTYPE)
     return torch._scaled_mm(aq, bq.t(), scale_a=a_scale, scale_b=b_scale.t(), bias=bias, out_dtype=COMPUTE_DTYPE)
 
 
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T in FP8: both quantised rowwise along K, one scaled GEMM, bf16 out. b may be a
+    transposed view (a weight read as W^T): it is made contiguous first, so that the quantising pass reads
+    whole rows rather than strided columns (a weight is small to copy; the two ways have not been timed
+    against each other)."""
+    quantize = _quantizer(a)
+    return scaled_matmul(*quantize(a), *quantize(b.contiguous()), bias)
+
+
+def _transposer(x: torch.Tensor):
+    """`requantize_transposed`'s kernel on CUDA, its PyTorch reference elsewhere (bit for bit the same)."""
+    return requantize_transposed if x.is_cuda else requantize_transposed_ref
+
+
 class _Float8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, weight_gradient):
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
-        y = fp8_matmul(x2, weight, bias)
-        ctx.save_for_backward(x2, weight)
+        quantize = _quantizer(x2)
+        xq, x_scale = quantize(x2)
+        y = scaled_matmul(xq, x_scale, *quantize(weight.contiguous()), bias)
+        ctx.fp8_weight_gradient = weight_gradient and x2.shape[0] % 16 == 0  # the GEMM contracts over rows
+        ctx.save_for_backward(weight, *((xq, x_scale) if ctx.fp8_weight_gradient else (x2,)))
         ctx.has_bias, ctx.x_shape, ctx.x_dtype = bias is not None, x.shape, x.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight = ctx.saved_tensors
+        weight, *saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(COMPUTE_DTYPE)
-        dx = fp8_matmul(dy2, weight.t()).view(ctx.x_shape).to(ctx.x_dtype)
-        dweight = (dy2.t() @ x2).to(weight.dtype)
+        quantize = _quantizer(dy2)
+        dyq, dy_scale = quantize(dy2)
+        dx = scaled_matmul(dyq, dy_scale, *quantize(weight.t().contiguous())).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.fp8_weight_gradient:
+            transpose = _transposer(dy2)
+            dweight = scaled_matmul(*transpose(dyq, dy_scale), *transpose(*saved)).to(weight.dtype)
+        else:
+            dweight = (dy2.t() @ saved[0]).to(weight.dtype)
         dbias = dy2.sum(0, dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None
-        return dx, dweight, dbias
+        return dx, dweight, dbias, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear with the forward and input-gradient GEMMs in FP8 (rowwise scales); bf16 output."""
-    return _Float8Linear.apply(x, weight, bias)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               weight_gradient: bool = False) -> torch.Tensor:
+    """F.linear with the forward and input-gradient GEMMs in FP8 (rowwise scales), and with
+    `weight_gradient` the weight-gradient GEMM too (tensorwise scales); bf16 output."""
+    return _Float8Linear.apply(x, weight, bias, weight_gradient)
 
 
 class Float8Linear(nn.Linear):
@@ -71,9 +101,12 @@ class Float8Linear(nn.Linear):
     parameters). In eval mode it is the plain linear, so sampling and evaluation read the same weights
     without the FP8 rounding."""
 
+    fp8_weight_gradient = False
+    """The weight-gradient GEMM in FP8 too (`convert_to_fp8(..., weight_gradient=True)`)."""
+
     def forward(self, x):
         if self.training:
-            return fp8_linear(x, self.weight, self.bias)
+            return fp8_linear(x, self.weight, self.bias, self.fp8_weight_gradient)
         return super().forward(x)
 
 
@@ -82,16 +115,17 @@ def fits_fp8(linear: nn.Linear) -> bool:
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
-def convert_to_fp8(*modules: nn.Module) -> list[nn.Linear]:
+def convert_to_fp8(*modules: nn.Module, weight_gradient: bool = False) -> list[nn.Linear]:
     """Make every nn.Linear inside `modules` (a generator's attention and MLP modules: `fp8_modules`) a
-    Float8Linear in place; returns those converted. Linears whose dims are not multiples of 16 stay bf16; if
-    none fit, raise."""
+    Float8Linear in place (with `weight_gradient`, its weight-gradient GEMM in FP8 too); returns those
+    converted. Linears whose dims are not multiples of 16 stay bf16; if none fit, raise."""
     converted, skipped = [], []
     for module in (m for mod in modules for m in mod.modules()):
         if type(module) is not nn.Linear:
             continue
         if fits_fp8(module):
             module.__class__ = Float8Linear
+            module.fp8_weight_gradient = weight_gradient
             converted.append(module)
         else:
             skipped.append(module)
@@ -113,7 +147,7 @@ def check_fp8_device(device: torch.device) -> None:
                              f"Use run.precision=bf16")
 
 
-def use_fp8(model: nn.Module, device: torch.device) -> list[nn.Linear]:
+def use_fp8(model: nn.Module, device: torch.device, weight_gradient: bool = False) -> list[nn.Linear]:
     """Convert the linears of `model.fp8_modules()` to Float8Linear (before compile and sharding)."""
     check_fp8_device(device)
-    return convert_to_fp8(*model.fp8_modules())
+    return convert_to_fp8(*model.fp8_modules(), weight_gradient=weight_gradient)

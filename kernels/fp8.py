@@ -82,3 +82,56 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K), any strides, fp32/bf16/fp16 -> (q (M, K) float8_e4m3fn contiguous, s (M, 1) fp32) with
     x ~ q * s, s the row's power-of-two scale. Not differentiable (the FP8 linear's backward is explicit)."""
     return _quantize_rows_op(x)
+
+
+def requantize_transposed_ref(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of `requantize_transposed`: the same arithmetic as the kernel."""
+    top = s.amax().reshape(1)
+    return (q.float() * (s / top)).to(torch.float8_e4m3fn).t().contiguous(), top
+
+
+@triton.jit
+def _requantize_transposed_kernel(Q, S, TOP, QT, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """Program (i, j) moves the tile rows [i * BR, ...), cols [j * BC, ...) of q (n_rows, n_cols) to qt
+    (n_cols, n_rows), each value rescaled from its row's scale to the shared one."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    q = tl.load(Q + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(S + rows, mask=rows < n_rows, other=0.0) / tl.load(TOP)  # 2^-k: both are powers of two
+    moved = cast_rtne(q * shift[:, None], QT.dtype.element_ty)
+    tl.store(QT + cols.to(tl.int64)[:, None] * n_rows + rows[None, :], tl.trans(moved), mask=tl.trans(mask))
+
+
+def requantize_transposed_fwd(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dim() != 2 or s.shape != (q.shape[0], 1):
+        raise ValueError(f"requantize_transposed needs q (M, K) and its row scales (M, 1), got shapes "
+                         f"{tuple(q.shape)} and {tuple(s.shape)}")
+    M, K = q.shape
+    top = s.amax().reshape(1) if M else torch.ones(1, dtype=torch.float32, device=q.device)
+    qt = torch.empty((K, M), dtype=torch.float8_e4m3fn, device=q.device)
+    if M and K:
+        block = 64
+        _requantize_transposed_kernel[(cdiv(M, block), cdiv(K, block))](q.contiguous(), s.contiguous(), top, qt,
+                                                                       M, K, BR=block, BC=block, num_warps=4)
+    return qt, top
+
+
+_requantize_transposed_op = torch.library.custom_op("fae_fast::requantize_transposed", requantize_transposed_fwd,
+                                                    mutates_args=())
+
+
+@_requantize_transposed_op.register_fake
+def _(q, s):
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float8_e4m3fn), s.new_empty((1,))
+
+
+def requantize_transposed(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rowwise FP8 (q (M, K), power-of-two row scales s (M, 1), as `quantize_rows` gives) -> the same
+    values transposed under one tensorwise scale: (qt (K, M) float8_e4m3fn, top (1,) fp32) with
+    qt[k, m] * top ~ q[m, k] * s[m], top the largest row scale. Each value moves down by a power of two,
+    exactly, except where it leaves e4m3's normal range (then rounded to nearest even, or to zero): the
+    precision a tensorwise quantisation of the original has anyway. This is what an FP8 weight-gradient
+    GEMM (contracting over M) takes, made from the 1-byte rowwise copy the forward or input-gradient GEMM
+    already quantised, with no second read of the bf16 tensor."""
+    return _requantize_transposed_op(q, s)

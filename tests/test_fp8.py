@@ -10,7 +10,8 @@ import torch.nn as nn
 from fae_fast.config import generator_config
 from fae_fast.fp8 import Float8Linear, check_fp8_device, convert_to_fp8, fp8_linear, use_fp8
 from fae_fast.generators import Generator
-from fae_fast.kernels.fp8 import E4M3_MAX, quantize_rows, quantize_rows_ref
+from fae_fast.kernels.fp8 import (E4M3_MAX, quantize_rows, quantize_rows_ref, requantize_transposed,
+                                  requantize_transposed_ref)
 
 from kernel_testing import COMPILE_BACKEND  # noqa: E402 (tests/ is on sys.path)
 
@@ -113,6 +114,90 @@ def test_fp8_linear_is_the_gemm_of_the_dequantised_operands(bias, device):
         torch.testing.assert_close(db[0], dy2.float().sum(0), atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 16), (7, 100), (130, 72), (64, 1152), (33, 3456)])
+def test_requantize_transposed_matches_reference_bit_for_bit(shape, device):
+    q, s = quantize_rows_ref(rows_of_every_magnitude(*shape, torch.bfloat16, device))
+    qt, top = requantize_transposed(q, s)
+    qt_ref, top_ref = requantize_transposed_ref(q, s)
+    assert qt.dtype == torch.float8_e4m3fn and qt.shape == shape[::-1] and top.shape == (1,)
+    assert qt.is_contiguous() and torch.equal(bits(qt), bits(qt_ref)) and torch.equal(top, top_ref)
+
+
+def test_requantize_transposed_keeps_every_value_that_stays_normal(device):
+    """Rows from 1e-3 to 1e3: each value moves down by its row's power-of-two distance to the largest scale;
+    where it stays in e4m3's normal range it is exact, below that it is off by at most half the smallest
+    step (2^-10 of the tensorwise scale), as a tensorwise quantisation of the original would be."""
+    q, s = quantize_rows_ref(rows_of_every_magnitude(40, 96, torch.float32, device))
+    qt, top = requantize_transposed(q, s)
+    assert top.item() == s.max().item()
+    before, after = q.float() * s, qt.float().t() * top
+    normal = before.abs() >= 2.0**-6 * top
+    assert normal.any() and (~normal).any()
+    assert torch.equal(after[normal], before[normal])
+    assert torch.all((after - before).abs()[~normal] <= 2.0**-10 * top)
+
+
+def test_fp8_weight_gradient_is_the_gemm_of_the_tensorwise_operands(device):
+    """With weight_gradient: the forward and input gradient are those of the default FP8 linear, bit for
+    bit, and dW is the GEMM of the transposed, tensorwise-requantised q(dy) and q(x)."""
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(4, 36, 96, generator=g, device=device).to(torch.bfloat16)  # 144 rows: divisible by 16
+    w = torch.randn(80, 96, generator=g, device=device) * 0.1
+    b = torch.randn(80, generator=g, device=device)
+    dy = torch.randn(4, 36, 80, generator=g, device=device).to(torch.bfloat16)
+    results = {}
+    for weight_gradient in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fp8_linear(*leaves, weight_gradient=weight_gradient)
+        results[weight_gradient] = (y, *torch.autograd.grad(y, leaves, dy))
+    (y0, dx0, dw0, db0), (y1, dx1, dw1, db1) = results[False], results[True]
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and torch.equal(db0, db1)
+    assert dw1.dtype == w.dtype and not torch.equal(dw0, dw1)  # a different GEMM, not the bf16 one
+    xt, x_top = requantize_transposed_ref(*quantize_rows_ref(x.reshape(-1, 96)))
+    dyt, dy_top = requantize_transposed_ref(*quantize_rows_ref(dy.reshape(-1, 80)))
+    assert_gemm_close(dw1, dyt.float() * dy_top, xt.float() * x_top)
+    exact = dy.reshape(-1, 80).float().t() @ x.reshape(-1, 96).float()
+    assert (dw1 - exact).norm() < 0.1 * exact.norm()  # and near the true gradient
+
+
+def test_fp8_weight_gradient_takes_bf16_when_the_rows_do_not_divide_by_16(device):
+    g = torch.Generator(device=device).manual_seed(4)
+    x = torch.randn(3, 37, 96, generator=g, device=device).to(torch.bfloat16)  # 111 rows
+    w = torch.randn(80, 96, generator=g, device=device) * 0.1
+    dy = torch.randn(3, 37, 80, generator=g, device=device).to(torch.bfloat16)
+    grads = []
+    for weight_gradient in (False, True):
+        w_leaf = w.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fp8_linear(x, w_leaf, None, weight_gradient), w_leaf, dy)[0])
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_fp8_weight_gradient_under_torch_compile_matches_eager(device):
+    layer = nn.Linear(64, 48).to(device)
+    convert_to_fp8(nn.Sequential(layer), weight_gradient=True)
+    assert layer.fp8_weight_gradient
+    x = torch.randn(4, 8, 64, device=device, dtype=torch.bfloat16)
+    eager_out = layer(x)
+    eager = torch.autograd.grad(eager_out.float().square().sum(), layer.weight)[0]
+    compiled_out = torch.compile(layer, backend=COMPILE_BACKEND, fullgraph=True)(x)
+    compiled = torch.autograd.grad(compiled_out.float().square().sum(), layer.weight)[0]
+    assert torch.equal(eager_out, compiled_out) and torch.equal(eager, compiled)
+
+
+def test_fp8_weight_gradient_is_refused_where_it_would_do_nothing():
+    from fae_fast.cli import UsageError
+    from fae_fast.fae_config import fae_recipe, validate
+    from training.train_gen import parse_args
+
+    with pytest.raises(UsageError, match="add --run.precision=fp8"):
+        parse_args(["--run.fp8_weight_gradient=true"])
+    assert parse_args(["--run.fp8_weight_gradient=true", "--run.precision=fp8"]).run.fp8_weight_gradient
+    cfg = fae_recipe("tiny", "feature")
+    cfg.run.fp8_weight_gradient = True
+    with pytest.raises(ValueError, match="leave it off for train_fae.py"):
+        validate(cfg)
+
+
 def test_fp8_linear_under_torch_compile_matches_eager(device):
     layer = nn.Linear(64, 48).to(device)
     convert_to_fp8(nn.Sequential(layer))
@@ -161,22 +246,27 @@ def test_fp8_needs_fp8_tensor_cores():
 
 @pytest.mark.slow
 def test_fp8_training_follows_bf16_training(tmp_path):
-    """train_gen.py from one seed in bf16 and in FP8 (width 96: every attention and MLP dim fits): the FP8
-    loss curve falls and stays within 1% of bf16's at every logged step (seen on CPU: 2.9477 -> 1.9827 in
-    bf16, 2.9478 -> 1.9837 in FP8)."""
+    """train_gen.py from one seed in bf16, in FP8, and in FP8 with the weight gradient in FP8 too (width 96:
+    every attention and MLP dim fits; 1,024 rows a step): each FP8 loss curve falls and stays within 1% of
+    bf16's at every logged step (seen on CPU: 2.9477 -> 1.9827 in bf16, 2.9478 -> 1.9837 in FP8)."""
     from test_train_gen import history, torchrun  # noqa: E402 (tests/ is on sys.path)
 
     common = ["--model.depth=2", "--model.width=96", "--model.heads=4", "--data.global_batch=64",
               "--run.eval_samples=0", "--run.log_every=20", "--run.compile=false", "--run.steps=200",
               "--run.ckpt_every=0", "--optim.lr=3e-3"]
+    runs = {"bf16": ["--run.precision=bf16"], "fp8": ["--run.precision=fp8"],
+            "fp8, weight gradient too": ["--run.precision=fp8", "--run.fp8_weight_gradient=true"]}
     curves = {}
-    for precision in ("bf16", "fp8"):
-        res = torchrun(1, *common, f"--run.precision={precision}", f"--run.out_dir={tmp_path / precision}")
+    for name, options in runs.items():
+        out = tmp_path / name.replace(", ", "_").replace(" ", "_")
+        res = torchrun(1, *common, *options, f"--run.out_dir={out}")
         assert res.returncode == 0, res.stderr[-3000:]
-        curves[precision] = history(tmp_path / precision)
-    assert curves["fp8"][200] < 0.8 * curves["fp8"][20], curves["fp8"]
-    for step, loss in curves["bf16"].items():
-        assert curves["fp8"][step] == pytest.approx(loss, rel=0.01), (step, loss, curves["fp8"][step])
+        curves[name] = history(out)
+    assert curves["fp8"] != curves["fp8, weight gradient too"]  # the weight-gradient GEMM did change
+    for name in ("fp8", "fp8, weight gradient too"):
+        assert curves[name][200] < 0.8 * curves[name][20], (name, curves[name])
+        for step, loss in curves["bf16"].items():
+            assert curves[name][step] == pytest.approx(loss, rel=0.01), (name, step, loss, curves[name][step])
 
 
 def test_fae_training_refuses_fp8():

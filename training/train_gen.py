@@ -48,6 +48,9 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
         raise UsageError(f"--run.precision={run.precision!r} is not one of {', '.join(PRECISIONS)}")
     if run.cuda_graph not in CUDA_GRAPH_CHOICES:
         raise UsageError(f"--run.cuda_graph={run.cuda_graph!r} is not one of {', '.join(CUDA_GRAPH_CHOICES)}")
+    if run.fp8_weight_gradient and run.precision != "fp8":
+        raise UsageError(f"--run.fp8_weight_gradient=true runs FP8 linears' weight gradients in FP8, and this run "
+                         f"has run.precision={run.precision!r}; add --run.precision=fp8")
     if evaluates_during_training(cfg) and run.eval_every % run.log_every:
         raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
     if run.eval_ref and not cfg.fae_decoder:
@@ -280,7 +283,7 @@ def build(cfg: GenTrainConfig, d, graphed: bool):
     with d.device:
         model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
-        use_fp8(model, d.device)
+        use_fp8(model, d.device, weight_gradient=cfg.run.fp8_weight_gradient)
         if not graphed:
             print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
                    "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
