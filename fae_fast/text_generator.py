@@ -22,7 +22,7 @@ from fae_fast.attention import attention, choose_backend
 from fae_fast.conditioning import TextEmbeddings
 from fae_fast.config import TextGeneratorConfig
 from fae_fast.generators import Block, Generator, forward_flops_per_sample, patchify_latents, unpatchify_latents
-from fae_fast.layers import make_mlp
+from fae_fast.layers import ModulatedNorm, make_mlp
 
 TEXT_ATTENTION = ("cross", "joint")
 
@@ -63,10 +63,6 @@ class TextBlock(Block):
         nn.init.zeros_(self.cross.proj.bias)
 
 
-def modulate(x, scale, shift):
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
 class JointBlock(nn.Module):
     """One attention over the latent tokens and the caption tokens; each stream its own adaLN, norms,
     projections and MLP (the latent stream is the flow transformer's block, fused kernels and all). The last
@@ -79,11 +75,10 @@ class JointBlock(nn.Module):
         self.text_output = text_output
         self.image = Block(cfg, ops)
         self.text_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, (6 if text_output else 2) * D))
-        self.text_norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.text_norm1 = ModulatedNorm(D, norm="layer", ops=ops)  # LayerNorm without affine: no parameters
         self.text_qkv = nn.Linear(D, 3 * D)
         if text_output:
             self.text_proj = nn.Linear(D, D)
-            self.text_norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
             self.text_mlp = make_mlp(cfg.mlp, D, cfg.mlp_ratio, ops=ops)
 
     def forward(self, x, c, text):  # x (B, T, D), c (B, D), text (B, L, D) -> both updated
@@ -98,7 +93,7 @@ class JointBlock(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
         text_modulation = self.text_adaLN(c).chunk(6 if self.text_output else 2, dim=-1)
         t_shift1, t_scale1 = text_modulation[:2]
-        tq, tk, tv = self.text_qkv(modulate(self.text_norm1(text), t_scale1, t_shift1)).view(
+        tq, tk, tv = self.text_qkv(self.text_norm1(text, t_scale1, t_shift1)).view(
             B, L, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2))  # (B, H, T+L, Dh)
         out = out.transpose(1, 2).reshape(B, T + L, -1)
@@ -107,10 +102,10 @@ class JointBlock(nn.Module):
         x = image.ops.gated_residual(x, gate2, image.mlp(h))
         if not self.text_output:
             return x, text
-        t_gate1, t_shift2, t_scale2, t_gate2 = text_modulation[2:]
-        text = text + t_gate1[:, None] * self.text_proj(out[:, T:])
-        text = text + t_gate2[:, None] * self.text_mlp(modulate(self.text_norm2(text), t_scale2, t_shift2))
-        return x, text
+        t_gate1, t_shift2, t_scale2, t_gate2 = text_modulation[2:]  # the caption stream: the same fused ops
+        text, th = image.ops.gated_residual_modulated_norm(text, t_gate1, self.text_proj(out[:, T:]), t_scale2,
+                                                           t_shift2, None, norm="layer")
+        return x, image.ops.gated_residual(text, t_gate2, self.text_mlp(th))
 
     def zero_text_outputs(self):
         for mod in (self.image.adaLN[-1], self.text_adaLN[-1]):
