@@ -9,6 +9,10 @@ binade's headroom, not precision (e4m3's relative step is the same in every norm
 
 x may be any 2-D strided view, so the transposed weight (its columns quantised) needs no copy.
 fp32, bf16 and fp16 inputs; an all-zero row gets zeros and the scale of amax 1e-12.
+
+`requantize_transposed` turns such a rowwise result into the transposed copy under one tensorwise scale
+(the largest row scale) that a GEMM contracting over the rows takes (the FP8 weight gradient): a power-of-two
+shift per row, read from the 1-byte values, exact while a value stays in e4m3's normal range.
 """
 import torch
 import triton

@@ -1,8 +1,9 @@
 """FP8 training pieces: the rowwise quantising kernel bit for bit against its PyTorch reference (every input
 dtype, odd widths, strided views, zero rows, huge and tiny rows), the scale's contract, the FP8 linear's
 output and gradients against the same GEMMs computed from the dequantised operands, the class swap
-(same state dict, eval mode unchanged), torch.compile, and the device check. CPU runs go through
-TRITON_INTERPRET=1 and the CPU `torch._scaled_mm`."""
+(same state dict, eval mode unchanged), torch.compile, and the device check; the transposing requantisation
+of the FP8 weight gradient bit for bit against its reference and that gradient against its GEMM. CPU runs go
+through TRITON_INTERPRET=1 and an emulated scaled GEMM."""
 import pytest
 import torch
 import torch.nn as nn
