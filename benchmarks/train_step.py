@@ -22,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from benchmarks.family_step import PROVIDERS, prepare as prepare_step, profile, providers_help  # noqa: E402
 from fae_fast.config import TransportConfig, generator_config  # noqa: E402
 from fae_fast.generators import forward_flops_per_sample  # noqa: E402
-from fae_fast.train.runtime import init_distributed, measured_bf16_peak  # noqa: E402
+from fae_fast.train.runtime import conservative_bf16_peak, init_distributed, measured_bf16_peak  # noqa: E402
 
 
 def prepare(provider: str, size: str, batch: int, device):
@@ -55,6 +55,7 @@ def measure(provider: str, size: str, batch: int, steps: int, warmup: int, profi
         "provider": provider, "size": size, "gpu": torch.cuda.get_device_name(), "world": d.world,
         "batch_per_gpu": batch, "images_per_s_per_gpu": images_per_s, "step_ms": seconds * 1e3,
         "mfu": images_per_s * flops / peak, "peak_tflops": peak / 1e12,
+        "mfu_conservative": images_per_s * flops / conservative_bf16_peak(peak, torch.cuda.get_device_name()),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": first,
         "loss": float(loss.detach()),
     }

@@ -59,3 +59,13 @@ def test_a_backend_that_fails_is_skipped_with_one_note(caplog):
     notes = [r.getMessage() for r in caplog.records if "broken_pkg" in r.getMessage()]
     assert len(notes) == 1, notes  # once, on one line
     assert "RuntimeError: no kernel image is available" in notes[0] and "\n" not in notes[0]
+
+
+def test_the_conservative_peak_is_never_below_the_gpu_kinds_best():
+    """An H200 that measured 666 TFLOP/s (2026-12-02) is judged against the 790 another H200 measured; a run
+    measuring above the best known keeps its own; an unknown GPU keeps its own."""
+    from fae_fast.train.runtime import conservative_bf16_peak
+
+    assert conservative_bf16_peak(666e12, "NVIDIA H200") == 790e12
+    assert conservative_bf16_peak(800e12, "NVIDIA H200") == 800e12
+    assert conservative_bf16_peak(500e12, "NVIDIA A100-SXM4-80GB") == 500e12

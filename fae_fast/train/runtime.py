@@ -298,6 +298,17 @@ def measured_bf16_peak(device: torch.device) -> float:
     return _measured_bf16_peak(device.index if device.index is not None else torch.cuda.current_device())
 
 
+BEST_KNOWN_BF16_PEAK = {"NVIDIA H100 80GB HBM3": 749e12, "NVIDIA H200": 790e12}
+"""The highest bf16 8192^3 product rate measured on each lent GPU kind (the project's BASELINES, 2026-11-22)."""
+
+
+def conservative_bf16_peak(measured: float, gpu_name: str) -> float:
+    """The larger of a run's measured bf16 peak and the best known for its GPU kind. A GPU that measures its
+    peak low (H200s read 652-794 TFLOP/s in different calls, while their training steps moved 4%) inflates an
+    MFU against its own measurement; one against this cannot be inflated that way."""
+    return max(measured, BEST_KNOWN_BF16_PEAK.get(gpu_name, 0.0))
+
+
 @functools.cache
 def _measured_bf16_peak(index: int) -> float:
     a = torch.randn(8192, 8192, device=f"cuda:{index}", dtype=torch.bfloat16)
