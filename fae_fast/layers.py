@@ -34,6 +34,7 @@ FUSED_OPS = {
     "gated_residual_modulated_norm": "gated_residual",
     "rope": "rope",
     "rope_qkv": "rope",
+    "joint_rope_qkv": "rope",
     "swiglu": "swiglu",
     "swiglu_packed": "swiglu",
 }

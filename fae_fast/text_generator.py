@@ -87,15 +87,15 @@ class JointBlock(nn.Module):
         B, T, _ = x.shape
         L = text.shape[1]
         qkv = attn.qkv(image.norm1(x, scale1, shift1)).view(B, T, 3, attn.heads, attn.head_dim)
-        if attn.rope_angles is not None or attn.q_norm is not None:
-            q, k, v = image.ops.rope_qkv(qkv, attn.rope_angles, attn.q_norm, attn.k_norm)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
         text_modulation = self.text_adaLN(c).chunk(6 if self.text_output else 2, dim=-1)
         t_shift1, t_scale1 = text_modulation[:2]
-        tq, tk, tv = self.text_qkv(self.text_norm1(text, t_scale1, t_shift1)).view(
-            B, L, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2))  # (B, H, T+L, Dh)
+        text_qkv = self.text_qkv(self.text_norm1(text, t_scale1, t_shift1)).view(B, L, 3, attn.heads, attn.head_dim)
+        if attn.rope_angles is not None or attn.q_norm is not None:  # RoPE and QK-norm on the latent tokens only
+            q, k, v = image.ops.joint_rope_qkv(qkv, text_qkv, attn.rope_angles, attn.q_norm, attn.k_norm)
+        else:
+            q, k, v = (torch.cat([latent, caption], 2)
+                       for latent, caption in zip(qkv.permute(2, 0, 3, 1, 4), text_qkv.permute(2, 0, 3, 1, 4)))
+        out = attention(q, k, v)  # (B, H, T+L, Dh)
         out = out.transpose(1, 2).reshape(B, T + L, -1)
         x, h = image.ops.gated_residual_modulated_norm(
             x, gate1, attn.proj(out[:, :T]), scale2, shift2, image.norm2.weight, norm=image.norm_kind)

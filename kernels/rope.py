@@ -128,10 +128,11 @@ def _rope_fwd_one(x, w_ptr, out_ptr, o_off, j, mask, cs, eps,
 
 
 @triton.jit
-def _rope_fwd_kernel(qkv_ptr, cs_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, vo_ptr, T, n_rows, dh_vecs, eps,
+def _rope_fwd_kernel(qkv_ptr, cs_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, vo_ptr, T, T_out, n_rows, dh_vecs, eps,
                      H: tl.constexpr, HALF: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_HALF: tl.constexpr, VEC: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_NORM: tl.constexpr):
-    """qkv (B, T, C, H, Dh) contiguous -> q_out, k_out (and v_out when C = 3), each (B, H, T, Dh).
+    """qkv (B, T, C, H, Dh) contiguous -> tokens 0..T-1 of q_out, k_out (and v_out when C = 3), each
+    (B, H, T_out, Dh) contiguous with T_out >= T (the joint attention's tensors hold the caption after).
     dh_vecs = Dh / VEC, a runtime value so that the compiler learns no more alignment than VEC from it."""
     DH: tl.constexpr = 2 * HALF
     bt, b, t, h, row_ok = _rope_rows(T, n_rows, H, BLOCK_R)
@@ -146,7 +147,7 @@ def _rope_fwd_kernel(qkv_ptr, cs_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, vo_ptr, T,
     cs = (None, None)
     if HAS_ROPE:  # the (2, T, Dh/2) fp32 table: cos, then sin
         cs = _rope_load(cs_ptr, t * HALF, T * HALF, j, mask)
-    o_row = (b * H + h) * T + t  # outputs (B, H, T, Dh) contiguous
+    o_row = (b * H + h) * T_out + t  # outputs (B, H, T_out, Dh) contiguous
     _rope_fwd_one(q, qw_ptr, qo_ptr, VEC * (o_row * dh_vecs), j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
     _rope_fwd_one(k, kw_ptr, ko_ptr, VEC * (o_row * dh_vecs), j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
     if C == 3:
@@ -242,17 +243,44 @@ def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: 
              k_norm_weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv (B, T, C, H, Dh), C = 2 or 3 -> q_out, k_out, v_out, each (B, H, T, Dh) contiguous (v_out empty if C = 2).
     cos_sin: (2, T, Dh/2) fp32 cos | sin table, or None (no rotation)."""
+    outs = _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, qkv.shape[1])
+    return (*outs, qkv.new_empty(0)) if len(outs) == 2 else tuple(outs)
+
+
+def _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, tokens_out: int) -> list[torch.Tensor]:
+    """The C outputs (B, H, tokens_out, Dh), their first T tokens written by the kernel."""
     B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
     qkv, cos_sin = qkv.contiguous(), _table(cos_sin)
-    outs = [torch.empty((B, H, T, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(C)]
-    q_out, k_out, v_out = (*outs, qkv.new_empty(0)) if C == 2 else outs
+    outs = [torch.empty((B, H, tokens_out, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(C)]
     n_rows = B * T * H
     if n_rows:
         blocks = _blocks(n_rows, H, Dh, C, cos_sin is not None, q_norm_weight is not None)
         _rope_fwd_kernel[(cdiv(n_rows, blocks["BLOCK_R"]),)](
-            qkv, cos_sin, q_norm_weight, k_norm_weight, q_out, k_out, v_out, T, n_rows, Dh // blocks["VEC"], eps,
-            **blocks)
-    return q_out, k_out, v_out
+            qkv, cos_sin, q_norm_weight, k_norm_weight, *outs, *([qkv.new_empty(0)] if C == 2 else []), T,
+            tokens_out, n_rows, Dh // blocks["VEC"], eps, **blocks)
+    return outs
+
+
+def _check_text(qkv: torch.Tensor, text_qkv: torch.Tensor) -> int:
+    B, _, C, H, Dh = qkv.shape
+    if C != 3 or text_qkv.dim() != 5 or (text_qkv.shape[0], *text_qkv.shape[2:]) != (B, 3, H, Dh) \
+            or text_qkv.dtype != qkv.dtype:
+        raise ValueError(f"joint_rope_qkv needs the latent qkv (B, T, 3, H, Dh) and the caption's (B, L, 3, H, Dh) "
+                         f"of one dtype, got {tuple(qkv.shape)} {qkv.dtype} and {tuple(text_qkv.shape)} "
+                         f"{text_qkv.dtype}")
+    return text_qkv.shape[1]
+
+
+def joint_rope_fwd(qkv: torch.Tensor, text_qkv: torch.Tensor, cos_sin: Optional[torch.Tensor],
+                   q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T + L, Dh): the latent tokens as rope_fwd writes them (written in place, no
+    concatenation pass over them), then the caption's L tokens copied unchanged."""
+    T, L = qkv.shape[1], _check_text(qkv, text_qkv)
+    outs = _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, T + L)
+    for i, out in enumerate(outs):
+        out[:, :, T:].copy_(text_qkv[:, :, i].transpose(1, 2))
+    return tuple(outs)
 
 
 def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, dv_out: Optional[torch.Tensor],
@@ -328,6 +356,38 @@ torch.library.register_autograd("fae_fast::rope_qkv_fwd", _backward, setup_conte
 # --------------------------------------------------------------------------- public functionals
 
 
+_joint_rope_fwd_op = torch.library.custom_op("fae_fast::joint_rope_qkv_fwd", joint_rope_fwd, mutates_args=())
+
+
+@_joint_rope_fwd_op.register_fake
+def _(qkv, text_qkv, cos_sin, q_norm_weight, k_norm_weight, eps):
+    B, T, _, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
+    L = _check_text(qkv, text_qkv)
+    return tuple(qkv.new_empty((B, H, T + L, Dh)) for _ in range(3))
+
+
+def _joint_setup_context(ctx, inputs, output):
+    qkv, text_qkv, cos_sin, q_norm_weight, k_norm_weight, eps = inputs
+    ctx.eps, ctx.tokens = eps, qkv.shape[1]
+    ctx.save_for_backward(cos_sin, None if q_norm_weight is None else qkv, q_norm_weight, k_norm_weight)
+
+
+def _joint_backward(ctx, dq_out, dk_out, dv_out):
+    """The latent tokens' gradient through rope_bwd, read in place from the joint gradients (strided), and
+    the caption's gathered back into its (B, L, 3, H, Dh) layout."""
+    cos_sin, qkv, q_norm_weight, k_norm_weight = ctx.saved_tensors
+    T = ctx.tokens
+    dqkv, dq_w, dk_w = _rope_bwd_op(dq_out[:, :, :T], dk_out[:, :, :T], dv_out[:, :, :T], cos_sin, qkv,
+                                    q_norm_weight, k_norm_weight, ctx.eps)
+    dtext = torch.stack([g[:, :, T:].transpose(1, 2) for g in (dq_out, dk_out, dv_out)], dim=2)
+    if q_norm_weight is None:
+        dq_w = dk_w = None
+    return dqkv, dtext, None, dq_w, dk_w, None
+
+
+torch.library.register_autograd("fae_fast::joint_rope_qkv_fwd", _joint_backward, setup_context=_joint_setup_context)
+
+
 def _cos_sin(angles: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(T, Dh/2) angles -> (2, T, Dh/2) fp32 cos | sin table (no gradient to the angles)."""
     if angles is None:
@@ -365,3 +425,23 @@ def rope(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor], q_nor
                          f"{q.dtype} and {tuple(k.shape)} {k.dtype}")
     q_out, k_out, _ = _rope_fwd_op(torch.stack((q, k), dim=2), _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
     return q_out, k_out
+
+
+def joint_rope_qkv(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[torch.Tensor],
+                   q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None, *,
+                   eps: float = 1e-6):
+    """The joint (MMDiT-style) attention's q, k, v: `rope_qkv` of the latent tokens' packed projection qkv
+    (B, T, 3, H, Dh), followed along the token axis by the caption's text_qkv (B, L, 3, H, Dh) unchanged.
+    Returns (q, k, v), each (B, H, T + L, Dh) contiguous: the same as concatenating rope_qkv's outputs with
+    the caption's, without the pass that concatenation makes over the latent tokens."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"joint_rope_qkv needs qkv of shape (B, T, 3, H, Dh), got {tuple(qkv.shape)}")
+    return _joint_rope_fwd_op(qkv, text_qkv, _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
+
+
+def joint_rope_qkv_ref(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[torch.Tensor],
+                       q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None, *,
+                       eps: float = 1e-6):
+    """PyTorch reference of `joint_rope_qkv`: rope_qkv_ref, then a concatenation with the caption's q, k, v."""
+    latent = rope_qkv_ref(qkv, angles, q_norm_weight, k_norm_weight, eps=eps)
+    return tuple(torch.cat([x, t], dim=2) for x, t in zip(latent, text_qkv.permute(2, 0, 3, 1, 4)))

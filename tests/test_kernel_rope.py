@@ -1,11 +1,13 @@
 """RoPE (+ QK-norm) on the packed qkv projection against its PyTorch reference: the three outputs and every
 gradient (d(qkv), the two norm weights), every dtype, odd head dims and token counts, with and without the
 rotation; `rope(q, k)` (the wrapper for separate q, k); deterministic weight gradients; registration and
-torch.compile. CPU runs go through TRITON_INTERPRET=1."""
+torch.compile; the joint attention's `joint_rope_qkv` against rope_qkv followed by a concatenation. CPU runs
+go through TRITON_INTERPRET=1."""
 import pytest
 import torch
 
-from fae_fast.kernels.rope import rope, rope_qkv, rope_qkv_ref, rope_ref
+from fae_fast.kernels.rope import (joint_rope_qkv, joint_rope_qkv_ref, rope, rope_qkv, rope_qkv_ref,
+                                   rope_ref)
 
 from kernel_testing import COMPILE_BACKEND, TOL  # noqa: E402 (tests/ is on sys.path)
 NAMES = ("q_out", "k_out", "v_out", "dqkv", "dq_weight", "dk_weight")
@@ -146,3 +148,66 @@ def test_rope_qkv_real_size_bf16(heads, head_dim, norm):
     if norm:
         first, second = run(rope_qkv, *inputs), run(rope_qkv, *inputs)
         assert all(torch.equal(a, b) for a, b in zip(first, second)), "weight grads differ run to run"
+
+
+def joint_inputs(dtype, device, norm, rotate=True, L=5):
+    """make_inputs' latent qkv, angles and weights for T = 7 tokens, the caption's text_qkv (B, L, 3, H, Dh),
+    and upstream gradients of the joint q, k, v (3, B, H, T + L, Dh)."""
+    qkv, angles, weights, _ = make_inputs(2, 7, 3, 72, dtype, device, norm, rotate)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    text_qkv = torch.randn(2, L, 3, 3, 72, generator=g).to(device, dtype)
+    grads = torch.randn(3, 2, 3, 7 + L, 72, generator=g).to(device, dtype)
+    return qkv, text_qkv, angles, weights, grads
+
+
+def run_joint(fn, qkv, text_qkv, angles, weights, grads):
+    """fn(qkv, text_qkv, angles, *weights) -> (q, k, v, dqkv, dtext[, dq_weight, dk_weight])."""
+    leaves = [qkv.detach().requires_grad_(), text_qkv.detach().requires_grad_()]
+    ws = [w.detach().requires_grad_() for w in weights] if weights is not None else [None, None]
+    outs = fn(*leaves, angles, *ws)
+    return (*outs, *torch.autograd.grad(outs, leaves + [w for w in ws if w is not None], list(grads)))
+
+
+def rope_then_concatenate(qkv, text_qkv, angles, *weights):
+    caption = text_qkv.permute(2, 0, 3, 1, 4)
+    return tuple(torch.cat([x, t], dim=2) for x, t in zip(rope_qkv(qkv, angles, *weights), caption))
+
+
+@pytest.mark.parametrize("norm, rotate", [(False, True), (True, True), (True, False)],
+                         ids=["rope", "rope+qknorm", "qknorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_rope_qkv_is_rope_qkv_then_the_caption_bit_for_bit(norm, rotate, dtype, device):
+    """The same kernels on the same values: outputs and every gradient equal, not merely close."""
+    inputs = joint_inputs(dtype, device, norm, rotate)
+    joint, concatenated = run_joint(joint_rope_qkv, *inputs), run_joint(rope_then_concatenate, *inputs)
+    names = ("q", "k", "v", "dqkv", "dtext", "dq_weight", "dk_weight")
+    assert joint[0].shape == (2, 3, 12, 72) and all(t.is_contiguous() for t in joint[:3])
+    for name, a, b in zip(names, joint, concatenated):
+        assert torch.equal(a, b), name
+
+
+def test_joint_rope_qkv_matches_its_reference(device):
+    inputs = joint_inputs(torch.float32, device, norm=True)
+    for a, b in zip(run_joint(joint_rope_qkv, *inputs), run_joint(joint_rope_qkv_ref, *inputs)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_joint_rope_qkv_compiles_fullgraph_and_checks_its_arguments(device):
+    inputs = joint_inputs(torch.float32, device, norm=True)
+    compiled = torch.compile(joint_rope_qkv, fullgraph=True, backend=COMPILE_BACKEND)
+    for a, b in zip(run_joint(compiled, *inputs), run_joint(joint_rope_qkv, *inputs)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    qkv, text_qkv, angles, weights, _ = inputs
+    with pytest.raises(ValueError, match="caption's"):
+        joint_rope_qkv(qkv, text_qkv.to(torch.bfloat16), angles, *weights)
+    with pytest.raises(ValueError, match="caption's"):
+        joint_rope_qkv(qkv, text_qkv[:, :, :, :2], angles, *weights)
+
+
+def test_joint_rope_qkv_registration(device):
+    """torch.library.opcheck: schema (new outputs, no aliasing), fake impl, autograd registration."""
+    qkv, text_qkv, angles, weights, _ = joint_inputs(torch.float32, device, norm=True)
+    cos_sin = torch.stack((angles.cos(), angles.sin()))
+    torch.library.opcheck(torch.ops.fae_fast.joint_rope_qkv_fwd.default,
+                          (qkv.requires_grad_(), text_qkv.requires_grad_(), cos_sin, weights[0].requires_grad_(),
+                           weights[1], 1e-6))
