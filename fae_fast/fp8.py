@@ -8,7 +8,7 @@ input gradient. Master weights, gradients and the optimizer are as in bf16 train
 
     y  = (q(x) * s_x) @ (q(W) * s_W)^T + b          x (M, K), W (N, K): both quantised along K
     dx = (q(dy) * s_dy) @ (q(W^T) * s_W^T)^T         dy (M, N), W^T (K, N): both along N
-    dW = dy^T @ x (bf16, fp32 accumulation),  db = sum of dy over rows
+    dW = dy^T @ x (bf16, fp32 accumulation),  db = sum of dy over rows (fp32, from the pass quantising dy)
 
 With `weight_gradient=True` (`run.fp8_weight_gradient`) the weight-gradient GEMM runs in FP8 too, with
 tensorwise scales: it contracts over the M rows, so each operand needs one scale along M, and
@@ -25,7 +25,8 @@ dict), so checkpoints move freely between bf16 and FP8 runs.
 import torch
 import torch.nn as nn
 
-from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_ref, requantize_transposed, requantize_transposed_ref
+from fae_fast.kernels.fp8 import (quantize_rows, quantize_rows_and_sum, quantize_rows_and_sum_ref, quantize_rows_ref,
+                                  requantize_transposed, requantize_transposed_ref)
 
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -56,6 +57,11 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
     return scaled_matmul(*quantize(a), *quantize(b.contiguous()), bias)
 
 
+def _quantizer_and_sums(x: torch.Tensor):
+    """`quantize_rows_and_sum`'s kernel on CUDA, its PyTorch reference elsewhere."""
+    return quantize_rows_and_sum if x.is_cuda else quantize_rows_and_sum_ref
+
+
 def _transposer(x: torch.Tensor):
     """`requantize_transposed`'s kernel on CUDA, its PyTorch reference elsewhere (bit for bit the same)."""
     return requantize_transposed if x.is_cuda else requantize_transposed_ref
@@ -78,14 +84,17 @@ class _Float8Linear(torch.autograd.Function):
         weight, *saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(COMPUTE_DTYPE)
         quantize = _quantizer(dy2)
-        dyq, dy_scale = quantize(dy2)
+        if ctx.has_bias:  # the bias gradient (column sums of dy) from the quantising pass's read of dy
+            dyq, dy_scale, dbias = _quantizer_and_sums(dy2)(dy2)
+            dbias = dbias.to(weight.dtype)
+        else:
+            (dyq, dy_scale), dbias = quantize(dy2), None
         dx = scaled_matmul(dyq, dy_scale, *quantize(weight.t().contiguous())).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.fp8_weight_gradient:
             transpose = _transposer(dy2)
             dweight = scaled_matmul(*transpose(dyq, dy_scale), *transpose(*saved)).to(weight.dtype)
         else:
             dweight = (dy2.t() @ saved[0]).to(weight.dtype)
-        dbias = dy2.sum(0, dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None
         return dx, dweight, dbias, None
 
 

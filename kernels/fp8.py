@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, cdiv, row_block, row_num_warps, tile_rows
+from .utils import cast_rtne, cdiv, persistent_programs, row_block, row_num_warps, tile_rows
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2^8
 AMAX_FLOOR = 1e-12  # an all-zero row still gets a finite scale
@@ -86,6 +86,70 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K), any strides, fp32/bf16/fp16 -> (q (M, K) float8_e4m3fn contiguous, s (M, 1) fp32) with
     x ~ q * s, s the row's power-of-two scale. Not differentiable (the FP8 linear's backward is explicit)."""
     return _quantize_rows_op(x)
+
+
+def quantize_rows_and_sum_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch reference of `quantize_rows_and_sum`."""
+    return (*quantize_rows_ref(x), x.float().sum(0))
+
+
+@triton.jit
+def _quantize_rows_and_sum_kernel(X, Q, S, PART, n_rows, n_cols, stride_r, stride_c, rows_per_program,
+                                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i quantises rows [i * rows_per_program, ...) as `_quantize_rows_kernel` does, ROWS at a time,
+    and writes their column sums (fp32, from the values it read) to PART[i, :]."""
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    first = tl.program_id(0) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    sums = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < last)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+        sums += tl.sum(x, axis=0)
+        scale, inverse = _power_of_two_scale(tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR))
+        q = tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX)
+        tl.store(Q + rows64 * n_cols + cols[None, :], cast_rtne(q, Q.dtype.element_ty), mask=mask)
+        tl.store(S + rows, scale, mask=rows < last)
+    tl.store(PART + tl.program_id(0).to(tl.int64) * n_cols + cols, sums, mask=col_ok)
+
+
+def quantize_rows_and_sum_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows_and_sum needs a 2-D tensor (rows, cols), got shape {tuple(x.shape)}")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:
+        return q, s, torch.zeros(K, dtype=torch.float32, device=x.device)
+    block = row_block(K)
+    rows = tile_rows(block, M)
+    tiles_per_program = cdiv(cdiv(M, rows), persistent_programs(cdiv(M, rows), x.device))
+    programs = cdiv(M, rows * tiles_per_program)  # few fp32 partial rows, summed in a fixed order
+    part = torch.empty((programs, K), dtype=torch.float32, device=x.device)
+    _quantize_rows_and_sum_kernel[(programs,)](x, q, s, part, M, K, x.stride(0), x.stride(1),
+                                               rows * tiles_per_program, ROWS=rows, BLOCK=block,
+                                               num_warps=row_num_warps(rows * block))
+    return q, s, part.sum(0)
+
+
+_quantize_rows_and_sum_op = torch.library.custom_op("fae_fast::quantize_rows_and_sum", quantize_rows_and_sum_fwd,
+                                                    mutates_args=())
+
+
+@_quantize_rows_and_sum_op.register_fake
+def _(x):
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32),
+            x.new_empty((x.shape[1],), dtype=torch.float32))
+
+
+def quantize_rows_and_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_rows`, plus the fp32 sums of x's columns (N,) from the same read: a linear's bias gradient
+    when x is its output gradient dy (no second pass over dy). The sums are reduced per program over its
+    rows, then over the programs in a fixed order (deterministic)."""
+    return _quantize_rows_and_sum_op(x)
 
 
 def requantize_transposed_ref(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ import torch.nn as nn
 from fae_fast.config import generator_config
 from fae_fast.fp8 import Float8Linear, check_fp8_device, convert_to_fp8, fp8_linear, use_fp8
 from fae_fast.generators import Generator
-from fae_fast.kernels.fp8 import (E4M3_MAX, quantize_rows, quantize_rows_ref, requantize_transposed,
-                                  requantize_transposed_ref)
+from fae_fast.kernels.fp8 import (E4M3_MAX, quantize_rows, quantize_rows_and_sum, quantize_rows_and_sum_ref,
+                                  quantize_rows_ref, requantize_transposed, requantize_transposed_ref)
 
 from kernel_testing import COMPILE_BACKEND  # noqa: E402 (tests/ is on sys.path)
 
@@ -40,6 +40,20 @@ def test_quantize_rows_matches_reference_bit_for_bit(shape, dtype, device):
     assert q.dtype == torch.float8_e4m3fn and q.shape == shape and s.shape == (shape[0], 1)
     assert torch.equal(bits(q), bits(q_ref))
     assert torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (7, 100), (33, 1152), (1000, 80), (5, 6144)])
+def test_quantize_rows_and_sum_quantises_the_same_and_sums_the_columns(shape, device):
+    """The bias gradient comes from the quantising pass over dy: q and s bit for bit those of quantize_rows,
+    the fp32 column sums as PyTorch's (in another order: to fp32 rounding)."""
+    x = rows_of_every_magnitude(*shape, torch.bfloat16, device)
+    q, s, sums = quantize_rows_and_sum(x)
+    q_ref, s_ref, sums_ref = quantize_rows_and_sum_ref(x)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    assert sums.dtype == torch.float32 and sums.shape == (shape[1],)
+    bound = 1e-6 * x.float().abs().sum(0) + 1e-30
+    assert torch.all((sums - sums_ref).abs() <= bound)
+    assert torch.equal(quantize_rows_and_sum(x.t().contiguous().t())[2], sums)  # strided rows: the same
 
 
 def test_quantize_rows_of_a_transposed_view(device):
