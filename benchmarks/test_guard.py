@@ -67,6 +67,19 @@ def test_fp8_quantise(guard, gpu_ceilings):
     guard.check(result("quantize_rows 32768x1152", ours, compiled, moved, "copy", gpu_ceilings))
 
 
+def test_fp8_quantise_and_sum(guard, gpu_ceilings):
+    """The FP8 linear's dy pass: quantise and the bias gradient, against the compiled reference of both."""
+    from fae_fast.kernels.fp8 import quantize_rows_and_sum, quantize_rows_and_sum_ref
+
+    dy = torch.randn(128 * 256, 6144, device="cuda", dtype=torch.bfloat16)  # the XL fc1's output gradient
+    ours = _kernel_ms(lambda: quantize_rows_and_sum(dy), iters=20)
+    torch._dynamo.reset()
+    reference = torch.compile(quantize_rows_and_sum_ref, dynamic=False)
+    compiled = _kernel_ms(lambda: reference(dy), iters=20)
+    moved = dy.numel() * 3 + dy.shape[0] * 4  # read bf16, write e4m3 and the row scales (the sums are small)
+    guard.check(result("quantize_rows_and_sum 32768x6144", ours, compiled, moved, "copy", gpu_ceilings))
+
+
 @pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
 def test_xl_block(guard, gpu_ceilings, size):
     times = {}
