@@ -346,3 +346,14 @@ def test_the_programs_a_benchmark_launches_import_this_checkout_without_an_insta
     found = subprocess.run([sys.executable, "-S", "-c", where], env=child_env(), capture_output=True, text=True)
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()).resolve() == ROOT / "fae_fast" / "__init__.py"
+
+
+def test_the_fp8_ops_registrations(device):
+    """torch.library.opcheck of the quantising ops' fake impls (what torch.compile traces with on the GPU,
+    where these ops run) and their dispatch under AOT autograd. (opcheck's schema test multiplies the
+    outputs, which float8 tensors do not support on CPU.)"""
+    x = rows_of_every_magnitude(40, 96, torch.bfloat16, device)
+    checks = ("test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fae_fast.quantize_rows.default, (x,), test_utils=checks)
+    torch.library.opcheck(torch.ops.fae_fast.quantize_rows_and_sum.default, (x,), test_utils=checks)
+    torch.library.opcheck(torch.ops.fae_fast.requantize_transposed.default, quantize_rows_ref(x), test_utils=checks)
