@@ -16,7 +16,10 @@ a few whole tokens (all heads): its reads of qkv and writes of d(qkv) are one co
 (BLOCK_R, Dh/2) halves (the rotation pairs them), v as whole rows.
 
 One core op serves two functionals: `rope_qkv(qkv)` (C = 3, the model's path) and `rope(q, k)`, which
-stacks q, k into a (B, T, 2, H, Dh) tensor first (C = 2, no v).
+stacks q, k into a (B, T, 2, H, Dh) tensor first (C = 2, no v). `joint_rope_qkv(qkv, text_qkv)`, the
+joint (MMDiT-style) attention's inputs, runs the same kernels with outputs T + L tokens long: the forward
+writes the latent tokens in place and the caption's are copied after them; the backward reads the latent
+tokens' gradients in place (strided).
 
 Registration: custom_op + register_fake (see swiglu.py for why not triton_op).
 """
@@ -55,6 +58,14 @@ def rope_qkv_ref(qkv: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weigh
     """PyTorch reference of `rope_qkv` (same signature and output layout)."""
     q, k, v = qkv.unbind(2)
     return (*rope_ref(q, k, angles, q_norm_weight, k_norm_weight, eps=eps), v.transpose(1, 2).contiguous())
+
+
+def joint_rope_qkv_ref(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[torch.Tensor],
+                       q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None, *,
+                       eps: float = 1e-6):
+    """PyTorch reference of `joint_rope_qkv`: rope_qkv_ref, then a concatenation with the caption's q, k, v."""
+    latent = rope_qkv_ref(qkv, angles, q_norm_weight, k_norm_weight, eps=eps)
+    return tuple(torch.cat([x, t], dim=2) for x, t in zip(latent, text_qkv.permute(2, 0, 3, 1, 4)))
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -438,10 +449,3 @@ def joint_rope_qkv(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[t
         raise ValueError(f"joint_rope_qkv needs qkv of shape (B, T, 3, H, Dh), got {tuple(qkv.shape)}")
     return _joint_rope_fwd_op(qkv, text_qkv, _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
 
-
-def joint_rope_qkv_ref(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[torch.Tensor],
-                       q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None, *,
-                       eps: float = 1e-6):
-    """PyTorch reference of `joint_rope_qkv`: rope_qkv_ref, then a concatenation with the caption's q, k, v."""
-    latent = rope_qkv_ref(qkv, angles, q_norm_weight, k_norm_weight, eps=eps)
-    return tuple(torch.cat([x, t], dim=2) for x, t in zip(latent, text_qkv.permute(2, 0, 3, 1, 4)))
