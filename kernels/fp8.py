@@ -46,17 +46,24 @@ def _power_of_two_scale(amax):
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Q, S, n_rows, n_cols, stride_r, stride_c, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program i quantises rows [i * ROWS, ...) of x (n_rows, n_cols), whole rows at a time."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+def _quantize_tile(X, Q, S, rows, cols, row_end, n_cols, stride_r, stride_c):
+    """Quantise the whole rows `rows` (those below row_end) of x into Q and their scales into S; returns the
+    tile x (ROWS, BLOCK) fp32 as read (zeros where masked)."""
+    mask = (rows < row_end)[:, None] & (cols < n_cols)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
     scale, inverse = _power_of_two_scale(tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR))
     q = tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX)  # exact: a power of two
     tl.store(Q + rows64 * n_cols + cols[None, :], cast_rtne(q, Q.dtype.element_ty), mask=mask)
-    tl.store(S + rows, scale, mask=rows < n_rows)
+    tl.store(S + rows, scale, mask=rows < row_end)
+    return x
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Q, S, n_rows, n_cols, stride_r, stride_c, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i quantises rows [i * ROWS, ...) of x (n_rows, n_cols), whole rows at a time."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    _quantize_tile(X, Q, S, rows, tl.arange(0, BLOCK), n_rows, n_cols, stride_r, stride_c)
 
 
 def quantize_rows_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,21 +106,13 @@ def _quantize_rows_and_sum_kernel(X, Q, S, PART, n_rows, n_cols, stride_r, strid
     """Program i quantises rows [i * rows_per_program, ...) as `_quantize_rows_kernel` does, ROWS at a time,
     and writes their column sums (fp32, from the values it read) to PART[i, :]."""
     cols = tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
     first = tl.program_id(0) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     sums = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(first, last, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        mask = (rows < last)[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
-        sums += tl.sum(x, axis=0)
-        scale, inverse = _power_of_two_scale(tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR))
-        q = tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX)
-        tl.store(Q + rows64 * n_cols + cols[None, :], cast_rtne(q, Q.dtype.element_ty), mask=mask)
-        tl.store(S + rows, scale, mask=rows < last)
-    tl.store(PART + tl.program_id(0).to(tl.int64) * n_cols + cols, sums, mask=col_ok)
+        sums += tl.sum(_quantize_tile(X, Q, S, start + tl.arange(0, ROWS), cols, last, n_cols, stride_r, stride_c),
+                       axis=0)
+    tl.store(PART + tl.program_id(0).to(tl.int64) * n_cols + cols, sums, mask=cols < n_cols)
 
 
 def quantize_rows_and_sum_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
