@@ -66,12 +66,17 @@ def _quantize_rows_kernel(X, Q, S, n_rows, n_cols, stride_r, stride_c, ROWS: tl.
     _quantize_tile(X, Q, S, rows, tl.arange(0, BLOCK), n_rows, n_cols, stride_r, stride_c)
 
 
-def quantize_rows_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantized_outputs(x: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (M, K) float8 values and (M, 1) fp32 scales a quantising op writes for x (M, K)."""
     if x.dim() != 2:
-        raise ValueError(f"quantize_rows needs a 2-D tensor (rows, cols), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op} needs a 2-D tensor (rows, cols), got shape {tuple(x.shape)}")
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+def quantize_rows_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = _quantized_outputs(x, "quantize_rows")
     M, K = x.shape
-    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, s
     block = row_block(K)
@@ -116,11 +121,8 @@ def _quantize_rows_and_sum_kernel(X, Q, S, PART, n_rows, n_cols, stride_r, strid
 
 
 def quantize_rows_and_sum_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows_and_sum needs a 2-D tensor (rows, cols), got shape {tuple(x.shape)}")
+    q, s = _quantized_outputs(x, "quantize_rows_and_sum")
     M, K = x.shape
-    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, s, torch.zeros(K, dtype=torch.float32, device=x.device)
     block = row_block(K)

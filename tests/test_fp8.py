@@ -357,3 +357,10 @@ def test_the_fp8_ops_registrations(device):
     torch.library.opcheck(torch.ops.fae_fast.quantize_rows.default, (x,), test_utils=checks)
     torch.library.opcheck(torch.ops.fae_fast.quantize_rows_and_sum.default, (x,), test_utils=checks)
     torch.library.opcheck(torch.ops.fae_fast.requantize_transposed.default, quantize_rows_ref(x), test_utils=checks)
+
+
+def test_the_quantising_ops_name_a_tensor_that_is_not_2d(device):
+    x = torch.randn(2, 3, 16, device=device)
+    for op, name in ((quantize_rows, "quantize_rows"), (quantize_rows_and_sum, "quantize_rows_and_sum")):
+        with pytest.raises(ValueError, match=f"^{name} needs a 2-D tensor"):
+            op(x)
