@@ -254,22 +254,24 @@ def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: 
              k_norm_weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv (B, T, C, H, Dh), C = 2 or 3 -> q_out, k_out, v_out, each (B, H, T, Dh) contiguous (v_out empty if C = 2).
     cos_sin: (2, T, Dh/2) fp32 cos | sin table, or None (no rotation)."""
-    outs = _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, qkv.shape[1])
-    return (*outs, qkv.new_empty(0)) if len(outs) == 2 else tuple(outs)
+    return _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, qkv.shape[1])
 
 
-def _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, tokens_out: int) -> list[torch.Tensor]:
-    """The C outputs (B, H, tokens_out, Dh), their first T tokens written by the kernel."""
+def _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps,
+                   tokens_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q_out, k_out, v_out (B, H, tokens_out, Dh) (v_out empty if C = 2), their first T tokens written by
+    the kernel."""
     B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
     qkv, cos_sin = qkv.contiguous(), _table(cos_sin)
     outs = [torch.empty((B, H, tokens_out, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(C)]
+    q_out, k_out, v_out = (*outs, qkv.new_empty(0)) if C == 2 else outs
     n_rows = B * T * H
     if n_rows:
         blocks = _blocks(n_rows, H, Dh, C, cos_sin is not None, q_norm_weight is not None)
         _rope_fwd_kernel[(cdiv(n_rows, blocks["BLOCK_R"]),)](
-            qkv, cos_sin, q_norm_weight, k_norm_weight, *outs, *([qkv.new_empty(0)] if C == 2 else []), T,
-            tokens_out, n_rows, Dh // blocks["VEC"], eps, **blocks)
-    return outs
+            qkv, cos_sin, q_norm_weight, k_norm_weight, q_out, k_out, v_out, T, tokens_out, n_rows,
+            Dh // blocks["VEC"], eps, **blocks)
+    return q_out, k_out, v_out
 
 
 def _check_text(qkv: torch.Tensor, text_qkv: torch.Tensor) -> int:
@@ -291,7 +293,7 @@ def joint_rope_fwd(qkv: torch.Tensor, text_qkv: torch.Tensor, cos_sin: Optional[
     outs = _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, T + L)
     for i, out in enumerate(outs):
         out[:, :, T:].copy_(text_qkv[:, :, i].transpose(1, 2))
-    return tuple(outs)
+    return outs
 
 
 def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, dv_out: Optional[torch.Tensor],
@@ -364,9 +366,6 @@ def _backward(ctx, dq_out, dk_out, dv_out):
 torch.library.register_autograd("fae_fast::rope_qkv_fwd", _backward, setup_context=_setup_context)
 
 
-# --------------------------------------------------------------------------- public functionals
-
-
 _joint_rope_fwd_op = torch.library.custom_op("fae_fast::joint_rope_qkv_fwd", joint_rope_fwd, mutates_args=())
 
 
@@ -397,6 +396,9 @@ def _joint_backward(ctx, dq_out, dk_out, dv_out):
 
 
 torch.library.register_autograd("fae_fast::joint_rope_qkv_fwd", _joint_backward, setup_context=_joint_setup_context)
+
+
+# --------------------------------------------------------------------------- public functionals
 
 
 def _cos_sin(angles: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -448,4 +450,3 @@ def joint_rope_qkv(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[t
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"joint_rope_qkv needs qkv of shape (B, T, 3, H, Dh), got {tuple(qkv.shape)}")
     return _joint_rope_fwd_op(qkv, text_qkv, _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
-

@@ -419,7 +419,7 @@ class GeneratorTraining:
         self.family = family_of(cfg.model)
         self.loss_floor = self.family.loss_floor(cfg.model)
         self.evaluation = TrainingEval(cfg, d, decoder) if evaluates_during_training(cfg) else None
-        self.graphed = graphed  # uses_cuda_graph
+        self.graphed = graphed  # uses_cuda_graph(cfg, d), decided once by main
         self.captured: GraphedStep | None = None
         self.inputs: StaticInputs | None = None
 

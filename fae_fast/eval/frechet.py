@@ -54,9 +54,10 @@ class LowRankGaussian:
         x = samples.double().flatten(1)
         n = x.shape[0]
         mean, basis, gain = (t.to(x.device) for t in (self.mean, self.basis, self.root_gain))
-        centred = x - x.mean(0)
+        sample_mean = x.mean(0)
+        centred = x - sample_mean
         a = (self.floor * centred + ((centred @ basis) * gain) @ basis.T) / (n - 1) ** 0.5  # C R / sqrt(n - 1)
         gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
         cross = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
         sample_trace = centred.square().sum() / (n - 1)
-        return float((x.mean(0) - mean).square().sum() + sample_trace + self.trace - 2 * cross)
+        return float((sample_mean - mean).square().sum() + sample_trace + self.trace - 2 * cross)
