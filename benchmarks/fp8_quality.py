@@ -2,7 +2,8 @@
 the embedded toy mixture with structure (class-conditional Gaussians with low-rank covariances, whose true
 moments are known), then both loss curves on one plot and the Frechet distance of each run's samples to the
 true mixture. FP8 passes when its final loss (the mean of the last tenth of the logged losses, one step's
-loss being noisy) is within 1% of bf16's and its Frechet distance within 5%.
+loss being noisy) is within 1% of bf16's and its Frechet distance within 5%, and only if the bf16 reference
+trained (its final loss at most half its first logged loss).
 
     python -m benchmarks.fp8_quality --out_dir runs/fp8-quality      (from the repository root, on a GPU)
 
@@ -24,6 +25,10 @@ from fae_fast.train.runtime import plot_curves
 
 LOSS_TOLERANCE, FRECHET_TOLERANCE = 0.01, 0.05
 """FP8 against bf16: final loss within 1%, Frechet distance within 5% (relative)."""
+REFERENCE_LOSS_DROP = 0.5
+"""The bf16 run counts as a reference only if its final loss is at most this fraction of its first logged
+loss: a reference that did not train (as when cuDNN attention's wrong gradients stalled both runs near their
+starting loss on an H200) makes any comparison meaningless."""
 
 
 def run_overrides(args, precision: str) -> list[str]:
@@ -62,9 +67,14 @@ def compare(runs: dict[str, Path]) -> dict:
     loss = {p: final_loss(h) for p, h in history.items()}
     loss_gap = loss["fp8"] / loss["bf16"] - 1
     frechet_gap = frechet["fp8"] / frechet["bf16"] - 1
-    return {"final_loss": loss, "frechet_overall": frechet, "loss_gap": loss_gap, "frechet_gap": frechet_gap,
-            "loss_within_1_percent": abs(loss_gap) <= LOSS_TOLERANCE,
-            "frechet_within_5_percent": frechet_gap <= FRECHET_TOLERANCE}
+    first_bf16 = next(terms["loss"] for _, terms in history["bf16"] if "loss" in terms)
+    verdict = {"final_loss": loss, "frechet_overall": frechet, "loss_gap": loss_gap, "frechet_gap": frechet_gap,
+               "bf16_first_loss": first_bf16, "bf16_learned": loss["bf16"] <= REFERENCE_LOSS_DROP * first_bf16,
+               "loss_within_1_percent": abs(loss_gap) <= LOSS_TOLERANCE,
+               "frechet_within_5_percent": frechet_gap <= FRECHET_TOLERANCE}
+    verdict["passed"] = verdict["bf16_learned"] and verdict["loss_within_1_percent"] and \
+        verdict["frechet_within_5_percent"]
+    return verdict
 
 
 def plot(runs: dict[str, Path], path: Path) -> None:
@@ -103,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"({verdict['loss_gap']:+.2%}; within 1%: {verdict['loss_within_1_percent']}); Frechet distance: bf16 "
           f"{verdict['frechet_overall']['bf16']:.3f}, fp8 {verdict['frechet_overall']['fp8']:.3f} "
           f"({verdict['frechet_gap']:+.2%}; within 5%: {verdict['frechet_within_5_percent']})")
+    if not verdict["bf16_learned"]:
+        print(f"no verdict: the bf16 reference did not train (final loss {verdict['final_loss']['bf16']:.4f} against "
+              f"{verdict['bf16_first_loss']:.4f} at its first log; it must fall to {REFERENCE_LOSS_DROP:.0%} or below)")
+    print(f"FP8 quality: {'passed' if verdict['passed'] else 'failed'}")
     return verdict
 
 

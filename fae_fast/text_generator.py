@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fae_fast.attention import attention, choose_backend
+from fae_fast.attention import attention, choose_backend, output_layout_gradient
 from fae_fast.conditioning import TextEmbeddings
 from fae_fast.config import TextGeneratorConfig
 from fae_fast.generators import Block, Generator, forward_flops_per_sample, patchify_latents, unpatchify_latents
@@ -43,7 +43,7 @@ class CrossAttention(nn.Module):
         H, Dh = self.heads, D // self.heads
         q = self.q(self.norm(x)).view(B, T, H, Dh).transpose(1, 2)
         k, v = self.kv(text).view(B, text.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = output_layout_gradient(F.scaled_dot_product_attention(q, k, v))  # see fae_fast.attention
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
