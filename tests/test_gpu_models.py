@@ -35,15 +35,20 @@ def run(module, inputs, dout, autocast: bool):
     return out.detach(), grads
 
 
-def check_2x(make, inputs, dout):
-    """make(impl) -> module; the same weights for all three runs."""
-    torch.manual_seed(0)
-    ref = make("torch").cuda()
-    for name, p in ref.named_parameters():  # away from adaLN-Zero and unit norms: every path does work
+def away_from_the_zero_start(module):
+    """Weights away from adaLN-Zero and unit norms, so that every path does work."""
+    for name, p in module.named_parameters():
         if "norm" in name and not name.endswith("bias"):  # norm weights (and QK-norm) near 1
             p.data.normal_(1.0, 0.1)
         else:
             p.data.normal_(0.0, 0.02)
+    return module
+
+
+def check_2x(make, inputs, dout):
+    """make(impl) -> module; the same weights for all three runs."""
+    torch.manual_seed(0)
+    ref = away_from_the_zero_start(make("torch").cuda())
     fused = make("triton").cuda()
     fused.load_state_dict(ref.state_dict())
     out64, grads64 = run(ref, inputs, dout, autocast=False)  # fp32 reference (tf32 off by default)
@@ -68,6 +73,36 @@ def test_xl_block_fused_matches_reference(size):
     c = torch.randn(B, D, device="cuda", generator=g)
     dout = torch.randn(B, T, D, device="cuda", generator=g)
     check_2x(lambda impl: Block(cfg, Ops(impl)), [x, c], dout)
+
+
+UNRELATED = 0.1
+"""Relative error above which a bf16 result is not rounding (bf16's epsilon is 7.8e-3): the cuDNN backward
+that misread the output gradient's layout gave 1.4 on the attention gradients."""
+
+
+@pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+@pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
+def test_xl_block_gradients_with_each_attention_backend(size, backend, monkeypatch):
+    """The fused block (bf16 autocast) with each attention backend forced, against the fp32 reference block: the
+    chooser may pick any of them, and the 2x rule alone cannot see a backend that is wrong in both paths."""
+    from fae_fast import attention
+
+    if backend not in attention.candidates():
+        pytest.skip(f"{backend} is not available here")
+    cfg = generator_config(size)
+    B, T, D = 32, cfg.grid ** 2, cfg.width
+    monkeypatch.setitem(attention._CHOICE, (B, cfg.heads, T, D // cfg.heads, torch.bfloat16, "cuda", False), backend)
+    g = torch.Generator("cuda").manual_seed(1)
+    x, c, dout = (torch.randn(*shape, device="cuda", generator=g) for shape in ((B, T, D), (B, D), (B, T, D)))
+    torch.manual_seed(0)
+    ref = away_from_the_zero_start(Block(cfg, Ops("torch")).cuda())
+    fused = Block(cfg, Ops("triton")).cuda()
+    fused.load_state_dict(ref.state_dict())
+    out32, grads32 = run(ref, [x, c], dout, autocast=False)
+    out, grads = run(fused, [x, c], dout, autocast=True)
+    errors = {"out": rel_err(out, out32)}
+    errors |= {n: rel_err(grads[n], want) for n, want in grads32.items() if want is not None}
+    assert max(errors.values()) < UNRELATED, {n: f"{e:.2e}" for n, e in errors.items() if e >= UNRELATED}
 
 
 def test_full_size_fae_encoder_fused_matches_reference():
