@@ -15,11 +15,13 @@ ones (relative error 1.4 against fp64; flash 4e-3) when the output gradient's st
 output's (measured: q, k, v strided views of a packed (B, T, 3, H, Dh) projection, a contiguous gradient),
 and a B-size generator trained with cuDNN chosen diverged where the same run with flash trained (README,
 "Attention"). The fused model is the mirror case: q, k, v come contiguous from the rope kernel and the
-output is read back as (B, T, H * Dh), so its gradient arrives strided. So every backend's output passes
-through `output_layout_gradient` (the backward receives the gradient in the output's layout, copied only
-where it differs), and a backend is only chosen if its output and gradients, taken both ways a model takes
-them, agree with PyTorch's fp32 attention (`attention_error`): one that fails is skipped with a one-line
-note, so a wrong kernel costs speed, never the training.
+output is read back as (B, T, H * Dh), so its gradient arrives strided. The rope kernel now writes q, k, v
+laid out (B, T, H, Dh), so the output (cuDNN's follows q's layout) and its gradient share one layout; beyond
+that, cuDNN's output (and that of PyTorch's own dispatch) passes through `output_layout_gradient` (the
+backward receives the gradient in the output's layout, copied only where it differs), and a backend is only
+chosen if its output and gradients, with q, k, v and the gradient each in both layouts a model uses, agree
+with PyTorch's fp32 attention (`attention_error`): one that fails is skipped with a one-line note, so a
+wrong kernel costs speed, never the training.
 """
 import functools
 import logging
@@ -116,9 +118,10 @@ shapes, every SDPA backend), the cuDNN backward fed a gradient of another layout
 def attention_error(fn: Callable, shape: tuple[int, int, int, int], dtype: torch.dtype,
                     device: torch.device | str, causal: bool = False) -> float:
     """The largest relative (Frobenius) error of fn's output and q, k, v gradients against PyTorch's attention
-    in fp32, on random inputs of `shape` (B, H, T, Dh) in `dtype`. The output gradient reaches fn each of the
-    two ways a model hands it over, in two backward passes: through the output read as (B, T, H * Dh) (the
-    blocks' projection; strided in (B, H, T, Dh)) and contiguous."""
+    in fp32, on random inputs of `shape` (B, H, T, Dh) in `dtype`. q, k, v come both ways a model makes them
+    (contiguous, and laid out (B, T, H, Dh) in memory as the rope kernel writes them), and the output
+    gradient reaches fn both ways a model hands it over (through the output read as (B, T, H * Dh), the
+    blocks' projection, and contiguous): four backward passes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, H, T, Dh = shape
@@ -127,8 +130,9 @@ def attention_error(fn: Callable, shape: tuple[int, int, int, int], dtype: torch
     as_tokens = torch.randn(B, T, H * Dh, generator=g, device=device)  # the projection's gradient
     as_heads = torch.randn(shape, generator=g, device=device)  # a contiguous (B, H, T, Dh) one
 
-    def run(attend, dt, through_tokens: bool):
-        leaves = [t.to(dt, copy=True).requires_grad_() for t in (q, k, v)]
+    def run(attend, dt, token_major: bool, through_tokens: bool):
+        leaves = [(t.transpose(1, 2).to(dt).contiguous().transpose(1, 2) if token_major else t.to(dt, copy=True))
+                  .detach().requires_grad_() for t in (q, k, v)]
         out = attend(*leaves, causal)
         if through_tokens:
             (out.transpose(1, 2).reshape(B, T, H * Dh).float() * as_tokens).sum().backward()
@@ -141,9 +145,11 @@ def attention_error(fn: Callable, shape: tuple[int, int, int, int], dtype: torch
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     errors = []
-    for through_tokens in (True, False):
-        want, got = run(reference, torch.float32, through_tokens), run(fn, dtype, through_tokens)
-        errors += [((a - b).norm() / b.norm().clamp(min=1e-30)).item() for a, b in zip(got, want)]
+    for token_major in (True, False):
+        for through_tokens in (True, False):
+            want = run(reference, torch.float32, token_major, through_tokens)
+            got = run(fn, dtype, token_major, through_tokens)
+            errors += [((a - b).norm() / b.norm().clamp(min=1e-30)).item() for a, b in zip(got, want)]
     return max(errors)
 
 
@@ -191,8 +197,8 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
     if device.type != "cuda":
         _CHOICE[key] = "sdpa"
         return "sdpa"
-    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+               .requires_grad_() for _ in range(3))  # laid out (B, T, H, Dh), as the rope kernel writes them
     timings = {name: _time_fwd_bwd(name, fn, q, k, v, causal) for name, fn in candidates().items()}
     check = (min(batch, 4), heads, tokens, head_dim)  # a few samples: the layouts are what matter
     best = fastest_correct(timings, lambda name: attention_error(
@@ -211,13 +217,19 @@ def attention(q, k, v, causal: bool = False):
     return _attend(_CHOICE.get((B, H, T, Dh, q.dtype, q.device.type, causal), "sdpa"), q, k, v, causal)
 
 
+NEEDS_THE_OUTPUT_LAYOUT = ("sdpa", "sdpa_cudnn")
+"""Backends whose backward is handed the output gradient in the output's layout: cuDNN's (and PyTorch's own
+dispatch, which may pick it). The others read any layout right (flash: measured on the H200), and skip the
+hand-over: under torch.compile a backward that reads strides gets its gradient made contiguous first, which
+would cost a copy per layer."""
+
+
 def _attend(name: str, q, k, v, causal: bool):
-    """Attention with the backend `name` ("sdpa": PyTorch's dispatch), its output gradient handed back in the
-    output's layout."""
+    """Attention with the backend `name` ("sdpa": PyTorch's dispatch)."""
     if name == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     elif name.startswith("sdpa_"):
         out = _sdpa_with(name)(q, k, v, causal)
     else:
         out = candidates()[name](q, k, v, causal=causal)
-    return output_layout_gradient(out)
+    return output_layout_gradient(out) if name in NEEDS_THE_OUTPUT_LAYOUT else out

@@ -149,8 +149,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)
         if self.rope_angles is not None or self.q_norm is not None:
-            # QK-norm and/or RoPE (angles None: no rotation) in one pass; q, k, v come out (B, H, T, Dh)
-            # contiguous, and the backward writes d(qkv) in one pass
+            # QK-norm and/or RoPE (angles None: no rotation) in one pass; q, k, v come out (B, H, T, Dh) laid
+            # out (B, T, H, Dh), so the attention output reads as (B, T, H * Dh) without a copy, and the
+            # backward writes d(qkv) in one pass
             q, k, v = self.ops.rope_qkv(qkv, self.rope_angles, self.q_norm, self.k_norm)
         else:
             q, k, v = qkv.unbind(2)  # each (B, T, H, Dh), strided views of qkv

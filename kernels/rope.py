@@ -1,7 +1,10 @@
 """Attention inputs from the packed qkv projection: rotary position embedding on q and k (optionally after a
-QK RMSNorm over the head dim), and q, k, v written in the (B, H, T, Dh) layout SDPA wants, in one pass.
-The backward takes dq, dk, dv (B, H, T, Dh) and writes d(qkv) (B, T, 3, H, Dh) in one pass too: no stack
-of dq, dk, dv and no separate transpose of v, either way.
+QK RMSNorm over the head dim), and q, k, v written in one pass as (B, H, T, Dh) tensors laid out (B, T, H,
+Dh) in memory. That is the layout the attention kernels work in: the attention output comes back (B, T, H,
+Dh) in memory too, so the projection reads it as (B, T, H * Dh) without a copy, and its gradient arrives in
+the output's own layout (cuDNN's backward misread a gradient of another layout: fae_fast/attention.py).
+The backward takes dq, dk, dv (B, H, T, Dh), any strides, and writes d(qkv) (B, T, 3, H, Dh) in one pass
+too: no stack of dq, dk, dv and no separate transpose of v, either way.
 
 Convention "rotate half": for j < Dh/2 the pair (x[j], x[j + Dh/2]) turns by angles[t, j]:
     out[j]        = x[j] * cos - x[j + Dh/2] * sin
@@ -11,8 +14,8 @@ functional turns it into a (2, T, Dh/2) fp32 cos | sin table (tiny, stays in L1/
 libdevice's accurate sinf/cosf cost more issue slots than this memory-bound kernel can spare.
 
 Tiling: a program owns BLOCK_R consecutive rows r = (b * T + t) * H + h of one (B, T, C, H, Dh) qkv, i.e.
-a few whole tokens (all heads): its reads of qkv and writes of d(qkv) are one contiguous span, and on the
-(B, H, T, Dh) side it touches H runs of BLOCK_R / H tokens each. q and k are handled as two
+a few whole tokens (all heads): its reads of qkv and writes of d(qkv) are one contiguous span, and so are
+its writes of q, k, v ((B, T, H, Dh) in memory). q and k are handled as two
 (BLOCK_R, Dh/2) halves (the rotation pairs them), v as whole rows.
 
 One core op serves two functionals: `rope_qkv(qkv)` (C = 3, the model's path) and `rope(q, k)`, which
@@ -40,7 +43,7 @@ def _rope_ref_one(x, w, cos, sin, eps):
     if cos is not None:
         x1, x2 = x.chunk(2, dim=-1)
         x = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return x.to(dtype).transpose(1, 2).contiguous()
+    return x.to(dtype).transpose(1, 2)  # (B, H, T, Dh), (B, T, H, Dh) in memory as the kernel writes it
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor],
@@ -143,7 +146,8 @@ def _rope_fwd_kernel(qkv_ptr, cs_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, vo_ptr, T,
                      H: tl.constexpr, HALF: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_HALF: tl.constexpr, VEC: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_NORM: tl.constexpr):
     """qkv (B, T, C, H, Dh) contiguous -> tokens 0..T-1 of q_out, k_out (and v_out when C = 3), each
-    (B, H, T_out, Dh) contiguous with T_out >= T (the joint attention's tensors hold the caption after).
+    (B, H, T_out, Dh) laid out (B, T_out, H, Dh) with T_out >= T (the joint attention's tensors hold the
+    caption after).
     dh_vecs = Dh / VEC, a runtime value so that the compiler learns no more alignment than VEC from it."""
     DH: tl.constexpr = 2 * HALF
     bt, b, t, h, row_ok = _rope_rows(T, n_rows, H, BLOCK_R)
@@ -158,7 +162,7 @@ def _rope_fwd_kernel(qkv_ptr, cs_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, vo_ptr, T,
     cs = (None, None)
     if HAS_ROPE:  # the (2, T, Dh/2) fp32 table: cos, then sin
         cs = _rope_load(cs_ptr, t * HALF, T * HALF, j, mask)
-    o_row = (b * H + h) * T_out + t  # outputs (B, H, T_out, Dh) contiguous
+    o_row = (b * T_out + t) * H + h  # outputs laid out (B, T_out, H, Dh)
     _rope_fwd_one(q, qw_ptr, qo_ptr, VEC * (o_row * dh_vecs), j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
     _rope_fwd_one(k, kw_ptr, ko_ptr, VEC * (o_row * dh_vecs), j, mask, cs, eps, HALF, HAS_ROPE, HAS_NORM)
     if C == 3:
@@ -252,18 +256,19 @@ def _blocks(n_rows: int, H: int, Dh: int, C: int, has_rope: bool, has_norm: bool
 
 def rope_fwd(qkv: torch.Tensor, cos_sin: Optional[torch.Tensor], q_norm_weight: Optional[torch.Tensor],
              k_norm_weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv (B, T, C, H, Dh), C = 2 or 3 -> q_out, k_out, v_out, each (B, H, T, Dh) contiguous (v_out empty if C = 2).
+    """qkv (B, T, C, H, Dh), C = 2 or 3 -> q_out, k_out, v_out, each (B, H, T, Dh) laid out (B, T, H, Dh)
+    (v_out empty if C = 2).
     cos_sin: (2, T, Dh/2) fp32 cos | sin table, or None (no rotation)."""
     return _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, qkv.shape[1])
 
 
 def _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps,
                    tokens_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q_out, k_out, v_out (B, H, tokens_out, Dh) (v_out empty if C = 2), their first T tokens written by
-    the kernel."""
+    """q_out, k_out, v_out (B, H, tokens_out, Dh) laid out (B, tokens_out, H, Dh) (v_out empty if C = 2),
+    their first T tokens written by the kernel."""
     B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
     qkv, cos_sin = qkv.contiguous(), _table(cos_sin)
-    outs = [torch.empty((B, H, tokens_out, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(C)]
+    outs = [_attention_layout(qkv, B, H, tokens_out, Dh) for _ in range(C)]
     q_out, k_out, v_out = (*outs, qkv.new_empty(0)) if C == 2 else outs
     n_rows = B * T * H
     if n_rows:
@@ -272,6 +277,11 @@ def _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps,
             qkv, cos_sin, q_norm_weight, k_norm_weight, q_out, k_out, v_out, T, tokens_out, n_rows,
             Dh // blocks["VEC"], eps, **blocks)
     return q_out, k_out, v_out
+
+
+def _attention_layout(like: torch.Tensor, B: int, H: int, T: int, Dh: int) -> torch.Tensor:
+    """An empty (B, H, T, Dh) tensor laid out (B, T, H, Dh) in memory, like's dtype and device."""
+    return like.new_empty((B, T, H, Dh)).transpose(1, 2)
 
 
 def _check_text(qkv: torch.Tensor, text_qkv: torch.Tensor) -> int:
@@ -287,7 +297,7 @@ def _check_text(qkv: torch.Tensor, text_qkv: torch.Tensor) -> int:
 def joint_rope_fwd(qkv: torch.Tensor, text_qkv: torch.Tensor, cos_sin: Optional[torch.Tensor],
                    q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, H, T + L, Dh): the latent tokens as rope_fwd writes them (written in place, no
+    """q, k, v (B, H, T + L, Dh) laid out (B, T + L, H, Dh): the latent tokens as rope_fwd writes them (in place, no
     concatenation pass over them), then the caption's L tokens copied unchanged."""
     T, L = qkv.shape[1], _check_text(qkv, text_qkv)
     outs = _rope_fwd_into(qkv, cos_sin, q_norm_weight, k_norm_weight, eps, T + L)
@@ -333,7 +343,7 @@ _rope_bwd_op = torch.library.custom_op("fae_fast::rope_qkv_bwd", rope_bwd, mutat
 @_rope_fwd_op.register_fake
 def _(qkv, cos_sin, q_norm_weight, k_norm_weight, eps):
     B, T, C, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
-    outs = [qkv.new_empty((B, H, T, Dh)) for _ in range(C)]
+    outs = [_attention_layout(qkv, B, H, T, Dh) for _ in range(C)]
     return (*outs, qkv.new_empty(0)) if C == 2 else tuple(outs)
 
 
@@ -373,7 +383,7 @@ _joint_rope_fwd_op = torch.library.custom_op("fae_fast::joint_rope_qkv_fwd", joi
 def _(qkv, text_qkv, cos_sin, q_norm_weight, k_norm_weight, eps):
     B, T, _, H, Dh = _check(qkv, cos_sin, q_norm_weight, k_norm_weight)
     L = _check_text(qkv, text_qkv)
-    return tuple(qkv.new_empty((B, H, T + L, Dh)) for _ in range(3))
+    return tuple(_attention_layout(qkv, B, H, T + L, Dh) for _ in range(3))
 
 
 def _joint_setup_context(ctx, inputs, output):
@@ -420,7 +430,8 @@ def rope_qkv(qkv: torch.Tensor, angles: Optional[torch.Tensor], q_norm_weight: O
     angles: (T, Dh/2) rotation angles (fp32); pair j of token t turns by angles[t, j]. None: no rotation
         (QK-norm alone). No gradient.
     q_norm_weight, k_norm_weight: (Dh,) RMSNorm weights, both or neither; eps is the norm's epsilon.
-    Returns (q, k, v), each (B, H, T, Dh) contiguous in qkv's dtype. The backward writes d(qkv) in one pass;
+    Returns (q, k, v), each (B, H, T, Dh) in qkv's dtype, laid out (B, T, H, Dh) in memory (the attention
+    kernels' own layout: module docstring). The backward writes d(qkv) in one pass;
     the weight gradients are reduced over all (B, T, H) rows deterministically (fp32 partials, no atomics).
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -432,7 +443,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, angles: Optional[torch.Tensor], q_nor
          k_norm_weight: Optional[torch.Tensor] = None, *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_qkv` for separate q, k (B, T, H, Dh) of one shape and dtype, any strides: stacked into one
     (B, T, 2, H, Dh) tensor first (a copy; the model calls rope_qkv on its packed projection instead).
-    Returns (q_out, k_out), each (B, H, T, Dh) contiguous."""
+    Returns (q_out, k_out), each (B, H, T, Dh) laid out (B, T, H, Dh)."""
     if q.dim() != 4 or k.shape != q.shape or k.dtype != q.dtype:
         raise ValueError(f"rope needs q and k of one (B, T, H, Dh) shape and dtype, got {tuple(q.shape)} "
                          f"{q.dtype} and {tuple(k.shape)} {k.dtype}")
@@ -445,8 +456,8 @@ def joint_rope_qkv(qkv: torch.Tensor, text_qkv: torch.Tensor, angles: Optional[t
                    eps: float = 1e-6):
     """The joint (MMDiT-style) attention's q, k, v: `rope_qkv` of the latent tokens' packed projection qkv
     (B, T, 3, H, Dh), followed along the token axis by the caption's text_qkv (B, L, 3, H, Dh) unchanged.
-    Returns (q, k, v), each (B, H, T + L, Dh) contiguous: the same as concatenating rope_qkv's outputs with
-    the caption's, without the pass that concatenation makes over the latent tokens."""
+    Returns (q, k, v), each (B, H, T + L, Dh) laid out (B, T + L, H, Dh): the same as concatenating
+    rope_qkv's outputs with the caption's, without the pass that concatenation makes over the latent tokens."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"joint_rope_qkv needs qkv of shape (B, T, 3, H, Dh), got {tuple(qkv.shape)}")
     return _joint_rope_fwd_op(qkv, text_qkv, _cos_sin(angles), q_norm_weight, k_norm_weight, eps)
