@@ -1,18 +1,20 @@
 """The FP8 quality guard: the same generator trained from the same seed in bf16 and in FP8 (`run.precision`) on
 the embedded toy mixture with structure (class-conditional Gaussians with low-rank covariances, whose true
-moments are known), then both loss curves on one plot and the Frechet distance of each run's samples to the
-true mixture. FP8 passes when its final loss (the mean of the last tenth of the logged losses, one step's
-loss being noisy) is within 1% of bf16's and its Frechet distance within 5%, and only if the bf16 reference
-trained (its final loss at most half its first logged loss).
+moments are known), then the loss curves on one plot and the Frechet distance of each run's samples to the
+true mixture. An FP8 run passes when its final loss (the mean of the last tenth of the logged losses, one
+step's loss being noisy) is within 1% of bf16's and its Frechet distance within 5%, and only if the bf16
+reference trained (its final loss at most half its first logged loss). `--variants` judges several FP8
+runs against the one bf16 run: `fp8` (rowwise, the weight gradient in bf16) and `fp8w` (the weight
+gradient in FP8 too, `run.fp8_weight_gradient`).
 
-    python -m benchmarks.fp8_quality --out_dir runs/fp8-quality      (from the repository root, on a GPU)
+    python -m benchmarks.fp8_quality --out_dir runs/fp8-quality --variants fp8,fp8w   (repository root, a GPU)
 
 Defaults: LightningDiT-B/1's shape (width 768, 12 layers, 12 heads) on 16x16x32 latents, 8 classes, batch 256,
 2,000 steps, lr 2e-4, 8,192 evaluation samples. Each run is `training/train_gen.py --recipe demo` with those
 overrides and the step captured as a CUDA graph (`run.cuda_graph=auto`: the FP8 step waits on the host
 without it; the captured step trains what the eager one does), so the guard measures the program users
-train with. Writes <out_dir>/{bf16,fp8}/ (the runs),
-<out_dir>/fp8_quality.png (both loss curves) and <out_dir>/fp8_quality.json (the verdict and its numbers).
+train with. Writes <out_dir>/bf16/ and one folder per variant (the runs), <out_dir>/fp8_quality.png (the loss
+curves) and <out_dir>/fp8_quality.json (each variant's verdict and its numbers).
 """
 import argparse
 import json
@@ -31,25 +33,30 @@ loss: a reference that did not train (as when cuDNN attention's wrong gradients 
 starting loss on an H200) makes any comparison meaningless."""
 
 
-def run_overrides(args, precision: str) -> list[str]:
+VARIANTS = {"fp8": [], "fp8w": ["--run.fp8_weight_gradient=true"]}
+"""The FP8 runs the guard can judge, by name: their overrides on top of --run.precision=fp8."""
+
+
+def run_overrides(args, run: str) -> list[str]:
+    """train_gen.py's overrides for the run `run`: "bf16" or a name in VARIANTS."""
+    precision = "bf16" if run == "bf16" else "fp8"
     return [f"--model.width={args.width}", f"--model.depth={args.depth}", f"--model.heads={args.heads}",
             f"--model.grid={args.grid}", f"--model.in_channels={args.channels}", f"--run.precision={precision}",
             f"--run.compile={str(args.compile).lower()}", f"--run.steps={args.steps}",
             f"--run.log_every={args.log_every}", f"--run.eval_samples={args.eval_samples}", "--run.eval_every=0",
             "--run.ckpt_every=0", "--run.cuda_graph=auto", f"--run.seed={args.seed}",
             f"--data.global_batch={args.batch}", f"--optim.lr={args.lr}",
-            f"--run.out_dir={Path(args.out_dir) / precision}",
-            *(["--run.fp8_weight_gradient=true"] if precision == "fp8" and args.fp8_weight_gradient else [])]
+            f"--run.out_dir={Path(args.out_dir) / run}", *([] if run == "bf16" else VARIANTS[run])]
 
 
-def train(args, precision: str) -> Path:
-    out = Path(args.out_dir) / precision
+def train(args, run: str) -> Path:
+    out = Path(args.out_dir) / run
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               str(ROOT / "training" / "train_gen.py"), "--recipe", "demo", *run_overrides(args, precision)]
-    print(f"== {precision}: {' '.join(command[5:])}", flush=True)
+               str(ROOT / "training" / "train_gen.py"), "--recipe", "demo", *run_overrides(args, run)]
+    print(f"== {run}: {' '.join(command[5:])}", flush=True)
     done = subprocess.run(command, cwd=ROOT, env=child_env())
     if done.returncode != 0:
-        raise SystemExit(f"the {precision} run failed (exit {done.returncode}); its output is above")
+        raise SystemExit(f"the {run} run failed (exit {done.returncode}); its output is above")
     return out
 
 
@@ -60,16 +67,24 @@ def final_loss(history: list) -> float:
     return sum(tail) / len(tail)
 
 
-def compare(runs: dict[str, Path]) -> dict:
-    """The verdict from the two runs' history.json and frechet.json."""
-    history = {p: json.loads((out / "history.json").read_text()) for p, out in runs.items()}
-    frechet = {p: json.loads((out / "frechet.json").read_text())["after"]["overall"] for p, out in runs.items()}
+def first_loss(history: list) -> float:
+    return next(terms["loss"] for _, terms in history if "loss" in terms)
+
+
+def reference_trained(history: list) -> bool:
+    """The bf16 run trained: its final loss is at most REFERENCE_LOSS_DROP of its first logged loss."""
+    return final_loss(history) <= REFERENCE_LOSS_DROP * first_loss(history)
+
+
+def compare(runs: dict[str, Path], variant: str = "fp8") -> dict:
+    """The verdict on the FP8 run `variant` against runs["bf16"], from their history.json and frechet.json."""
+    history = {p: json.loads((runs[p] / "history.json").read_text()) for p in ("bf16", variant)}
+    frechet = {p: json.loads((runs[p] / "frechet.json").read_text())["after"]["overall"] for p in ("bf16", variant)}
     loss = {p: final_loss(h) for p, h in history.items()}
-    loss_gap = loss["fp8"] / loss["bf16"] - 1
-    frechet_gap = frechet["fp8"] / frechet["bf16"] - 1
-    first_bf16 = next(terms["loss"] for _, terms in history["bf16"] if "loss" in terms)
+    loss_gap = loss[variant] / loss["bf16"] - 1
+    frechet_gap = frechet[variant] / frechet["bf16"] - 1
     verdict = {"final_loss": loss, "frechet_overall": frechet, "loss_gap": loss_gap, "frechet_gap": frechet_gap,
-               "bf16_first_loss": first_bf16, "bf16_learned": loss["bf16"] <= REFERENCE_LOSS_DROP * first_bf16,
+               "bf16_first_loss": first_loss(history["bf16"]), "bf16_learned": reference_trained(history["bf16"]),
                "loss_within_1_percent": abs(loss_gap) <= LOSS_TOLERANCE,
                "frechet_within_5_percent": frechet_gap <= FRECHET_TOLERANCE}
     verdict["passed"] = verdict["bf16_learned"] and verdict["loss_within_1_percent"] and \
@@ -78,18 +93,29 @@ def compare(runs: dict[str, Path]) -> dict:
 
 
 def plot(runs: dict[str, Path], path: Path) -> None:
-    """Both runs' loss curves on one plot (the same steps are logged in both)."""
+    """The runs' loss curves on one plot (the same steps are logged in all)."""
     merged: dict[int, dict[str, float]] = {}
-    for precision, out in runs.items():
+    for name, out in runs.items():
         for step, terms in json.loads((out / "history.json").read_text()):
             if "loss" in terms:
-                merged.setdefault(step, {})[f"loss, {precision}"] = terms["loss"]
+                merged.setdefault(step, {})[f"loss, {name}"] = terms["loss"]
     plot_curves(sorted(merged.items()), str(path), "bf16 and FP8 from one seed (toy mixture)")
+
+
+def variant_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: name FP8 runs from {', '.join(VARIANTS)}, comma-separated")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out_dir", default="runs/fp8-quality")
+    parser.add_argument("--variants", type=variant_list, default=["fp8"],
+                        help="FP8 runs to judge against the one bf16 run, comma-separated: fp8 (rowwise, bf16 "
+                             "weight gradient), fp8w (the weight gradient in FP8 too). Default: fp8")
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
@@ -102,22 +128,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_samples", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    parser.add_argument("--fp8_weight_gradient", action="store_true",
-                        help="the FP8 run's weight-gradient GEMMs in FP8 too (run.fp8_weight_gradient)")
     args = parser.parse_args(argv)
-    runs = {precision: train(args, precision) for precision in ("bf16", "fp8")}
-    verdict = compare(runs)
+    runs = {"bf16": train(args, "bf16")}
+    reference = json.loads((runs["bf16"] / "history.json").read_text())
+    if not reference_trained(reference):  # nothing to compare against: spend no time on the FP8 runs
+        raise SystemExit(f"no verdict: the bf16 reference did not train (final loss {final_loss(reference):.4f} "
+                         f"against {first_loss(reference):.4f} at its first log; it must fall to "
+                         f"{REFERENCE_LOSS_DROP:.0%} or below). Its curve: {runs['bf16'] / 'loss.png'}")
+    runs |= {name: train(args, name) for name in args.variants}
+    verdicts = {name: compare(runs, name) for name in args.variants}
     plot(runs, Path(args.out_dir) / "fp8_quality.png")
-    (Path(args.out_dir) / "fp8_quality.json").write_text(json.dumps({**verdict, "settings": vars(args)}, indent=1))
-    print(f"final loss: bf16 {verdict['final_loss']['bf16']:.4f}, fp8 {verdict['final_loss']['fp8']:.4f} "
-          f"({verdict['loss_gap']:+.2%}; within 1%: {verdict['loss_within_1_percent']}); Frechet distance: bf16 "
-          f"{verdict['frechet_overall']['bf16']:.3f}, fp8 {verdict['frechet_overall']['fp8']:.3f} "
-          f"({verdict['frechet_gap']:+.2%}; within 5%: {verdict['frechet_within_5_percent']})")
-    if not verdict["bf16_learned"]:
-        print(f"no verdict: the bf16 reference did not train (final loss {verdict['final_loss']['bf16']:.4f} against "
-              f"{verdict['bf16_first_loss']:.4f} at its first log; it must fall to {REFERENCE_LOSS_DROP:.0%} or below)")
-    print(f"FP8 quality: {'passed' if verdict['passed'] else 'failed'}")
-    return verdict
+    (Path(args.out_dir) / "fp8_quality.json").write_text(json.dumps({"verdicts": verdicts, "settings": vars(args)},
+                                                                    indent=1))
+    for name, v in verdicts.items():
+        print(f"{name}: final loss {v['final_loss'][name]:.4f} against bf16 {v['final_loss']['bf16']:.4f} "
+              f"({v['loss_gap']:+.2%}; within 1%: {v['loss_within_1_percent']}); Frechet distance "
+              f"{v['frechet_overall'][name]:.3f} against {v['frechet_overall']['bf16']:.3f} ({v['frechet_gap']:+.2%}; "
+              f"within 5%: {v['frechet_within_5_percent']}) -> {'passed' if v['passed'] else 'failed'}")
+    return verdicts
 
 
 if __name__ == "__main__":
