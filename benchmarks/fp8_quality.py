@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from benchmarks import ROOT, child_env
 from fae_fast.train.runtime import plot_curves
 
@@ -111,7 +113,7 @@ def variant_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # a typo is an error
     parser.add_argument("--out_dir", default="runs/fp8-quality")
     parser.add_argument("--variants", type=variant_list, default=["fp8"],
                         help="FP8 runs to judge against the one bf16 run, comma-separated: fp8 (rowwise, bf16 "
@@ -129,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"note: no CUDA GPU here; the runs go on the CPU (FP8 emulated), which at width {args.width} and "
+              f"depth {args.depth} takes hours and tens of GiB: this guard is meant for a GPU (the tests run it "
+              f"on the CPU at width 32, depth 2)", flush=True)
     runs = {"bf16": train(args, "bf16")}
     reference = json.loads((runs["bf16"] / "history.json").read_text())
     if not reference_trained(reference):  # nothing to compare against: spend no time on the FP8 runs
