@@ -201,12 +201,18 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
                .requires_grad_() for _ in range(3))  # laid out (B, T, H, Dh), as the rope kernel writes them
     timings = {name: _time_fwd_bwd(name, fn, q, k, v, causal) for name, fn in candidates().items()}
     check = (min(batch, 4), heads, tokens, head_dim)  # a few samples: the layouts are what matter
-    best = fastest_correct(timings, lambda name: attention_error(
-        lambda q, k, v, causal: _attend(name, q, k, v, causal), check, dtype, device, causal))
-    _CHOICE[key] = best
+    errors: dict[str, float] = {}
+
+    def error_of(name: str) -> float:
+        errors[name] = attention_error(lambda q, k, v, causal: _attend(name, q, k, v, causal), check, dtype, device,
+                                       causal)
+        return errors[name]
+
+    best = _CHOICE[key] = fastest_correct(timings, error_of)
     shown = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(timings.items(), key=lambda kv: kv[1]))
-    log.info("attention %s for B=%d H=%d T=%d Dh=%d %s%s (fwd+bwd: %s)", best, batch, heads, tokens,
-             head_dim, dtype, " causal" if causal else "", shown)
+    checked = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
+    log.info("attention %s for B=%d H=%d T=%d Dh=%d %s%s (fwd+bwd: %s; error against fp32: %s)", best, batch, heads,
+             tokens, head_dim, dtype, " causal" if causal else "", shown, checked)
     return best
 
 
