@@ -127,6 +127,17 @@ def test_every_gpu_backend_gives_fp32_attention_gradients_eager_and_compiled(sha
             assert error < attention.ERROR_TOLERANCE, (name, error)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention backends")
+def test_the_gpu_chooser_logs_its_check_and_takes_a_backend_that_passes_it(caplog, monkeypatch):
+    monkeypatch.setattr(attention, "_CHOICE", {})
+    with caplog.at_level(logging.INFO, logger="fae_fast.attention"):
+        name = attention.choose_backend(16, 12, 256, 64, torch.bfloat16, "cuda")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"attention {name} for B=16"))
+    assert "error against fp32: " in line
+    attend = lambda q, k, v, causal: attention._attend(name, q, k, v, causal)  # noqa: E731
+    assert attention.attention_error(attend, (4, 12, 256, 64), torch.bfloat16, "cuda") < attention.ERROR_TOLERANCE
+
+
 def test_the_conservative_peak_is_never_below_the_gpu_kinds_best():
     """An H200 that measured 666 TFLOP/s (2026-12-02) is judged against the 790 another H200 measured; a run
     measuring above the best known keeps its own; an unknown GPU keeps its own."""
