@@ -35,6 +35,19 @@ log = logging.getLogger(__name__)
 # (B, H, T, Dh, dtype, device, causal) -> backend name
 _CHOICE: dict[tuple, str] = {}
 _NOTES_SHOWN: set[str] = set()
+BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "xformers")
+"""Every backend the chooser knows, available here or not (`candidates()`: those that are)."""
+_ONLY: list[str | None] = [None]  # the backend run.attention insists on, or None: all of them
+
+
+def only_backend(name: str | None) -> None:
+    """Make `choose_backend` consider only the backend `name` (run.attention), or every one (None); forgets
+    earlier choices. The one named is still checked against fp32 attention: a wrong one raises."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if _ONLY[0] != name:
+        _ONLY[0] = name
+        _CHOICE.clear()
 
 
 def _note_once(message: str) -> None:
@@ -197,9 +210,15 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
     if device.type != "cuda":
         _CHOICE[key] = "sdpa"
         return "sdpa"
+    pool, only = candidates(), _ONLY[0]
+    if only is not None:
+        if only not in pool:
+            raise ValueError(f"run.attention={only}: that backend cannot run here (its package is missing or does not "
+                             f"load; the log says why); available: {', '.join(pool)}, or run.attention=auto")
+        pool = {only: pool[only]}
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
                .requires_grad_() for _ in range(3))  # laid out (B, T, H, Dh), as the rope kernel writes them
-    timings = {name: _time_fwd_bwd(name, fn, q, k, v, causal) for name, fn in candidates().items()}
+    timings = {name: _time_fwd_bwd(name, fn, q, k, v, causal) for name, fn in pool.items()}
     check = (min(batch, 4), heads, tokens, head_dim)  # a few samples: the layouts are what matter
     errors: dict[str, float] = {}
 
@@ -208,7 +227,13 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
                                        causal)
         return errors[name]
 
-    best = _CHOICE[key] = fastest_correct(timings, error_of)
+    best = fastest_correct(timings, error_of)
+    if only is not None and best != only:
+        raise ValueError(f"run.attention={only} fails here for B={batch} H={heads} T={tokens} Dh={head_dim} {dtype}: "
+                         + (f"its output or gradients differ from fp32 attention by {errors[only]:.3g} (bf16 "
+                            f"rounding gives about 5e-3)" if only in errors else "it rejects this shape (see the "
+                            "note above)") + "; use another backend or run.attention=auto")
+    _CHOICE[key] = best
     shown = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(timings.items(), key=lambda kv: kv[1]))
     checked = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
     log.info("attention %s for B=%d H=%d T=%d Dh=%d %s%s (fwd+bwd: %s; error against fp32: %s)", best, batch, heads,

@@ -261,6 +261,8 @@ PRECISIONS = ("bf16", "fp8", "fp32")
 """The values of RunConfig.precision (fp8: the generator only)."""
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 """The values of RunConfig.cuda_graph."""
+ATTENTION_CHOICES = ("auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "xformers")
+"""The values of RunConfig.attention: "auto" or one of fae_fast.attention's backends."""
 
 
 @dataclass(kw_only=True)
@@ -292,6 +294,10 @@ class RunConfig:
     fp8_weight_gradient: bool = False
     """With run.precision=fp8: the weight-gradient GEMM in FP8 too, with tensorwise scales made from the
     rowwise FP8 copies of x and dy the other two GEMMs use (fae_fast/fp8.py); off, it stays bf16."""
+    attention: str = "auto"
+    """Attention backend on CUDA: 'auto' (per shape, the fastest whose output and gradients agree with fp32
+    attention: fae_fast/attention.py) or one of 'sdpa_cudnn', 'sdpa_flash', 'sdpa_efficient', 'flash_attn',
+    'xformers' (still checked against fp32 attention: a wrong one stops the run). Ignored on CPU."""
     fsdp: str = "auto"
     """'auto' (FSDP2 when there is more than one rank; one rank runs bf16 autocast, ~10% faster), 'on', 'off'."""
     cuda_graph: str = "off"

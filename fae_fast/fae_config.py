@@ -7,8 +7,8 @@ Values the paper (arXiv 2512.07829, Table D) does not publish are chosen here, n
 import typing
 from dataclasses import dataclass, field
 
-from fae_fast.config import (EncoderConfig, FAEConfig, OptimConfig, RunConfig, encoder_config, fae_config,
-                             validate_encoder, validate_fae)
+from fae_fast.config import (ATTENTION_CHOICES, EncoderConfig, FAEConfig, OptimConfig, RunConfig, encoder_config,
+                             fae_config, validate_encoder, validate_fae)
 
 STAGES = ("feature", "pixel", "pixel-finetune")
 STAGE_DOCS = {
@@ -119,6 +119,8 @@ def validate(cfg: FAETrainConfig) -> None:
     if cfg.run.fp8_weight_gradient:
         raise ValueError("run.fp8_weight_gradient=true is for the generator's FP8 linears (training/train_gen.py "
                          "--run.precision=fp8); leave it off for train_fae.py")
+    if cfg.run.attention not in ATTENTION_CHOICES:
+        raise ValueError(f"run.attention={cfg.run.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.run.cuda_graph != "off":
         raise ValueError(f"run.cuda_graph={cfg.run.cuda_graph!r}: train_fae.py runs its step eagerly (the captured "
                          f"step is training/train_gen.py's); leave run.cuda_graph at 'off'")

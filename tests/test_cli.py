@@ -45,6 +45,7 @@ def test_help_shows_the_chosen_recipes_values():
     (["--run.steps=abc"], "--run.steps=abc: expected an int, got 'abc'"),
     (["--data.path=/data/latents"], "--data.path is read only with --data.source=cache"),
     (["steps=5"], "'steps=5' is not an option"),
+    (["--run.attention=sdpa_flsh"], "--run.attention='sdpa_flsh' is not one of auto, sdpa_cudnn, sdpa_flash,"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(args, needle):
     res = run("train_gen.py", *args)

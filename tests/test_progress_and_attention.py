@@ -127,6 +127,28 @@ def test_every_gpu_backend_gives_fp32_attention_gradients_eager_and_compiled(sha
             assert error < attention.ERROR_TOLERANCE, (name, error)
 
 
+def test_run_attention_names_a_known_backend_and_a_new_one_forgets_earlier_choices(monkeypatch):
+    monkeypatch.setattr(attention, "_CHOICE", {("some", "shape"): "sdpa_cudnn"})
+    monkeypatch.setattr(attention, "_ONLY", [None])
+    with pytest.raises(ValueError, match="'sdpa_flsh' is not one of sdpa_cudnn, sdpa_flash, sdpa_efficient"):
+        attention.only_backend("sdpa_flsh")
+    attention.only_backend("sdpa_flash")
+    assert attention._CHOICE == {} and attention._ONLY == ["sdpa_flash"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention backends")
+def test_a_backend_run_attention_insists_on_is_taken_or_refused_by_name(monkeypatch):
+    monkeypatch.setattr(attention, "_CHOICE", {})
+    monkeypatch.setattr(attention, "_ONLY", [None])
+    attention.only_backend("sdpa_flash")
+    assert attention.choose_backend(8, 12, 256, 64, torch.bfloat16, "cuda") == "sdpa_flash"
+    missing = next((n for n in attention.BACKENDS if n not in attention.candidates()), None)
+    if missing is not None:  # flash-attn or xformers, not installed on the machine
+        attention.only_backend(missing)
+        with pytest.raises(ValueError, match=f"run.attention={missing}: that backend cannot run here"):
+            attention.choose_backend(8, 12, 256, 64, torch.bfloat16, "cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's attention backends")
 def test_the_gpu_chooser_logs_its_check_and_takes_a_backend_that_passes_it(caplog, monkeypatch):
     monkeypatch.setattr(attention, "_CHOICE", {})

@@ -112,8 +112,9 @@ def choose_attention(cfg: FAETrainConfig, device: torch.device, shapes: list[tup
     """Measure the attention backend for each (heads, head_dim) before compiling (fae_fast.attention)."""
     if device.type != "cuda":
         return
-    from fae_fast.attention import choose_backend
+    from fae_fast.attention import choose_backend, only_backend
 
+    only_backend(None if cfg.run.attention == "auto" else cfg.run.attention)
     local = cfg.data.global_batch // dist.get_world_size()
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     for heads, head_dim in shapes:

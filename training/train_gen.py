@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fae_fast.attention import only_backend
 from fae_fast.cli import UsageError, parse_command_line, run_program
-from fae_fast.config import CUDA_GRAPH_CHOICES, PRECISIONS, RECIPES, GenTrainConfig, recipe
+from fae_fast.config import ATTENTION_CHOICES, CUDA_GRAPH_CHOICES, PRECISIONS, RECIPES, GenTrainConfig, recipe
 from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
@@ -48,6 +49,8 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
         raise UsageError(f"--run.precision={run.precision!r} is not one of {', '.join(PRECISIONS)}")
     if run.cuda_graph not in CUDA_GRAPH_CHOICES:
         raise UsageError(f"--run.cuda_graph={run.cuda_graph!r} is not one of {', '.join(CUDA_GRAPH_CHOICES)}")
+    if run.attention not in ATTENTION_CHOICES:
+        raise UsageError(f"--run.attention={run.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     if run.fp8_weight_gradient and run.precision != "fp8":
         raise UsageError(f"--run.fp8_weight_gradient=true runs FP8 linears' weight gradients in FP8, and this run "
                          f"has run.precision={run.precision!r}; add --run.precision=fp8")
@@ -287,6 +290,7 @@ def build(cfg: GenTrainConfig, d, graphed: bool):
         if not graphed:
             print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
                    "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
+    only_backend(None if cfg.run.attention == "auto" else cfg.run.attention)
     family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
                                           torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
