@@ -93,7 +93,7 @@ def _xformers():
 @functools.lru_cache(maxsize=1)
 def candidates() -> dict[str, Callable]:
     """Backends that can run here, by name."""
-    found = {name: _sdpa_with(name) for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient")}
+    found = {name: _sdpa_with(name) for name in BACKENDS if name.startswith("sdpa_")}
     for name, make in (("flash_attn", _flash_attn), ("xformers", _xformers)):
         fn = make()
         if fn is not None:

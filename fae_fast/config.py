@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fae_fast.attention import BACKENDS
+
 
 # ----------------------------------------------------------------------------------------------------
 # Model configs
@@ -261,7 +263,7 @@ PRECISIONS = ("bf16", "fp8", "fp32")
 """The values of RunConfig.precision (fp8: the generator only)."""
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 """The values of RunConfig.cuda_graph."""
-ATTENTION_CHOICES = ("auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "xformers")
+ATTENTION_CHOICES = ("auto", *BACKENDS)
 """The values of RunConfig.attention: "auto" or one of fae_fast.attention's backends."""
 
 
