@@ -40,13 +40,15 @@ BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "xformer
 _ONLY: list[str | None] = [None]  # the backend run.attention insists on, or None: all of them
 
 
-def only_backend(name: str | None) -> None:
-    """Make `choose_backend` consider only the backend `name` (run.attention), or every one (None); forgets
-    earlier choices. The one named is still checked against fp32 attention: a wrong one raises."""
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
-    if _ONLY[0] != name:
-        _ONLY[0] = name
+def only_backend(name: str) -> None:
+    """Make `choose_backend` consider only the backend `name`, or every one for "auto" (run.attention's
+    values); forgets earlier choices. The one named is still checked against fp32 attention: a wrong one
+    raises."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)} (or 'auto': every one)")
+    only = None if name == "auto" else name
+    if _ONLY[0] != only:
+        _ONLY[0] = only
         _CHOICE.clear()
 
 

@@ -114,7 +114,7 @@ def choose_attention(cfg: FAETrainConfig, device: torch.device, shapes: list[tup
         return
     from fae_fast.attention import choose_backend, only_backend
 
-    only_backend(None if cfg.run.attention == "auto" else cfg.run.attention)
+    only_backend(cfg.run.attention)
     local = cfg.data.global_batch // dist.get_world_size()
     dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
     for heads, head_dim in shapes:

@@ -290,7 +290,7 @@ def build(cfg: GenTrainConfig, d, graphed: bool):
         if not graphed:
             print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
                    "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
-    only_backend(None if cfg.run.attention == "auto" else cfg.run.attention)
+    only_backend(cfg.run.attention)
     family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
                                           torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
     parallelize(model, model.blocks, precision=cfg.run.precision, compile=cfg.run.compile,
