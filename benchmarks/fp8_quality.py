@@ -14,7 +14,9 @@ Defaults: LightningDiT-B/1's shape (width 768, 12 layers, 12 heads) on 16x16x32 
 overrides and the step captured as a CUDA graph (`run.cuda_graph=auto`: the FP8 step waits on the host
 without it; the captured step trains what the eager one does), so the guard measures the program users
 train with. Writes <out_dir>/bf16/ and one folder per variant (the runs), <out_dir>/fp8_quality.png (the loss
-curves) and <out_dir>/fp8_quality.json (each variant's verdict and its numbers).
+curves) and <out_dir>/fp8_quality.json (each variant's verdict and its numbers, written as each run ends).
+A run already finished in <out_dir> with the same settings is taken as it is (`FINISHED`): the variants can
+be judged in separate calls against one bf16 run.
 """
 import argparse
 import json
@@ -51,14 +53,28 @@ def run_overrides(args, run: str) -> list[str]:
             f"--run.out_dir={Path(args.out_dir) / run}", *([] if run == "bf16" else VARIANTS[run])]
 
 
+FINISHED = "guard_run.json"
+"""Written into a run's folder once it has finished: the overrides it ran with (its folder aside). A later guard given the same
+--out_dir and settings takes that run as it is instead of training it again, so the runs can be spread over
+several sessions (three B-size runs with their evaluations take about 10 minutes on an H200)."""
+
+
 def train(args, run: str) -> Path:
     out = Path(args.out_dir) / run
+    overrides = run_overrides(args, run)
+    settings = [o for o in overrides if not o.startswith("--run.out_dir=")]  # the folder may have moved since
+    finished = out / FINISHED
+    if finished.is_file() and json.loads(finished.read_text()) == settings and \
+            (out / "history.json").is_file() and (out / "frechet.json").is_file():
+        print(f"== {run}: {out} finished earlier with these settings; taken as it is", flush=True)
+        return out
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               str(ROOT / "training" / "train_gen.py"), "--recipe", "demo", *run_overrides(args, run)]
+               str(ROOT / "training" / "train_gen.py"), "--recipe", "demo", *overrides]
     print(f"== {run}: {' '.join(command[5:])}", flush=True)
     done = subprocess.run(command, cwd=ROOT, env=child_env())
     if done.returncode != 0:
         raise SystemExit(f"the {run} run failed (exit {done.returncode}); its output is above")
+    finished.write_text(json.dumps(settings))
     return out
 
 
@@ -141,16 +157,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"no verdict: the bf16 reference did not train (final loss {final_loss(reference):.4f} "
                          f"against {first_loss(reference):.4f} at its first log; it must fall to "
                          f"{REFERENCE_LOSS_DROP:.0%} or below). Its curve: {runs['bf16'] / 'loss.png'}")
-    runs |= {name: train(args, name) for name in args.variants}
-    verdicts = {name: compare(runs, name) for name in args.variants}
-    plot(runs, Path(args.out_dir) / "fp8_quality.png")
-    (Path(args.out_dir) / "fp8_quality.json").write_text(json.dumps({"verdicts": verdicts, "settings": vars(args)},
-                                                                    indent=1))
-    for name, v in verdicts.items():
+    verdicts = {}
+    for name in args.variants:  # each verdict is written and shown as soon as its run ends
+        runs[name] = train(args, name)
+        verdicts[name] = v = compare(runs, name)
+        plot(runs, Path(args.out_dir) / "fp8_quality.png")
+        (Path(args.out_dir) / "fp8_quality.json").write_text(
+            json.dumps({"verdicts": verdicts, "settings": vars(args)}, indent=1))
         print(f"{name}: final loss {v['final_loss'][name]:.4f} against bf16 {v['final_loss']['bf16']:.4f} "
               f"({v['loss_gap']:+.2%}; within 1%: {v['loss_within_1_percent']}); Frechet distance "
               f"{v['frechet_overall'][name]:.3f} against {v['frechet_overall']['bf16']:.3f} ({v['frechet_gap']:+.2%}; "
-              f"within 5%: {v['frechet_within_5_percent']}) -> {'passed' if v['passed'] else 'failed'}")
+              f"within 5%: {v['frechet_within_5_percent']}) -> {'passed' if v['passed'] else 'failed'}", flush=True)
     return verdicts
 
 

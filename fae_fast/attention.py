@@ -103,9 +103,24 @@ def candidates() -> dict[str, Callable]:
     return found
 
 
+@torch.library.custom_op("fae_fast::copy_to_strides", mutates_args=())
+def _copy_to_strides(grad: torch.Tensor, stride: list[int]) -> torch.Tensor:
+    """A copy of `grad` laid out with `stride`. An op the compiler cannot see into: its output keeps that
+    layout in a compiled graph, where a plain `new_empty_strided(...).copy_(grad)` is a pointwise copy whose
+    layout inductor may choose anew."""
+    return grad.new_empty_strided(grad.shape, stride).copy_(grad)
+
+
+@_copy_to_strides.register_fake
+def _(grad, stride):
+    return grad.new_empty_strided(grad.shape, stride)
+
+
 class _GradientInOutputLayout(torch.autograd.Function):
-    """Identity forward; the backward passes the gradient on in the forward output's memory layout (a copy
-    only where the layouts differ)."""
+    """Identity forward; the backward passes the gradient on in the forward output's memory layout. Eagerly
+    the strides are known and the copy is made only where they differ; in a compiled graph the layouts are
+    inductor's to choose after tracing, so the traced backward always copies, through `_copy_to_strides`
+    (one copy of the attention output's size per layer, about 0.5% of an XL step)."""
 
     @staticmethod
     def forward(ctx, out):
@@ -114,6 +129,8 @@ class _GradientInOutputLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.compiler.is_compiling():
+            return torch.ops.fae_fast.copy_to_strides(grad, list(ctx.stride))
         if grad.stride() == ctx.stride:
             return grad
         return grad.new_empty_strided(ctx.shape, ctx.stride).copy_(grad)
@@ -189,6 +206,26 @@ def _time_fwd_bwd(name: str, fn: Callable, q, k, v, causal: bool = False, iters:
     return sorted(times)[len(times) // 2]
 
 
+def checked_error(name: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str,
+                  causal: bool = False) -> float:
+    """`attention_error` of the backend `name` run as the models run it: eagerly and compiled (torch.compile,
+    static shapes, as the blocks' first compile), the larger of the two; inf, with a one-line note, when
+    either raises. Compiled, the gradient's layout is the compiler's choice, and cuDNN's backward is only
+    right when it matches the output's."""
+    def attend(q, k, v, causal):
+        return _attend(name, q, k, v, causal)
+
+    errors = []
+    for mode, fn in (("eagerly", attend), ("compiled", torch.compile(attend, fullgraph=True, dynamic=False))):
+        try:
+            errors.append(attention_error(fn, shape, dtype, device, causal))
+        except Exception as err:  # the backend rejects the layout, or the compiler the op
+            _note_once(f"attention backend {name} not used: it failed {mode}: {type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else ''}")
+            return float("inf")
+    return max(errors)
+
+
 def fastest_correct(timings: dict[str, float], error_of: Callable[[str], float]) -> str:
     """The fastest backend (finite time) whose `error_of` is within ERROR_TOLERANCE, checked fastest first;
     "sdpa" (PyTorch's own dispatch) when none is. Each one that fails gets a one-line note."""
@@ -225,8 +262,7 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
     errors: dict[str, float] = {}
 
     def error_of(name: str) -> float:
-        errors[name] = attention_error(lambda q, k, v, causal: _attend(name, q, k, v, causal), check, dtype, device,
-                                       causal)
+        errors[name] = checked_error(name, check, dtype, device, causal)
         return errors[name]
 
     best = fastest_correct(timings, error_of)

@@ -350,6 +350,29 @@ def test_the_quality_guard_trains_every_variant_against_one_bf16_run(tmp_path, m
         assert (config["run"]["precision"], config["run"]["fp8_weight_gradient"]) == (precision, weight_gradient)
 
 
+def test_the_quality_guard_takes_runs_finished_with_the_same_settings_and_trains_changed_ones(tmp_path,
+                                                                                           monkeypatch):
+    """The runs can be spread over several calls: a run finished in --out_dir with the same settings (even
+    after the folder moved) is not trained again; one with other settings is."""
+    import json
+    import shutil
+
+    from benchmarks import fp8_quality
+
+    monkeypatch.setattr(fp8_quality, "REFERENCE_LOSS_DROP", 10.0)
+    first = fp8_quality.main(["--out_dir", str(tmp_path / "a"), "--variants", "fp8", *TINY_GUARD])
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    launched = []
+    monkeypatch.setattr(fp8_quality.subprocess, "run", lambda command, **_: launched.append(command) or
+                        (_ for _ in ()).throw(RuntimeError("trained again")))
+    assert fp8_quality.main(["--out_dir", str(tmp_path / "b"), "--variants", "fp8", *TINY_GUARD]) == first
+    assert launched == []
+    assert json.loads((tmp_path / "b" / "fp8_quality.json").read_text())["verdicts"] == first
+    with pytest.raises(RuntimeError, match="trained again"):
+        fp8_quality.main(["--out_dir", str(tmp_path / "b"), "--variants", "fp8", *TINY_GUARD, "--lr=1e-3"])
+    assert "--optim.lr=0.001" in launched[0] and "--run.precision=bf16" in launched[0]
+
+
 def test_the_quality_guard_stops_before_the_fp8_runs_when_bf16_did_not_train(tmp_path, capsys):
     from benchmarks.fp8_quality import main
 

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fae_fast import attention
 from fae_fast.train.runtime import Progress
@@ -72,7 +73,7 @@ class _BackwardReadingTheOutputLayout(torch.autograd.Function):
     def forward(ctx, q, k, v):
         p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
         ctx.save_for_backward(q, k, v, p)
-        return (p @ v).contiguous()
+        return p @ v  # contiguous (a `.contiguous()` here made torch 2.11's compiler return zero gradients)
 
     @staticmethod
     def backward(ctx, dout):
@@ -99,6 +100,53 @@ def test_a_backward_that_misreads_the_gradient_layout_is_caught_and_made_right()
     assert attention.attention_error(compiled, shape, torch.float32, "cpu") < 1e-5
 
 
+def _right_eagerly_only(q, k, v, causal=False):
+    """Attention that is right eagerly and wrong (its output halved) in a compiled graph."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out * 0.5 if torch.compiler.is_compiling() else out
+
+
+def _rejected_by_the_compiler(q, k, v, causal=False):
+    if torch.compiler.is_compiling():
+        raise RuntimeError("no kernel for this layout")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def test_the_check_runs_each_backend_eagerly_and_compiled(monkeypatch, caplog):
+    monkeypatch.setattr(attention, "candidates", lambda: {"right_eagerly_only": _right_eagerly_only,
+                                                          "rejected_by_the_compiler": _rejected_by_the_compiler})
+    monkeypatch.setattr(attention, "_NOTES_SHOWN", set())
+    shape = (2, 3, 16, 8)
+    assert attention.checked_error("sdpa", shape, torch.float32, "cpu") < 1e-5
+    assert attention.checked_error("right_eagerly_only", shape, torch.float32, "cpu") > 0.4
+    with caplog.at_level(logging.WARNING, logger="fae_fast.attention"):
+        assert attention.checked_error("rejected_by_the_compiler", shape, torch.float32, "cpu") == float("inf")
+    notes = [r.getMessage() for r in caplog.records if "rejected_by_the_compiler" in r.getMessage()]
+    assert len(notes) == 1 and "it failed compiled: " in notes[0] and "\n" not in notes[0], notes
+
+
+def test_the_hand_over_gives_the_gradient_the_outputs_layout_eagerly_and_compiled():
+    def token_major():  # (B, H, T, Dh) laid out (B, T, H, Dh), as the attention output is
+        return torch.randn(2, 5, 3, 4).transpose(1, 2)
+
+    out = token_major().requires_grad_()
+    seen = []
+    out.register_hook(seen.append)
+    attention.output_layout_gradient(out).backward(torch.randn(out.shape))  # a contiguous gradient: copied
+    assert seen[-1].stride() == out.stride()
+    in_its_layout = token_major()
+    attention.output_layout_gradient(out).backward(in_its_layout)  # already in the output's layout: no copy
+    assert seen[-1].data_ptr() == in_its_layout.data_ptr()
+
+    def double_then_hand_over(x):
+        return attention.output_layout_gradient(x * 2)
+
+    x, weights = token_major().requires_grad_(), torch.randn(2, 3, 5, 4)
+    (torch.compile(double_then_hand_over, fullgraph=True, dynamic=False)(x) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * weights)
+    torch.library.opcheck(torch.ops.fae_fast.copy_to_strides.default, (torch.randn(2, 3, 5, 4), [60, 4, 12, 1]))
+
+
 def test_bf16_rounding_passes_the_gradient_check():
     error = attention.attention_error(lambda q, k, v, causal: attention._attend("sdpa", q, k, v, causal),
                                       (2, 3, 64, 16), torch.bfloat16, "cpu")
@@ -122,9 +170,10 @@ def test_every_gpu_backend_gives_fp32_attention_gradients_eager_and_compiled(sha
     and a B-size generator diverged; through `_attend` every backend must match fp32 attention."""
     for name in attention.candidates():
         attend = lambda q, k, v, causal, name=name: attention._attend(name, q, k, v, causal)  # noqa: E731
-        for fn in (attend, torch.compile(attend, fullgraph=True)):
+        for mode, fn in (("eager", attend), ("compiled", torch.compile(attend, fullgraph=True, dynamic=False)),
+                         ("compiled, dynamic shapes", torch.compile(attend, fullgraph=True, dynamic=True))):
             error = attention.attention_error(fn, shape, torch.bfloat16, "cuda")
-            assert error < attention.ERROR_TOLERANCE, (name, error)
+            assert error < attention.ERROR_TOLERANCE, (name, mode, error)
 
 
 def test_run_attention_names_a_known_backend_and_a_new_one_forgets_earlier_choices(monkeypatch):
