@@ -11,6 +11,7 @@ cuDNN 1.123 / 1.163 at Dh 72, 0.987 / 1.092 padded to 80, 1.163 / 1.129 at 96, 1
 flash 1.554 / 1.373 at 72 (1.309 token-major at 96); memory-efficient 2.337 / 1.981 at 72. So cuDNN stays the
 choice, and padding to 80 would save 12% of its time, before the cost of writing and reading wider q, k, v.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def case(backend, padded: int, token_major: bool):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_shapes.py times the SDPA backends' CUDA kernels; this machine has no CUDA GPU")
     flops = 3.5 * 4 * B * H * T * T * DH  # fwd 4 B H T^2 Dh; bwd 2.5x that
     print(f"GPU {torch.cuda.get_device_name()}; fwd+bwd useful TFLOP at Dh {DH}: {flops / 1e12:.3f}")
     print("| backend | Dh padded | q,k,v memory | ms fwd+bwd | output layout |")

@@ -24,10 +24,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/fp8_quality.py` works too
 
-from benchmarks import ROOT, child_env
-from fae_fast.train.runtime import plot_curves
+import torch  # noqa: E402
+
+from benchmarks import ROOT, child_env  # noqa: E402
+from fae_fast.train.runtime import plot_curves  # noqa: E402
 
 LOSS_TOLERANCE, FRECHET_TOLERANCE = 0.01, 0.05
 """FP8 against bf16: final loss within 1%, Frechet distance within 5% (relative)."""

@@ -13,13 +13,17 @@ The training step is benchmarks/family_step.py's measurement of the recipe.
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/starflow_speed.py` works too
 
-from benchmarks.family_step import measure as train_step_rate, timed_seconds
-from fae_fast.config import StarFlowConfig, recipe
-from fae_fast.starflow import StarFlow, flops_per_sample
-from fae_fast.train.runtime import init_distributed
+import torch  # noqa: E402
+
+from benchmarks.family_step import measure as train_step_rate, timed_seconds  # noqa: E402
+from fae_fast.config import StarFlowConfig, recipe  # noqa: E402
+from fae_fast.starflow import StarFlow, flops_per_sample  # noqa: E402
+from fae_fast.train.runtime import init_distributed  # noqa: E402
 
 RECIPE = "starflow-imagenet256"
 

@@ -4,9 +4,10 @@ over torch.compile and eager torch.
 
     python benchmarks/summarize.py results.json
 """
+import argparse
 import json
 import re
-import sys
+from pathlib import Path
 from collections import defaultdict
 
 PROVIDERS = ("torch", "torch.compile", "fae_fast")
@@ -49,6 +50,16 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files (pytest --benchmark-json=FILE)")
+    for path in parser.parse_args(argv).results:
+        try:
+            results = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"{path}: not a readable pytest-benchmark JSON file ({type(err).__name__}: {err})")
+        print(table(results))
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(table(json.load(open(path))))
+    main()

@@ -15,6 +15,7 @@ forward); the norm's backward costs the other 0.18 ms, of which reading x is onl
 per program and reducing the weight-gradient terms over rows once per program (instead of once per tile)
 gave 0.43 / 0.30 / 0.29 / 0.28 ms for 1 / 4 / 16 / 64 tiles: the cross-warp column sums are not the cost.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def with_config(elements: int, warps: int):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_rope.py times the rope kernels on a CUDA GPU; this machine has no CUDA GPU")
     torch.manual_seed(0)
     src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)

@@ -1,5 +1,6 @@
 """First contact with the programs: --help everywhere, one-line usage errors (exit 2) with the fix, input
 errors as one line (exit 1), inputs checked before anything big is built."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ PROGRAMS = ["train_gen.py", "train_fae.py", "sample.py", "evaluate.py", "evaluat
 def run(program: str, *args: str, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, str(ROOT / "training" / program), *args], cwd=ROOT, env=program_env(2),
                           capture_output=True, text=True, timeout=300)
+
+
+BENCHMARK_SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                           if not p.name.startswith("test_") and "__main__" in p.read_text())
+
+
+@pytest.mark.parametrize("script", BENCHMARK_SCRIPTS)
+def test_every_benchmark_script_answers_help_from_any_folder(script, tmp_path):
+    """`python benchmarks/<script> --help` as a new user types it, here without a GPU and outside the
+    checkout: a usage text, not an import error or a CUDA error."""
+    env = program_env(1)
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")  # the checkout only as the script puts it there
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("usage: "), (res.stdout[-500:], res.stderr[-2000:])
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
