@@ -13,10 +13,10 @@ BATCH = 128
 
 
 @pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
-@pytest.mark.parametrize("provider", ["torch", "torch.compile", "torch.compile.whole", "torchao.float8", "fae_fast",
-                                      "fae_fast.fp8", "fae_fast.fsdp"])
+@pytest.mark.parametrize("provider", ["torch", "torch.compile", "torch.compile.whole", "torchao.float8",
+                                      "torchao.float8.blocks", "fae_fast", "fae_fast.fp8", "fae_fast.fsdp"])
 def test_train_step(benchmark, report, provider, size):
-    if provider == "torchao.float8":
+    if provider.startswith("torchao.float8"):
         pytest.importorskip("torchao", reason="the torchao.float8 provider needs torchao (pip install torchao)")
     d = init_distributed()
     torch.cuda.empty_cache()
