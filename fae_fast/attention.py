@@ -216,13 +216,17 @@ def checked_error(name: str, shape: tuple[int, int, int, int], dtype: torch.dtyp
         return _attend(name, q, k, v, causal)
 
     errors = []
-    for mode, fn in (("eagerly", attend), ("compiled", torch.compile(attend, fullgraph=True, dynamic=False))):
-        try:
-            errors.append(attention_error(fn, shape, dtype, device, causal))
-        except Exception as err:  # the backend rejects the layout, or the compiler the op
-            _note_once(f"attention backend {name} not used: it failed {mode}: {type(err).__name__}: "
-                       f"{str(err).splitlines()[0] if str(err) else ''}")
-            return float("inf")
+    try:
+        for mode, fn in (("eagerly", attend), ("compiled", torch.compile(attend, fullgraph=True, dynamic=False))):
+            try:
+                errors.append(attention_error(fn, shape, dtype, device, causal))
+            except Exception as err:  # the backend rejects the layout, or the compiler the op
+                _note_once(f"attention backend {name} not used: it failed {mode}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}")
+                return float("inf")
+    finally:  # drop this check's graphs: every check shares `attend`'s code, and dynamo stops compiling a
+        # code after 8 graphs (recompile_limit), which would fail every later check of a many-shape process
+        torch._dynamo.reset_code(attend.__code__)
     return max(errors)
 
 

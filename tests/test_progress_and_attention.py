@@ -125,6 +125,14 @@ def test_the_check_runs_each_backend_eagerly_and_compiled(monkeypatch, caplog):
     assert len(notes) == 1 and "it failed compiled: " in notes[0] and "\n" not in notes[0], notes
 
 
+def test_the_check_holds_for_more_shapes_than_dynamos_recompile_limit():
+    """Every check compiles the same function anew (two layouts a shape): a process that checks many shapes
+    (the FAE's, a test suite) must not run into dynamo's limit of 8 graphs a function, which made every later
+    compiled check fail."""
+    for tokens in range(8, 20):
+        assert attention.checked_error("sdpa", (1, 2, tokens, 8), torch.float32, "cpu") < 1e-5, tokens
+
+
 def test_the_hand_over_gives_the_gradient_the_outputs_layout_eagerly_and_compiled():
     def token_major():  # (B, H, T, Dh) laid out (B, T, H, Dh), as the attention output is
         return torch.randn(2, 5, 3, 4).transpose(1, 2)
