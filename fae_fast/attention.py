@@ -18,9 +18,10 @@ and a B-size generator trained with cuDNN chosen diverged where the same run wit
 output is read back as (B, T, H * Dh), so its gradient arrives strided. The rope kernel now writes q, k, v
 laid out (B, T, H, Dh), so the output (cuDNN's follows q's layout) and its gradient share one layout; beyond
 that, cuDNN's output (and that of PyTorch's own dispatch) passes through `output_layout_gradient` (the
-backward receives the gradient in the output's layout, copied only where it differs), and a backend is only
-chosen if its output and gradients, with q, k, v and the gradient each in both layouts a model uses, agree
-with PyTorch's fp32 attention (`attention_error`): one that fails is skipped with a one-line note, so a
+backward receives the gradient in the output's layout: eagerly copied only where it differs, in a compiled
+graph always, through an op whose layout the compiler keeps), and a backend is only chosen if its output
+and gradients, with q, k, v and the gradient each in both layouts a model uses, agree with PyTorch's fp32
+attention eagerly and compiled (`checked_error`): one that fails is skipped with a one-line note, so a
 wrong kernel costs speed, never the training.
 """
 import functools
