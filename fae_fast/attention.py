@@ -125,16 +125,14 @@ class _GradientInOutputLayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out):
-        ctx.shape, ctx.stride = tuple(out.shape), out.stride()
+        ctx.stride = out.stride()
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.compiler.is_compiling():
-            return torch.ops.fae_fast.copy_to_strides(grad, list(ctx.stride))
-        if grad.stride() == ctx.stride:
+        if grad.stride() == ctx.stride and not torch.compiler.is_compiling():
             return grad
-        return grad.new_empty_strided(ctx.shape, ctx.stride).copy_(grad)
+        return torch.ops.fae_fast.copy_to_strides(grad, list(ctx.stride))
 
 
 def output_layout_gradient(out: torch.Tensor) -> torch.Tensor:

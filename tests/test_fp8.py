@@ -363,8 +363,12 @@ def test_the_quality_guard_takes_runs_finished_with_the_same_settings_and_trains
     first = fp8_quality.main(["--out_dir", str(tmp_path / "a"), "--variants", "fp8", *TINY_GUARD])
     shutil.move(tmp_path / "a", tmp_path / "b")
     launched = []
-    monkeypatch.setattr(fp8_quality.subprocess, "run", lambda command, **_: launched.append(command) or
-                        (_ for _ in ()).throw(RuntimeError("trained again")))
+
+    def train_again(command, **_):
+        launched.append(command)
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(fp8_quality.subprocess, "run", train_again)
     assert fp8_quality.main(["--out_dir", str(tmp_path / "b"), "--variants", "fp8", *TINY_GUARD]) == first
     assert launched == []
     assert json.loads((tmp_path / "b" / "fp8_quality.json").read_text())["verdicts"] == first
