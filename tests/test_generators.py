@@ -32,19 +32,20 @@ def test_shapes_and_adaln_zero_start(size):
 
 
 def test_blocks_learn_after_the_zero_start():
+    torch.manual_seed(0)  # 30 steps left a random draw at 0.63-0.80 of the first loss; 60 reach 0.02-0.19
     cfg = generator_config("LightningDiT-tiny/1", in_channels=4, grid=4, num_classes=10)
     model = Generator(cfg, impl="torch")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, t, y = torch.randn(8, 16, 4), torch.rand(8), torch.randint(0, 10, (8,))
     target = torch.randn(8, 16, 4)
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         loss = (model(x, t, y) - target).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     assert all(b.adaLN[-1].weight.abs().sum() > 0 for b in model.blocks)
 
 

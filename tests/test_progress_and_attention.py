@@ -177,6 +177,7 @@ def test_every_gpu_backend_gives_fp32_attention_gradients_eager_and_compiled(sha
     """cuDNN's backward fed a gradient of another layout than its output's gave relative error 1.4 on an H200
     and a B-size generator diverged; through `_attend` every backend must match fp32 attention."""
     for name in attention.candidates():
+        torch._dynamo.reset()  # one lambda's code for every backend: dynamo stops compiling it after 8 graphs
         attend = lambda q, k, v, causal, name=name: attention._attend(name, q, k, v, causal)  # noqa: E731
         for mode, fn in (("eager", attend), ("compiled", torch.compile(attend, fullgraph=True, dynamic=False)),
                          ("compiled, dynamic shapes", torch.compile(attend, fullgraph=True, dynamic=True))):
