@@ -183,7 +183,11 @@ def test_every_attention_backend_trains_the_b_size_toy_as_flash_does(tmp_path):
 
     def last_losses(backend: str) -> float:
         out = tmp_path / backend
-        res = torchrun(1, *B_SIZE_TOY, f"--run.attention={backend}", f"--run.out_dir={out}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               str(ROOT / "training" / "train_gen.py"), *B_SIZE_TOY, f"--run.attention={backend}", f"--run.out_dir={out}"]
+        # program_env(1): this file's torchrun() hides a lone GPU (its runs compare world sizes on one device
+        # type), which ran these three B-size runs on the CPU, where they never finished
+        res = subprocess.run(cmd, cwd=ROOT, env=program_env(1), capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         losses = history(out)
         return sum(losses[s] for s in sorted(losses)[-5:]) / 5
