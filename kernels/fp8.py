@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, cdiv, persistent_programs, row_block, row_num_warps, tile_rows
+from .utils import cast_rtne, cdiv, persistent_row_runs, row_block, row_num_warps, tile_rows
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2^8
 AMAX_FLOOR = 1e-12  # an all-zero row still gets a finite scale
@@ -46,15 +46,28 @@ def _power_of_two_scale(amax):
 
 
 @triton.jit
+def row_scales(amax):
+    """(s, 1 / s), each (ROWS,): the power-of-two scales of rows whose largest |value| is amax (ROWS,), an
+    all-zero row's from AMAX_FLOOR."""
+    return _power_of_two_scale(tl.maximum(amax, _AMAX_FLOOR))
+
+
+@triton.jit
+def to_e4m3(x, inverse, dtype: tl.constexpr):
+    """fp32 tile x (ROWS, BLOCK) over its row scales (inverse (ROWS,) = 1 / s) as `dtype` (float8 e4m3): the
+    division is exact (a power of two), the clamped cast the one rounding."""
+    return cast_rtne(tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX), dtype)
+
+
+@triton.jit
 def _quantize_tile(X, Q, S, rows, cols, row_end, n_cols, stride_r, stride_c):
     """Quantise the whole rows `rows` (those below row_end) of x into Q and their scales into S; returns the
     tile x (ROWS, BLOCK) fp32 as read (zeros where masked)."""
     mask = (rows < row_end)[:, None] & (cols < n_cols)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
-    scale, inverse = _power_of_two_scale(tl.maximum(tl.max(tl.abs(x), axis=1), _AMAX_FLOOR))
-    q = tl.minimum(tl.maximum(x * inverse[:, None], -_E4M3_MAX), _E4M3_MAX)  # exact: a power of two
-    tl.store(Q + rows64 * n_cols + cols[None, :], cast_rtne(q, Q.dtype.element_ty), mask=mask)
+    scale, inverse = row_scales(tl.max(tl.abs(x), axis=1))
+    tl.store(Q + rows64 * n_cols + cols[None, :], to_e4m3(x, inverse, Q.dtype.element_ty), mask=mask)
     tl.store(S + rows, scale, mask=rows < row_end)
     return x
 
@@ -127,12 +140,10 @@ def quantize_rows_and_sum_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         return q, s, torch.zeros(K, dtype=torch.float32, device=x.device)
     block = row_block(K)
     rows = tile_rows(block, M)
-    tiles_per_program = cdiv(cdiv(M, rows), persistent_programs(cdiv(M, rows), x.device))
-    programs = cdiv(M, rows * tiles_per_program)  # few fp32 partial rows, summed in a fixed order
-    part = torch.empty((programs, K), dtype=torch.float32, device=x.device)
-    _quantize_rows_and_sum_kernel[(programs,)](x, q, s, part, M, K, x.stride(0), x.stride(1),
-                                               rows * tiles_per_program, ROWS=rows, BLOCK=block,
-                                               num_warps=row_num_warps(rows * block))
+    rows_per_program, programs = persistent_row_runs(M, rows, x.device)
+    part = torch.empty((programs, K), dtype=torch.float32, device=x.device)  # summed in a fixed order
+    _quantize_rows_and_sum_kernel[(programs,)](x, q, s, part, M, K, x.stride(0), x.stride(1), rows_per_program,
+                                               ROWS=rows, BLOCK=block, num_warps=row_num_warps(rows * block))
     return q, s, part.sum(0)
 
 

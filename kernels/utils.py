@@ -74,6 +74,14 @@ def persistent_programs(n_tiles: int, device: torch.device, per_sm: int = 8) -> 
     return max(1, min(n_tiles, sms * per_sm))
 
 
+def persistent_row_runs(n_rows: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(rows_per_program, programs) for a kernel whose programs each walk a run of `rows`-row tiles and keep one
+    fp32 partial sum (persistent_programs of them): few partials, summed afterwards in a fixed order."""
+    tiles = cdiv(n_rows, rows)
+    tiles_per_program = cdiv(tiles, persistent_programs(tiles, device))
+    return rows * tiles_per_program, cdiv(n_rows, rows * tiles_per_program)
+
+
 def row_loop_num_warps(block: int) -> int:
     """Warps for a program that loops over rows keeping fp32 row accumulators (the backward kernels):
     twice the streaming count, so each thread holds half as many elements per live vector and the
