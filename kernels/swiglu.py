@@ -43,12 +43,22 @@ def swiglu_packed_fp8_ref(h: torch.Tensor, keep_bf16: bool) -> tuple[torch.Tenso
     return (*quantize_rows_ref(act), act.to(h.dtype) if keep_bf16 else h.new_empty((0,)))
 
 
+def swiglu_packed_grad_ref(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of `swiglu_packed_grad`, computed in fp32 and cast to h's dtype."""
+    return _packed_grad_fp32(dout, h).to(h.dtype)
+
+
+def _packed_grad_fp32(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dh = da | db in fp32 for dout (..., H), h (..., 2H)."""
+    a, b = h.float().chunk(2, dim=-1)
+    dout, sig = dout.float(), torch.sigmoid(a)
+    return torch.cat((dout * b * sig * (1 + a * (1 - sig)), dout * a * sig), dim=-1)
+
+
 def swiglu_packed_bwd_fp8_ref(dout: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch reference of `swiglu_packed_bwd_fp8`: dh = da | db in fp32, quantised by `quantize_rows_ref`,
     and its column sums."""
-    a, b = h.float().chunk(2, dim=-1)
-    dout, sig = dout.float(), torch.sigmoid(a)
-    dh = torch.cat((dout * b * sig * (1 + a * (1 - sig)), dout * a * sig), dim=-1)
+    dh = _packed_grad_fp32(dout, h)
     return (*quantize_rows_ref(dh), dh.sum(0))
 
 
@@ -306,6 +316,12 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu needs a and b of one shape and dtype, got {tuple(a.shape)} {a.dtype} "
                          f"and {tuple(b.shape)} {b.dtype}")
     return _swiglu_fwd_op(torch.cat((a, b), dim=-1))
+
+
+def swiglu_packed_grad(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The gate's backward as a function: dout (..., H), h (..., 2H) -> dh (..., 2H) in h's dtype, one pass
+    (what `swiglu_packed`'s autograd calls; for autograd Functions that hold h themselves)."""
+    return _swiglu_bwd_op(dout, h)
 
 
 def swiglu_packed_fp8(h: torch.Tensor, keep_bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

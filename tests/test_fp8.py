@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 
 from fae_fast.config import generator_config
-from fae_fast.fp8 import Float8Linear, check_fp8_device, convert_to_fp8, fp8_linear, use_fp8
+from fae_fast.fp8 import (Float8Linear, Float8SwiGLU, check_fp8_device, convert_to_fp8, fp8_linear, fp8_swiglu_mlp,
+                          use_fp8)
 from fae_fast.generators import Generator
+from fae_fast.kernels.swiglu import swiglu_packed_ref
+from fae_fast.layers import Ops, SwiGLU
 from fae_fast.kernels.fp8 import (E4M3_MAX, quantize_rows, quantize_rows_and_sum, quantize_rows_and_sum_ref,
                                   quantize_rows_ref, requantize_transposed, requantize_transposed_ref)
 
@@ -227,6 +230,87 @@ def test_fp8_linear_under_torch_compile_matches_eager(device):
     assert torch.equal(eager, compiled)
 
 
+def swiglu_mlp_leaves(device, rows=(4, 32), seed=5, bias=True):
+    """x (*rows, 96) bf16 and fp32 master weights of a SwiGLU MLP 96 -> 2 x 64 -> 96, all requiring grad,
+    and an output gradient."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(*rows, 96, generator=g, device=device).to(torch.bfloat16)
+    w1, w2 = torch.randn(128, 96, generator=g, device=device) * 0.1, torch.randn(96, 64, generator=g, device=device) * 0.1
+    b1, b2 = (torch.randn(n, generator=g, device=device) * 0.1 if bias else None for n in (128, 96))
+    dout = torch.randn(*rows, 96, generator=g, device=device).to(torch.bfloat16)
+    return [t if t is None else t.requires_grad_() for t in (x, w1, b1, w2, b2)], dout
+
+
+def mlp_outputs_and_grads(mlp, leaves, dout):
+    out = mlp(*leaves)
+    inputs = [t for t in leaves if t is not None]
+    return [out.float()] + [g.float() for g in torch.autograd.grad(out, inputs, dout)]
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("weight_gradient", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_swiglu_mlp_is_closer_to_the_three_fp8_modules_than_they_are_to_fp32(weight_gradient, bias, device):
+    """The fused MLP quantises the gate's fp32 output (and with the FP8 weight gradient fc1's fp32 output
+    gradient) where the three modules in a row quantise their bf16 roundings: the same FP8 products up to
+    that one rounding, so the two must agree far better than either agrees with the fp32 MLP."""
+    leaves, dout = swiglu_mlp_leaves(device, bias=bias)
+
+    def modules(x, w1, b1, w2, b2):
+        return fp8_linear(swiglu_packed_ref(fp8_linear(x, w1, b1, weight_gradient)), w2, b2, weight_gradient)
+
+    def exact(x, w1, b1, w2, b2):
+        h = torch.nn.functional.linear(x.float(), w1, b1)
+        return torch.nn.functional.linear(swiglu_packed_ref(h), w2, b2)
+
+    fused = mlp_outputs_and_grads(lambda *a: fp8_swiglu_mlp(*a, weight_gradient), leaves, dout)
+    unfused = mlp_outputs_and_grads(modules, leaves, dout)
+    want = mlp_outputs_and_grads(exact, leaves, dout)
+    names = ["out", "dx", "dw1"] + (["db1"] if bias else []) + ["dw2"] + (["db2"] if bias else [])
+    for name, got, three, fp32 in zip(names, fused, unfused, want):
+        if name == "db2":  # column sums of dout itself, in fp32 either way
+            assert torch.equal(got, three) and relative(got, fp32) < 1e-6
+            continue
+        fp8_error = relative(three, fp32)
+        assert 1e-4 < fp8_error < 0.1, (name, fp8_error)  # FP8's rounding, nothing larger
+        assert relative(got, three) < 0.5 * fp8_error, (name, relative(got, three), fp8_error)
+        assert relative(got, fp32) < 1.2 * fp8_error, (name, relative(got, fp32), fp8_error)
+
+
+def test_fp8_swiglu_mlp_takes_the_bf16_weight_gradient_when_the_rows_do_not_divide_by_16(device):
+    leaves, dout = swiglu_mlp_leaves(device, rows=(3, 37))  # 111 rows
+    with_fp8, without = (mlp_outputs_and_grads(lambda *a, w=w: fp8_swiglu_mlp(*a, w), leaves, dout)
+                         for w in (True, False))
+    assert all(torch.equal(a, b) for a, b in zip(with_fp8, without))
+
+
+@pytest.mark.parametrize("weight_gradient", [False, True])
+def test_fp8_swiglu_mlp_under_torch_compile_matches_eager(weight_gradient, device):
+    leaves, dout = swiglu_mlp_leaves(device)
+    mlp = lambda *a: fp8_swiglu_mlp(*a, weight_gradient)  # noqa: E731
+    eager = mlp_outputs_and_grads(mlp, leaves, dout)
+    compiled = mlp_outputs_and_grads(torch.compile(mlp, backend=COMPILE_BACKEND, fullgraph=True), leaves, dout)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+def test_a_converted_swiglu_trains_through_the_fused_mlp_and_evaluates_as_before(device):
+    torch.manual_seed(0)
+    mlp = SwiGLU(96, 64, ops=Ops("torch")).to(device)
+    x = torch.randn(4, 32, 96, device=device).to(torch.bfloat16)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        plain = mlp.eval()(x)
+    convert_to_fp8(mlp, weight_gradient=True)
+    assert type(mlp) is Float8SwiGLU and type(mlp.fc1) is Float8Linear and type(mlp.fc2) is Float8Linear
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert torch.equal(mlp.eval()(x), plain)
+        trained = mlp.train()(x)
+        want = fp8_swiglu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, True)
+    assert torch.equal(trained, want)
+
+
 def test_convert_keeps_the_weights_and_only_touches_attention_and_mlp():
     cfg = generator_config("LightningDiT-tiny/1", width=96, heads=4)  # SwiGLU hidden 256: all dims fit
     torch.manual_seed(0)
@@ -240,6 +324,7 @@ def test_convert_keeps_the_weights_and_only_touches_attention_and_mlp():
     assert len(converted) == cfg.depth * 4  # qkv, proj, fc1, fc2 of every block
     assert all(type(m) is Float8Linear for m in converted)
     assert type(model.blocks[0].adaLN[-1]) is nn.Linear and type(model.final.linear) is nn.Linear
+    assert all(type(block.mlp) is Float8SwiGLU for block in model.blocks)  # the gate quantises fc2's input
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(model(x, t, y), out)  # eval mode reads the same weights as a plain linear
