@@ -169,6 +169,7 @@ def test_a_parameter_without_gradients_gets_the_state_a_load_expects_and_nothing
 
 B_SIZE_TOY = ["--model.width=768", "--model.depth=12", "--model.heads=12", "--model.grid=16", "--model.in_channels=32",
               "--data.global_batch=128", "--optim.lr=2e-4", "--run.steps=300", "--run.log_every=20",
+              "--run.precision=bf16", "--run.compile=true",  # as the FP8 guard's bf16 run that found the fault
               "--run.eval_samples=0", "--run.ckpt_every=0", "--run.cuda_graph=auto"]
 
 
