@@ -4,6 +4,10 @@ GEMMs that replace the first two (rowwise scales, with and without bias, and ten
 quantising pass (x, dy, the weight along K and along N, contiguous or strided), and the whole fp8_linear
 forward + backward against bf16 F.linear, eager and compiled. One JSON line per linear, and a file.
 
+Then the SwiGLU gate of the FP8 MLP at the XL shape (M x 2H = 32,768 x 6,144): the FP8-emitting gate kernels
+against the pairs they replace (the bf16 gate, then the quantising pass), forward and backward, each with its
+byte floor, and the whole MLP (`fp8_swiglu_mlp` against the three FP8 modules in a row, forward + backward).
+
     python benchmarks/fp8_parts.py --out fp8_parts.json
 """
 import argparse
@@ -13,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from fae_fast.fp8 import fp8_linear
-from fae_fast.kernels.fp8 import quantize_rows
+from fae_fast.fp8 import fp8_linear, fp8_swiglu_mlp
+from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_and_sum
+from fae_fast.kernels.swiglu import swiglu_packed, swiglu_packed_bwd_fp8, swiglu_packed_fp8, swiglu_packed_grad
 
 TOKENS = 128 * 256
 LINEARS = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 6144), ("fc2", 3072, 1152)]
@@ -67,6 +72,34 @@ def parts(K: int, N: int) -> dict:
     return result
 
 
+def gate_parts(D: int = 1152, H: int = 3072, weight_gradient: bool = True) -> dict:
+    """The FP8 MLP's gate kernels against the bf16 gate + quantising pass, and the fused MLP against the three
+    FP8 modules (forward + backward, `weight_gradient` as run.fp8_weight_gradient)."""
+    h = torch.randn(TOKENS, 2 * H, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(TOKENS, H, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(TOKENS, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1, w2 = (torch.randn(*shape, device="cuda", requires_grad=True) for shape in ((2 * H, D), (D, H)))
+    b1, b2 = (torch.randn(n, device="cuda", requires_grad=True) for n in (2 * H, D))
+    dy = torch.randn(TOKENS, D, device="cuda", dtype=torch.bfloat16)
+
+    def three_modules():
+        act = swiglu_packed(fp8_linear(x, w1, b1, weight_gradient))
+        fp8_linear(act, w2, b2, weight_gradient).backward(dy)
+
+    timings = {
+        "gate_forward_bf16_then_quantize": lambda: quantize_rows(swiglu_packed(h).view(TOKENS, H)),
+        "gate_forward_fp8": lambda: swiglu_packed_fp8(h, False),
+        "gate_backward_bf16_then_quantize_and_sum": lambda: quantize_rows_and_sum(swiglu_packed_grad(dout, h)),
+        "gate_backward_fp8": lambda: swiglu_packed_bwd_fp8(dout, h),
+        "mlp_three_modules": three_modules,
+        "mlp_fused": lambda: fp8_swiglu_mlp(x, w1, b1, w2, b2, weight_gradient).backward(dy),
+    }
+    result = {name + "_ms": do_bench(fn, warmup=10, rep=40) for name, fn in timings.items()}
+    result["gate_forward_fp8_floor_ms"] = TOKENS * H * (4 + 1) / COPY_BYTES_PER_S * 1e3  # read h, write q
+    result["gate_backward_fp8_floor_ms"] = TOKENS * H * (2 + 4 + 2) / COPY_BYTES_PER_S * 1e3  # dout, h; q (2H)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="", help="write the results as JSON here")
@@ -77,6 +110,8 @@ def main():
     for name, K, N in LINEARS:
         rows.append({"linear": name, "K": K, "N": N, "gpu": torch.cuda.get_device_name(), **parts(K, N)})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    rows.append({"linear": "swiglu_gate_and_mlp", "gpu": torch.cuda.get_device_name(), **gate_parts()})
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
