@@ -4,8 +4,9 @@ moments are known), then the loss curves on one plot and the Frechet distance of
 true mixture. An FP8 run passes when its final loss (the mean of the last tenth of the logged losses, one
 step's loss being noisy) is within 1% of bf16's and its Frechet distance within 5%, and only if the bf16
 reference trained (its final loss at most half its first logged loss). `--variants` judges several FP8
-runs against the one bf16 run: `fp8` (rowwise, the weight gradient in bf16) and `fp8w` (the weight
-gradient in FP8 too, `run.fp8_weight_gradient`).
+runs against the one bf16 run: `fp8` (rowwise, the weight gradient in bf16), `fp8w` (the weight
+gradient in FP8 too, `run.fp8_weight_gradient`) and `fp8w_ends` (fp8w with the first and last block in bf16,
+`run.fp8_bf16_end_blocks=1`).
 
     python -m benchmarks.fp8_quality --out_dir runs/fp8-quality --variants fp8,fp8w   (repository root, a GPU)
 
@@ -39,7 +40,8 @@ loss: a reference that did not train (as when cuDNN attention's wrong gradients 
 starting loss on an H200) makes any comparison meaningless."""
 
 
-VARIANTS = {"fp8": [], "fp8w": ["--run.fp8_weight_gradient=true"]}
+VARIANTS = {"fp8": [], "fp8w": ["--run.fp8_weight_gradient=true"],
+            "fp8w_ends": ["--run.fp8_weight_gradient=true", "--run.fp8_bf16_end_blocks=1"]}
 """The FP8 runs the guard can judge, by name: their overrides on top of --run.precision=fp8."""
 
 
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out_dir", default="runs/fp8-quality")
     parser.add_argument("--variants", type=variant_list, default=["fp8"],
                         help="FP8 runs to judge against the one bf16 run, comma-separated: fp8 (rowwise, bf16 "
-                             "weight gradient), fp8w (the weight gradient in FP8 too). Default: fp8")
+                             "weight gradient), fp8w (the weight gradient in FP8 too), fp8w_ends (fp8w with the "
+                             "first and last block in bf16). Default: fp8")
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)

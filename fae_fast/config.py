@@ -296,6 +296,9 @@ class RunConfig:
     fp8_weight_gradient: bool = False
     """With run.precision=fp8: the weight-gradient GEMM in FP8 too, with tensorwise scales made from the
     rowwise FP8 copies of x and dy the other two GEMMs use (fae_fast/fp8.py); off, it stays bf16."""
+    fp8_bf16_end_blocks: int = 0
+    """With run.precision=fp8: the first and the last this many blocks keep bf16 linears, the rest go FP8 (as
+    Megatron-LM's --first-last-layers-bf16: the network's ends are where FP8's rounding tends to cost most)."""
     attention: str = "auto"
     """Attention backend on CUDA: 'auto' (per shape, the fastest whose output and gradients agree with fp32
     attention: fae_fast/attention.py) or one of 'sdpa_cudnn', 'sdpa_flash', 'sdpa_efficient', 'flash_attn',

@@ -116,9 +116,9 @@ def validate(cfg: FAETrainConfig) -> None:
     if cfg.run.precision not in ("bf16", "fp32"):
         raise ValueError(f"run.precision={cfg.run.precision!r} is not 'bf16' or 'fp32' (FP8 is for the generator's "
                          f"blocks: training/train_gen.py --run.precision=fp8)")
-    if cfg.run.fp8_weight_gradient:
-        raise ValueError("run.fp8_weight_gradient=true is for the generator's FP8 linears (training/train_gen.py "
-                         "--run.precision=fp8); leave it off for train_fae.py")
+    if cfg.run.fp8_weight_gradient or cfg.run.fp8_bf16_end_blocks:
+        raise ValueError("run.fp8_weight_gradient and run.fp8_bf16_end_blocks are for the generator's FP8 linears "
+                         "(training/train_gen.py --run.precision=fp8); leave them off for train_fae.py")
     if cfg.run.attention not in ATTENTION_CHOICES:
         raise ValueError(f"run.attention={cfg.run.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.run.cuda_graph != "off":

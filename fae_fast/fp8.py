@@ -237,7 +237,15 @@ def check_fp8_device(device: torch.device) -> None:
                              f"Use run.precision=bf16")
 
 
-def use_fp8(model: nn.Module, device: torch.device, weight_gradient: bool = False) -> list[nn.Linear]:
-    """Convert the linears of `model.fp8_modules()` to Float8Linear (before compile and sharding)."""
+def use_fp8(model: nn.Module, device: torch.device, weight_gradient: bool = False,
+            bf16_end_blocks: int = 0) -> list[nn.Linear]:
+    """Convert the linears of `model.fp8_modules()` to Float8Linear (before compile and sharding), but for
+    those in the first and the last `bf16_end_blocks` of `model.blocks` (run.fp8_bf16_end_blocks)."""
     check_fp8_device(device)
-    return convert_to_fp8(*model.fp8_modules(), weight_gradient=weight_gradient)
+    blocks = list(model.blocks)
+    if bf16_end_blocks < 0 or 2 * bf16_end_blocks >= len(blocks):
+        raise ValueError(f"run.fp8_bf16_end_blocks={bf16_end_blocks} must leave FP8 blocks between the bf16 ends: "
+                         f"the model has {len(blocks)} blocks, so use 0 to {(len(blocks) - 1) // 2}")
+    ends = blocks[:bf16_end_blocks] + blocks[len(blocks) - bf16_end_blocks:]
+    kept = {id(m) for block in ends for m in block.modules()}
+    return convert_to_fp8(*(m for m in model.fp8_modules() if id(m) not in kept), weight_gradient=weight_gradient)

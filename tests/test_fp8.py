@@ -217,7 +217,7 @@ def test_fp8_weight_gradient_is_refused_where_it_would_do_nothing():
     assert parse_args(["--run.fp8_weight_gradient=true", "--run.precision=fp8"]).run.fp8_weight_gradient
     cfg = fae_recipe("tiny", "feature")
     cfg.run.fp8_weight_gradient = True
-    with pytest.raises(ValueError, match="leave it off for train_fae.py"):
+    with pytest.raises(ValueError, match="leave them off for train_fae.py"):
         validate(cfg)
 
 
@@ -332,6 +332,33 @@ def test_convert_keeps_the_weights_and_only_touches_attention_and_mlp():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trained = model(x, t, y)
     assert torch.isfinite(trained).all()
+
+
+def test_fp8_can_keep_the_end_blocks_in_bf16():
+    cfg = generator_config("LightningDiT-tiny/1", width=96, heads=4, depth=4)
+    model = Generator(cfg, impl="torch")
+    converted = use_fp8(model, torch.device("cpu"), weight_gradient=True, bf16_end_blocks=1)
+    assert len(converted) == 2 * 4  # qkv, proj, fc1, fc2 of blocks 1 and 2
+    linear_types = [{type(m) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)} for b in model.blocks]
+    assert linear_types == [{nn.Linear}, {Float8Linear}, {Float8Linear}, {nn.Linear}]
+    assert [type(b.mlp) for b in model.blocks] == [SwiGLU, Float8SwiGLU, Float8SwiGLU, SwiGLU]
+    assert all(m.fp8_weight_gradient for m in converted)
+    with pytest.raises(ValueError, match="run.fp8_bf16_end_blocks=2 must leave FP8 blocks .* use 0 to 1"):
+        use_fp8(Generator(cfg, impl="torch"), torch.device("cpu"), bf16_end_blocks=2)
+
+
+def test_end_blocks_in_bf16_need_an_fp8_run():
+    from fae_fast.cli import UsageError
+    from fae_fast.fae_config import fae_recipe, validate
+    from training.train_gen import parse_args
+
+    with pytest.raises(UsageError, match="add --run.precision=fp8"):
+        parse_args(["--run.fp8_bf16_end_blocks=1"])
+    assert parse_args(["--run.fp8_bf16_end_blocks=1", "--run.precision=fp8"]).run.fp8_bf16_end_blocks == 1
+    cfg = fae_recipe("tiny", "feature")
+    cfg.run.fp8_bf16_end_blocks = 1
+    with pytest.raises(ValueError, match="leave them off for train_fae.py"):
+        validate(cfg)
 
 
 def test_convert_refuses_when_no_linear_fits():
@@ -475,7 +502,7 @@ def test_the_quality_guard_names_its_variants(capsys):
 
     with pytest.raises(SystemExit):
         main(["--variants", "fp8,fp16"])
-    assert "name FP8 runs from fp8, fp8w" in capsys.readouterr().err
+    assert "name FP8 runs from fp8, fp8w, fp8w_ends" in capsys.readouterr().err
 
 
 def test_the_programs_a_benchmark_launches_import_this_checkout_without_an_install():

@@ -54,6 +54,9 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
     if run.fp8_weight_gradient and run.precision != "fp8":
         raise UsageError(f"--run.fp8_weight_gradient=true runs FP8 linears' weight gradients in FP8, and this run "
                          f"has run.precision={run.precision!r}; add --run.precision=fp8")
+    if run.fp8_bf16_end_blocks and run.precision != "fp8":
+        raise UsageError(f"--run.fp8_bf16_end_blocks={run.fp8_bf16_end_blocks} keeps the end blocks of an FP8 run "
+                         f"in bf16, and this run has run.precision={run.precision!r}; add --run.precision=fp8")
     if evaluates_during_training(cfg) and run.eval_every % run.log_every:
         raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
     if run.eval_ref and not cfg.fae_decoder:
@@ -286,7 +289,8 @@ def build(cfg: GenTrainConfig, d, graphed: bool):
     with d.device:
         model = family_of(cfg.model).build(cfg.model, impl=cfg.run.impl)
     if cfg.run.precision == "fp8":
-        use_fp8(model, d.device, weight_gradient=cfg.run.fp8_weight_gradient)
+        use_fp8(model, d.device, weight_gradient=cfg.run.fp8_weight_gradient,
+                bf16_end_blocks=cfg.run.fp8_bf16_end_blocks)
         if not graphed:
             print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
                    "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
