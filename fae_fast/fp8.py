@@ -20,7 +20,9 @@ contraction); other batches take the bf16 weight gradient.
     dW = (T(q(dy)) * t_dy) @ (T(q(x)) * t_x)^T       T: transposed to (N, M) and (K, M), t: the largest row scale
 
 `convert_to_fp8(modules)` swaps the class of the nn.Linear modules inside (same parameters, same state
-dict), so checkpoints move freely between bf16 and FP8 runs.
+dict), so checkpoints move freely between bf16 and FP8 runs, and of each SwiGLU MLP whose two linears went
+FP8 (`Float8SwiGLU`: fc1 -> gate -> fc2 as one Function, the gate's kernel quantising fc2's input and, with
+the FP8 weight gradient, fc1's output gradient, so no pass reads those again to quantise them).
 """
 import torch
 import torch.nn as nn
