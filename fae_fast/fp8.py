@@ -2,7 +2,8 @@
 GEMM run in float8 e4m3 with rowwise scales (`torch._scaled_mm`), the weight-gradient GEMM in bf16.
 
 Each GEMM operand is quantised by one pass of `kernels/fp8.quantize_rows`, which computes the row's scale
-from the row it holds (no amax pass, no history to keep). The weights are quantised per step from the
+from the row it holds (no amax pass, no history to keep), except in the SwiGLU MLP (`Float8SwiGLU`, below),
+whose gate kernel quantises fc2's input, and with the FP8 weight gradient fc1's output gradient, itself. The weights are quantised per step from the
 master weights (fp32 under autocast, bf16 under FSDP2), along K for the forward and along N for the
 input gradient. Master weights, gradients and the optimizer are as in bf16 training; outputs are bf16.
 
@@ -58,8 +59,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
     transposed view (a weight read as W^T): it is made contiguous first, so that the quantising pass reads
     whole rows rather than strided columns (a weight is small to copy; the two ways have not been timed
     against each other)."""
-    quantize = _quantizer(a)
-    return scaled_matmul(*quantize(a), *quantize(b.contiguous()), bias)
+    return _times_weight(*_quantizer(a)(a), b, bias)
 
 
 def _quantizer_and_sums(x: torch.Tensor):
@@ -72,14 +72,41 @@ def _transposer(x: torch.Tensor):
     return requantize_transposed if x.is_cuda else requantize_transposed_ref
 
 
+def _fp8_weight_gradient_applies(rows: int, weight_gradient: bool) -> bool:
+    """Whether a linear's weight-gradient GEMM runs in FP8: asked for, and its contraction (the rows) a
+    multiple of 16, as torch._scaled_mm needs; otherwise it runs in bf16."""
+    return weight_gradient and rows % 16 == 0
+
+
+def _times_weight(aq: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, C) quantised rowwise @ weight (N, C)^T (+ bias), the weight quantised along C here (made
+    contiguous first: W^T for an input gradient): the forward and input-gradient GEMMs, bf16 out."""
+    return scaled_matmul(aq, a_scale, *_quantizer(weight)(weight.contiguous()), bias)
+
+
+def _fp8_weight_gradient(dyq: torch.Tensor, dy_scale: torch.Tensor, xq: torch.Tensor,
+                         x_scale: torch.Tensor) -> torch.Tensor:
+    """dW = dy^T @ x (N, K) from the rowwise FP8 copies of dy (M, N) and x (M, K), each requantised
+    transposed under one tensorwise scale (the GEMM contracts over the M rows)."""
+    transpose = _transposer(dyq)
+    return scaled_matmul(*transpose(dyq, dy_scale), *transpose(xq, x_scale))
+
+
+def _quantized_with_sums(dy: torch.Tensor, sums: bool):
+    """(q, scale, column sums or None) of dy (M, N): the sums (a bias gradient) from the same read."""
+    if sums:
+        return _quantizer_and_sums(dy)(dy)
+    return (*_quantizer(dy)(dy), None)
+
+
 class _Float8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, weight_gradient):
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
-        quantize = _quantizer(x2)
-        xq, x_scale = quantize(x2)
-        y = scaled_matmul(xq, x_scale, *quantize(weight.contiguous()), bias)
-        ctx.fp8_weight_gradient = weight_gradient and x2.shape[0] % 16 == 0  # the GEMM contracts over rows
+        xq, x_scale = _quantizer(x2)(x2)
+        y = _times_weight(xq, x_scale, weight, bias)
+        ctx.fp8_weight_gradient = _fp8_weight_gradient_applies(x2.shape[0], weight_gradient)
         ctx.save_for_backward(weight, *((xq, x_scale) if ctx.fp8_weight_gradient else (x2,)))
         ctx.has_bias, ctx.x_shape, ctx.x_dtype = bias is not None, x.shape, x.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -88,19 +115,13 @@ class _Float8Linear(torch.autograd.Function):
     def backward(ctx, dy):
         weight, *saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(COMPUTE_DTYPE)
-        quantize = _quantizer(dy2)
-        if ctx.has_bias:  # the bias gradient (column sums of dy) from the quantising pass's read of dy
-            dyq, dy_scale, dbias = _quantizer_and_sums(dy2)(dy2)
-            dbias = dbias.to(weight.dtype)
-        else:
-            (dyq, dy_scale), dbias = quantize(dy2), None
-        dx = scaled_matmul(dyq, dy_scale, *quantize(weight.t().contiguous())).view(ctx.x_shape).to(ctx.x_dtype)
+        dyq, dy_scale, dbias = _quantized_with_sums(dy2, ctx.has_bias)
+        dx = _times_weight(dyq, dy_scale, weight.t()).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.fp8_weight_gradient:
-            transpose = _transposer(dy2)
-            dweight = scaled_matmul(*transpose(dyq, dy_scale), *transpose(*saved)).to(weight.dtype)
+            dweight = _fp8_weight_gradient(dyq, dy_scale, *saved)
         else:
-            dweight = (dy2.t() @ saved[0]).to(weight.dtype)
-        return dx, dweight, dbias, None
+            dweight = dy2.t() @ saved[0]
+        return dx, dweight.to(weight.dtype), None if dbias is None else dbias.to(weight.dtype), None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -122,19 +143,19 @@ def _swiglu_kernels(h: torch.Tensor) -> dict:
 class _Float8SwiGLUMLP(torch.autograd.Function):
     """fc2(swiglu(fc1(x))) with both linears as `_Float8Linear`, where the gate's kernel quantises what it
     computes: fc2's FP8 input in the forward, and (with the FP8 weight gradient, which alone needs no bf16
-    dh) fc1's FP8 output gradient and its bias gradient in the backward. Two passes over the widest
-    activations (M x H and M x 2H) fewer than the three modules in a row."""
+    dh) fc1's FP8 output gradient and its bias gradient in the backward. Against the three modules in a
+    row: with the FP8 weight gradient, a write and a read of the activation (M x H) and of dh (M x 2H) fewer;
+    with the bf16 weight gradient, which needs both in bf16, only the forward's re-read of the activation."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, weight_gradient):
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)  # (M, D)
-        quantize = _quantizer(x2)
-        xq, x_scale = quantize(x2)
-        h = scaled_matmul(xq, x_scale, *quantize(w1.contiguous()), b1)  # (M, 2H)
-        fp8_weight_gradient = weight_gradient and x2.shape[0] % 16 == 0  # the GEMM contracts over rows
+        xq, x_scale = _quantizer(x2)(x2)
+        h = _times_weight(xq, x_scale, w1, b1)  # (M, 2H)
+        fp8_weight_gradient = _fp8_weight_gradient_applies(x2.shape[0], weight_gradient)
         # fc2's FP8 input; act (M, H) in bf16 as well only for the bf16 weight-gradient GEMM
         aq, a_scale, act = _swiglu_kernels(h)["forward_fp8"](h, not fp8_weight_gradient)
-        out = scaled_matmul(aq, a_scale, *quantize(w2.contiguous()), b2)  # (M, D)
+        out = _times_weight(aq, a_scale, w2, b2)  # (M, D)
         saved = (xq, x_scale, aq, a_scale) if fp8_weight_gradient else (x2, act)
         ctx.save_for_backward(w1, w2, h, *saved)
         ctx.fp8_weight_gradient, ctx.has_bias = fp8_weight_gradient, (b1 is not None, b2 is not None)
@@ -144,24 +165,22 @@ class _Float8SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         w1, w2, h, *saved = ctx.saved_tensors
+        has_b1, has_b2 = ctx.has_bias
         dout2 = dout.reshape(-1, dout.shape[-1]).to(COMPUTE_DTYPE)  # (M, D)
-        quantize = _quantizer(dout2)
-        dq, d_scale, db2 = _quantizer_and_sums(dout2)(dout2)
-        d_act = scaled_matmul(dq, d_scale, *quantize(w2.t().contiguous()))  # (M, H)
+        dq, d_scale, db2 = _quantized_with_sums(dout2, has_b2)
+        d_act = _times_weight(dq, d_scale, w2.t())  # (M, H)
         if ctx.fp8_weight_gradient:
             xq, x_scale, aq, a_scale = saved
-            transpose = _transposer(dout2)
-            dw2 = scaled_matmul(*transpose(dq, d_scale), *transpose(aq, a_scale))
+            dw2 = _fp8_weight_gradient(dq, d_scale, aq, a_scale)
             dhq, dh_scale, db1 = _swiglu_kernels(h)["backward_fp8"](d_act, h)  # dh (M, 2H) quantised, db1
-            dw1 = scaled_matmul(*transpose(dhq, dh_scale), *transpose(xq, x_scale))
+            dw1 = _fp8_weight_gradient(dhq, dh_scale, xq, x_scale)
         else:
             x2, act = saved
             dw2 = dout2.t() @ act
             dh = _swiglu_kernels(h)["backward"](d_act, h)  # bf16: the bf16 weight-gradient GEMM reads it
-            dhq, dh_scale, db1 = _quantizer_and_sums(dh)(dh)
+            dhq, dh_scale, db1 = _quantized_with_sums(dh, has_b1)
             dw1 = dh.t() @ x2
-        dx = scaled_matmul(dhq, dh_scale, *quantize(w1.t().contiguous())).view(ctx.x_shape).to(ctx.x_dtype)
-        has_b1, has_b2 = ctx.has_bias
+        dx = _times_weight(dhq, dh_scale, w1.t()).view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, dw1.to(w1.dtype), db1.to(w1.dtype) if has_b1 else None, dw2.to(w2.dtype),
                 db2.to(w2.dtype) if has_b2 else None, None)
 
@@ -206,8 +225,9 @@ def fits_fp8(linear: nn.Linear) -> bool:
 
 def convert_to_fp8(*modules: nn.Module, weight_gradient: bool = False) -> list[nn.Linear]:
     """Make every nn.Linear inside `modules` (a generator's attention and MLP modules: `fp8_modules`) a
-    Float8Linear in place (with `weight_gradient`, its weight-gradient GEMM in FP8 too); returns those
-    converted. Linears whose dims are not multiples of 16 stay bf16; if none fit, raise."""
+    Float8Linear in place (with `weight_gradient`, its weight-gradient GEMM in FP8 too), and every SwiGLU
+    whose two linears went FP8 a Float8SwiGLU; returns the converted linears. Linears whose dims are not
+    multiples of 16 stay bf16; if none fit, raise."""
     converted, skipped = [], []
     for module in (m for mod in modules for m in mod.modules()):
         if type(module) is not nn.Linear:
@@ -241,8 +261,8 @@ def check_fp8_device(device: torch.device) -> None:
 
 def use_fp8(model: nn.Module, device: torch.device, weight_gradient: bool = False,
             bf16_end_blocks: int = 0) -> list[nn.Linear]:
-    """Convert the linears of `model.fp8_modules()` to Float8Linear (before compile and sharding), but for
-    those in the first and the last `bf16_end_blocks` of `model.blocks` (run.fp8_bf16_end_blocks)."""
+    """`convert_to_fp8` on `model.fp8_modules()` (before compile and sharding), but for those in the first
+    and the last `bf16_end_blocks` of `model.blocks` (run.fp8_bf16_end_blocks)."""
     check_fp8_device(device)
     blocks = list(model.blocks)
     if bf16_end_blocks < 0 or 2 * bf16_end_blocks >= len(blocks):
