@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .fp8 import quantize_rows_ref, row_scales, to_e4m3
-from .utils import cast_rtne, cdiv, persistent_row_runs, row_block, row_num_warps, rows_2d, tile_rows
+from .utils import (RowLoop, cast_rtne, cdiv, fit_shared_memory, persistent_row_runs, row_block, row_num_warps, rows_2d,
+                    tile_bytes, tile_rows)
 
 
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def _swiglu_fp8_bwd_tile(dout_ptr, h_ptr, q_ptr, s_ptr, rows, n_rows, H, BLOCK: 
     rows64, cols, mask = _row_tile(rows, n_rows, H, BLOCK)
     da, db = _swiglu_grads(dout_ptr, h_ptr, rows64, cols, mask, H)
     a_off = rows64 * (2 * H) + cols  # in dh
-    scale, inverse = row_scales(tl.maximum(tl.max(tl.abs(da), axis=1), tl.max(tl.abs(db), axis=1)))
+    scale, inverse = row_scales(tl.max(tl.maximum(tl.abs(da), tl.abs(db)), axis=1))  # one reduction
     tl.store(q_ptr + a_off, to_e4m3(da, inverse, q_ptr.dtype.element_ty), mask=mask)
     tl.store(q_ptr + a_off + H, to_e4m3(db, inverse, q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rows < n_rows)
@@ -154,14 +155,14 @@ def _swiglu_fp8_bwd_tile(dout_ptr, h_ptr, q_ptr, s_ptr, rows, n_rows, H, BLOCK: 
 
 @triton.jit
 def _swiglu_fp8_bwd_kernel(dout_ptr, h_ptr, q_ptr, s_ptr, part_ptr, n_rows, H, rows_per_program,
-                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program i: rows [i * rows_per_program, ...), ROWS at a time; the column sums of its dh (fp32) to
-    part[i, :] (2H)."""
+                           ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Program i: rows [i * rows_per_program, ...), ROWS at a time, the next STAGES - 1 tiles' loads in flight
+    while one is worked on; the column sums of its dh (fp32) to part[i, :] (2H)."""
     first = tl.program_id(0) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     da_sums = tl.zeros((BLOCK,), dtype=tl.float32)
     db_sums = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(first, last, ROWS):
+    for start in tl.range(first, last, ROWS, num_stages=STAGES):
         da, db = _swiglu_fp8_bwd_tile(dout_ptr, h_ptr, q_ptr, s_ptr, start + tl.arange(0, ROWS), last, H, BLOCK)
         da_sums += tl.sum(da, axis=0)
         db_sums += tl.sum(db, axis=0)
@@ -220,6 +221,16 @@ def _fp8_tile(N: int, H: int) -> tuple[int, int, int]:
     return rows, block, row_num_warps(2 * rows * block)
 
 
+def _fp8_bwd_launch(N: int, H: int, dout: torch.Tensor, h: torch.Tensor) -> RowLoop:
+    """The backward's persistent row loop: two programs an SM (its fp32 column sums of both halves hold some
+    130 registers a thread at 8 warps, so no more fit), each walking its run of rows three tiles deep (the
+    loads of dout and both halves of h for the next two tiles in flight), fitted to the shared memory."""
+    rows, block, warps = _fp8_tile(N, H)
+    rows_per_program, _ = persistent_row_runs(N, rows, h.device, per_sm=2)
+    launch = RowLoop(rows=rows, num_warps=warps, rows_per_program=rows_per_program, num_stages=3)
+    return fit_shared_memory(launch, block, tile_bytes(dout, h, h), h.device)  # dout and h's two halves
+
+
 def _fp8_fwd_outputs(h: torch.Tensor, keep_bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty q (N, H) float8_e4m3fn, s (N, 1) fp32, act (N, H) in h's dtype or (0,), for h (N, 2H)."""
     _check_rows(h, "swiglu_packed_fp8")
@@ -254,11 +265,12 @@ def swiglu_fp8_bwd(dout: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, t
     N, H = h.shape[0], h.shape[1] // 2
     if N == 0:
         return q, s, sums.zero_()
-    rows, block, warps = _fp8_tile(N, H)
-    rows_per_program, programs = persistent_row_runs(N, rows, h.device)
+    launch = _fp8_bwd_launch(N, H, dout, h)
+    programs = cdiv(N, launch.rows_per_program)
     part = torch.empty((programs, 2 * H), dtype=torch.float32, device=h.device)  # summed in a fixed order
-    _swiglu_fp8_bwd_kernel[(programs,)](dout.contiguous(), h.contiguous(), q, s, part, N, H, rows_per_program,
-                                        ROWS=rows, BLOCK=block, num_warps=warps)
+    _swiglu_fp8_bwd_kernel[(programs,)](dout.contiguous(), h.contiguous(), q, s, part, N, H, launch.rows_per_program,
+                                        ROWS=launch.rows, BLOCK=row_block(H), STAGES=launch.num_stages,
+                                        num_warps=launch.num_warps)
     return q, s, part.sum(0)
 
 

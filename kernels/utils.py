@@ -74,11 +74,12 @@ def persistent_programs(n_tiles: int, device: torch.device, per_sm: int = 8) -> 
     return max(1, min(n_tiles, sms * per_sm))
 
 
-def persistent_row_runs(n_rows: int, rows: int, device: torch.device) -> tuple[int, int]:
+def persistent_row_runs(n_rows: int, rows: int, device: torch.device, per_sm: int = 8) -> tuple[int, int]:
     """(rows_per_program, programs) for a kernel whose programs each walk a run of `rows`-row tiles and keep one
-    fp32 partial sum (persistent_programs of them): few partials, summed afterwards in a fixed order."""
+    fp32 partial sum (persistent_programs of them, `per_sm` an SM): few partials, summed afterwards in a fixed
+    order."""
     tiles = cdiv(n_rows, rows)
-    tiles_per_program = cdiv(tiles, persistent_programs(tiles, device))
+    tiles_per_program = cdiv(tiles, persistent_programs(tiles, device, per_sm))
     return rows * tiles_per_program, cdiv(n_rows, rows * tiles_per_program)
 
 
