@@ -12,14 +12,20 @@ byte floor, and the whole MLP (`fp8_swiglu_mlp` against the three FP8 modules in
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from fae_fast.fp8 import fp8_linear, fp8_swiglu_mlp
-from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_and_sum
-from fae_fast.kernels.swiglu import swiglu_packed, swiglu_packed_bwd_fp8, swiglu_packed_fp8, swiglu_packed_grad
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.conftest import _git_revision as revision  # noqa: E402 (the suite's stamp of the commit)
+from fae_fast.fp8 import fp8_linear, fp8_swiglu_mlp  # noqa: E402
+from fae_fast.kernels.fp8 import quantize_rows, quantize_rows_and_sum  # noqa: E402
+from fae_fast.kernels.swiglu import (swiglu_packed, swiglu_packed_bwd_fp8, swiglu_packed_fp8,  # noqa: E402
+                                     swiglu_packed_grad)
 
 TOKENS = 128 * 256
 LINEARS = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 6144), ("fc2", 3072, 1152)]
@@ -97,6 +103,8 @@ def gate_parts(D: int = 1152, H: int = 3072, weight_gradient: bool = True) -> di
     result = {name + "_ms": do_bench(fn, warmup=10, rep=40) for name, fn in timings.items()}
     result["gate_forward_fp8_floor_ms"] = TOKENS * H * (4 + 1) / COPY_BYTES_PER_S * 1e3  # read h, write q
     result["gate_backward_fp8_floor_ms"] = TOKENS * H * (2 + 4 + 2) / COPY_BYTES_PER_S * 1e3  # dout, h; q (2H)
+    for way in ("forward", "backward"):  # the fraction of copy bandwidth each gate kernel reaches
+        result[f"gate_{way}_fp8_of_floor"] = result[f"gate_{way}_fp8_floor_ms"] / result[f"gate_{way}_fp8_ms"]
     return result
 
 
@@ -108,9 +116,11 @@ def main():
         raise SystemExit("fp8_parts.py measures a GPU; no CUDA device is visible")
     rows = []
     for name, K, N in LINEARS:
-        rows.append({"linear": name, "K": K, "N": N, "gpu": torch.cuda.get_device_name(), **parts(K, N)})
+        rows.append({"linear": name, "K": K, "N": N, "gpu": torch.cuda.get_device_name(), "revision": revision(),
+                     **parts(K, N)})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-    rows.append({"linear": "swiglu_gate_and_mlp", "gpu": torch.cuda.get_device_name(), **gate_parts()})
+    rows.append({"linear": "swiglu_gate_and_mlp", "gpu": torch.cuda.get_device_name(), "revision": revision(),
+                 **gate_parts()})
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.out:
         with open(args.out, "w") as f:
