@@ -115,13 +115,14 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("fp8_parts.py measures a GPU; no CUDA device is visible")
     rows = []
-    for name, K, N in LINEARS:
-        rows.append({"linear": name, "K": K, "N": N, "gpu": torch.cuda.get_device_name(), "revision": revision(),
-                     **parts(K, N)})
+
+    def add(**row):
+        rows.append({"gpu": torch.cuda.get_device_name(), "revision": revision(), **row})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-    rows.append({"linear": "swiglu_gate_and_mlp", "gpu": torch.cuda.get_device_name(), "revision": revision(),
-                 **gate_parts()})
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+
+    for name, K, N in LINEARS:
+        add(linear=name, K=K, N=N, **parts(K, N))
+    add(linear="swiglu_gate_and_mlp", **gate_parts())
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -51,12 +51,12 @@ def parse_args(argv: list[str]) -> GenTrainConfig:
         raise UsageError(f"--run.cuda_graph={run.cuda_graph!r} is not one of {', '.join(CUDA_GRAPH_CHOICES)}")
     if run.attention not in ATTENTION_CHOICES:
         raise UsageError(f"--run.attention={run.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
-    if run.fp8_weight_gradient and run.precision != "fp8":
-        raise UsageError(f"--run.fp8_weight_gradient=true runs FP8 linears' weight gradients in FP8, and this run "
-                         f"has run.precision={run.precision!r}; add --run.precision=fp8")
-    if run.fp8_bf16_end_blocks and run.precision != "fp8":
-        raise UsageError(f"--run.fp8_bf16_end_blocks={run.fp8_bf16_end_blocks} keeps the end blocks of an FP8 run "
-                         f"in bf16, and this run has run.precision={run.precision!r}; add --run.precision=fp8")
+    for field, what in (("fp8_weight_gradient", "runs FP8 linears' weight gradients in FP8"),
+                        ("fp8_bf16_end_blocks", "keeps the end blocks of an FP8 run in bf16")):
+        value = getattr(run, field)
+        if value and run.precision != "fp8":
+            raise UsageError(f"--run.{field}={str(value).lower()} {what}, and this run has "
+                             f"run.precision={run.precision!r}; add --run.precision=fp8")
     if evaluates_during_training(cfg) and run.eval_every % run.log_every:
         raise UsageError(f"--run.eval_every={run.eval_every} must be a multiple of run.log_every={run.log_every}")
     if run.eval_ref and not cfg.fae_decoder:
