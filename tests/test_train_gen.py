@@ -16,10 +16,12 @@ TINY = ["--model.depth=2", "--model.width=32", "--model.heads=2", "--data.global
         "--run.eval_samples=0", "--run.log_every=5", "--run.compile=false", "--run.precision=fp32"]
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, gpus_needed: int = 2) -> subprocess.CompletedProcess:
+    """train_gen.py under torchrun; the GPUs hidden where there are fewer than `gpus_needed` (program_env: the
+    runs this file compares across world sizes then share one device type)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "training" / "train_gen.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=program_env(2), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=program_env(gpus_needed), capture_output=True, text=True, timeout=600)
 
 
 def history(out: Path) -> dict[int, float]:
@@ -184,11 +186,8 @@ def test_every_attention_backend_trains_the_b_size_toy_as_flash_does(tmp_path):
 
     def last_losses(backend: str) -> float:
         out = tmp_path / backend
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               str(ROOT / "training" / "train_gen.py"), *B_SIZE_TOY, f"--run.attention={backend}", f"--run.out_dir={out}"]
-        # program_env(1): this file's torchrun() hides a lone GPU (its runs compare world sizes on one device
-        # type), which ran these three B-size runs on the CPU, where they never finished
-        res = subprocess.run(cmd, cwd=ROOT, env=program_env(1), capture_output=True, text=True, timeout=600)
+        # on the lone GPU too: hidden, it ran these three B-size runs on the CPU, where they never finished
+        res = torchrun(1, *B_SIZE_TOY, f"--run.attention={backend}", f"--run.out_dir={out}", gpus_needed=1)
         assert res.returncode == 0, res.stderr[-3000:]
         losses = history(out)
         return sum(losses[s] for s in sorted(losses)[-5:]) / 5
