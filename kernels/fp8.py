@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast_rtne, cdiv, persistent_row_runs, row_block, row_num_warps, tile_rows
+from .utils import RowLoop, cast_rtne, cdiv, fit_shared_memory, persistent_row_runs, row_block, row_num_warps, tile_rows
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2^8
 AMAX_FLOOR = 1e-12  # an all-zero row still gets a finite scale
@@ -120,30 +120,55 @@ def quantize_rows_and_sum_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 @triton.jit
 def _quantize_rows_and_sum_kernel(X, Q, S, PART, n_rows, n_cols, stride_r, stride_c, rows_per_program,
-                                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program i quantises rows [i * rows_per_program, ...) as `_quantize_rows_kernel` does, ROWS at a time,
-    and writes their column sums (fp32, from the values it read) to PART[i, :]."""
+                                  ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Program i quantises rows [i * rows_per_program, ...) as `_quantize_rows_kernel` does, ROWS at a time with
+    the next STAGES - 1 tiles' loads in flight, and writes their column sums (fp32, from the values it read) to
+    PART[i, :]."""
     cols = tl.arange(0, BLOCK)
     first = tl.program_id(0) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     sums = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(first, last, ROWS):
+    for start in tl.range(first, last, ROWS, num_stages=STAGES):
         sums += tl.sum(_quantize_tile(X, Q, S, start + tl.arange(0, ROWS), cols, last, n_cols, stride_r, stride_c),
                        axis=0)
     tl.store(PART + tl.program_id(0).to(tl.int64) * n_cols + cols, sums, mask=cols < n_cols)
 
 
+_SUM_PROGRAMS_PER_SM, _SUM_STAGES = 4, 3
+
+
+def quantize_and_sum_launch(x: torch.Tensor) -> RowLoop:
+    """The default launch of `quantize_rows_and_sum`: tiles of about 4096 values, PER_SM persistent programs an
+    SM, each walking its run of rows STAGES tiles deep (the loads of the next tiles in flight through shared
+    memory: the loop body waits on its tile's row maximum before it stores, so without the pipeline each
+    program had one tile in flight), fitted to the device's shared memory."""
+    M, K = x.shape
+    block = row_block(K)
+    rows = tile_rows(block, M)
+    rows_per_program, _ = persistent_row_runs(M, rows, x.device, per_sm=_SUM_PROGRAMS_PER_SM)
+    launch = RowLoop(rows=rows, num_warps=row_num_warps(rows * block), rows_per_program=rows_per_program,
+                     num_stages=_SUM_STAGES)
+    return fit_shared_memory(launch, block, x.element_size(), x.device)
+
+
 def quantize_rows_and_sum_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return quantize_rows_and_sum_launched(x)
+
+
+def quantize_rows_and_sum_launched(x: torch.Tensor, launch: RowLoop | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                             torch.Tensor]:
+    """`quantize_rows_and_sum` outside the op registry, with an explicit launch (rows, warps, rows_per_program,
+    stages) for a sweep (benchmarks/fp8_parts.py), else `quantize_and_sum_launch(x)`."""
     q, s = _quantized_outputs(x, "quantize_rows_and_sum")
     M, K = x.shape
     if M == 0 or K == 0:
         return q, s, torch.zeros(K, dtype=torch.float32, device=x.device)
-    block = row_block(K)
-    rows = tile_rows(block, M)
-    rows_per_program, programs = persistent_row_runs(M, rows, x.device)
+    launch = (launch or quantize_and_sum_launch(x)).check()
+    programs = cdiv(M, launch.rows_per_program)
     part = torch.empty((programs, K), dtype=torch.float32, device=x.device)  # summed in a fixed order
-    _quantize_rows_and_sum_kernel[(programs,)](x, q, s, part, M, K, x.stride(0), x.stride(1), rows_per_program,
-                                               ROWS=rows, BLOCK=block, num_warps=row_num_warps(rows * block))
+    _quantize_rows_and_sum_kernel[(programs,)](x, q, s, part, M, K, x.stride(0), x.stride(1), launch.rows_per_program,
+                                               ROWS=launch.rows, BLOCK=row_block(K), STAGES=launch.num_stages,
+                                               num_warps=launch.num_warps)
     return q, s, part.sum(0)
 
 
