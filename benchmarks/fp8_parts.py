@@ -1,7 +1,7 @@
 """The FP8 linear's parts at the LightningDiT-XL/1 block shapes (M = 128 x 256 tokens), each timed alone
 (triton's do_bench, CUDA events): the bf16 GEMMs (forward, input gradient, weight gradient), the FP8 scaled
 GEMMs that replace the first two (rowwise scales, with and without bias, and tensorwise for comparison), each
-quantising pass (x, dy, the weight along K and along N, contiguous or strided), and the whole fp8_linear
+quantising pass (x, dy alone and with its column sums, the weight along K and along N, contiguous or strided), and the whole fp8_linear
 forward + backward against bf16 F.linear, eager and compiled. One JSON line per linear, and a file.
 
 Then the SwiGLU gate of the FP8 MLP at the XL shape (M x 2H = 32,768 x 6,144): the FP8-emitting gate kernels
@@ -65,6 +65,7 @@ def parts(K: int, N: int) -> dict:
         "gemm_input_grad_fp8_rowwise": lambda: scaled(dyq, dys, wtq, wts),
         "quantize_x": lambda: quantize_rows(xd),
         "quantize_dy": lambda: quantize_rows(dy),
+        "quantize_dy_and_sum": lambda: quantize_rows_and_sum(dy),  # with the bias gradient, as the backward runs it
         "quantize_weight_fp32": lambda: quantize_rows(wd),
         "quantize_weight_t_contiguous": lambda: quantize_rows(wd.t().contiguous()),
         "quantize_weight_t_strided": lambda: quantize_rows(wd.t()),
