@@ -2,7 +2,8 @@
 (triton's do_bench, CUDA events): the bf16 GEMMs (forward, input gradient, weight gradient), the FP8 scaled
 GEMMs that replace the first two (rowwise scales, with and without bias, and tensorwise for comparison), each
 quantising pass (x, dy alone and with its column sums, the weight along K and along N, contiguous or
-strided), and the whole fp8_linear forward + backward against bf16 F.linear, eager and compiled. One JSON line per linear, and a file.
+strided), and the whole fp8_linear forward + backward against bf16 F.linear, eager and compiled. One JSON
+line per linear, and a file.
 
 Then the SwiGLU gate of the FP8 MLP at the XL shape (M x 2H = 32,768 x 6,144): the FP8-emitting gate kernels
 against the pairs they replace (the bf16 gate, then the quantising pass), forward and backward, each with its
