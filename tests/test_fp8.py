@@ -449,8 +449,8 @@ TINY_GUARD = ["--width=32", "--depth=2", "--heads=2", "--grid=4", "--channels=4"
 
 def test_the_quality_guard_trains_every_variant_against_one_bf16_run(tmp_path, monkeypatch):
     """Tiny and short (CPU): the bf16 run and both FP8 variants through train_gen.py, their curves on one plot,
-    a verdict per variant. Ten steps do not halve the loss, so the reference bar is lowered here (the bar
-    itself: the test above and the next)."""
+    a verdict per variant, and the held-out loss of each run. Ten steps do not halve the loss, so the reference
+    bar is lowered here (the bar itself: the test above and the next)."""
     import json
 
     from benchmarks import fp8_quality
@@ -464,6 +464,24 @@ def test_the_quality_guard_trains_every_variant_against_one_bf16_run(tmp_path, m
     for run, precision, weight_gradient in (("bf16", "bf16", False), ("fp8", "fp8", False), ("fp8w", "fp8", True)):
         config = json.loads(next((tmp_path / run / "checkpoints").glob("step_*/config.json")).read_text())
         assert (config["run"]["precision"], config["run"]["fp8_weight_gradient"]) == (precision, weight_gradient)
+    # beside each verdict, the held-out loss of both runs' final weights through the same plain forward
+    from safetensors.torch import load_file, save_file
+
+    held_out = verdicts["fp8"]["held_out_loss"]
+    assert set(held_out) == {"bf16", "fp8"} and all(0 < v < 10 for v in held_out.values())
+    assert verdicts["fp8"]["held_out_gap"] == pytest.approx(held_out["fp8"] / held_out["bf16"] - 1)
+    # computed afresh it is the same (fixed data, t and noise); the FP8 run's own precision does not enter it
+    # (the bf16 run's weights in its folder score the bf16 run's loss); other weights score otherwise
+    (tmp_path / "fp8" / fp8_quality.HELD_OUT).unlink()
+    assert fp8_quality.held_out_loss(tmp_path / "fp8", 16) == held_out["fp8"]
+    weights = load_file(tmp_path / "bf16" / "ema.safetensors")
+    shifted = {**weights, "final.linear.bias": weights["final.linear.bias"] + 1}  # every prediction off by 1
+    scores = []
+    for candidate in (weights, shifted):
+        (tmp_path / "fp8" / fp8_quality.HELD_OUT).unlink()
+        save_file(candidate, tmp_path / "fp8" / "ema.safetensors")
+        scores.append(fp8_quality.held_out_loss(tmp_path / "fp8", 16))
+    assert scores[0] == held_out["bf16"] and scores[1] > 1.1 * held_out["bf16"]
 
 
 def test_the_quality_guard_takes_runs_finished_with_the_same_settings_and_trains_changed_ones(tmp_path,
