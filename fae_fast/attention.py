@@ -17,12 +17,16 @@ and a B-size generator trained with cuDNN chosen diverged where the same run wit
 "Attention"). The fused model is the mirror case: q, k, v come contiguous from the rope kernel and the
 output is read back as (B, T, H * Dh), so its gradient arrives strided. The rope kernel now writes q, k, v
 laid out (B, T, H, Dh), so the output (cuDNN's follows q's layout) and its gradient share one layout; beyond
-that, cuDNN's output (and that of PyTorch's own dispatch) passes through `output_layout_gradient` (the
-backward receives the gradient in the output's layout: eagerly copied only where it differs, in a compiled
-graph always, through an op whose layout the compiler keeps), and a backend is only chosen if its output
-and gradients, with q, k, v and the gradient each in both layouts a model uses, agree with PyTorch's fp32
-attention eagerly and compiled (`checked_error`): one that fails is skipped with a one-line note, so a
-wrong kernel costs speed, never the training.
+that, the models take cuDNN's output (and that of PyTorch's own dispatch) through `attention_tokens` /
+`output_layout_tokens`: the output as the tokens (B, T, H * Dh) their projection reads, whose contiguous
+gradient, seen again as (B, H, T, Dh), has the token-major output's layout, so that it reaches the backward
+in that layout with no copy, eagerly and compiled (a copy is made only where the output is not token-major).
+`attention` itself, for (B, H, T, Dh) callers, passes its output through `output_layout_gradient` (the
+gradient copied into the output's layout where it differs eagerly, and always in a compiled graph, which
+hands an autograd.Function a contiguous gradient: two copies a layer). A backend is only chosen if its
+output and gradients, with q, k, v and the gradient each in both layouts a model uses, agree with PyTorch's
+fp32 attention through both paths, eagerly and compiled (`checked_error`): one that fails is skipped with a
+one-line note, so a wrong kernel costs speed, never the training.
 """
 import functools
 import logging
@@ -135,6 +139,41 @@ class _GradientInOutputLayout(torch.autograd.Function):
         return torch.ops.fae_fast.copy_to_strides(grad, list(ctx.stride))
 
 
+class _TokensInOutputLayout(torch.autograd.Function):
+    """out (B, H, T, Dh) -> its token view (B, T, H * Dh), the layout a projection reads (a view where out is
+    laid out (B, T, H, Dh), else a copy); the backward hands the gradient back in out's layout. That gradient
+    arrives contiguous (a projection's input gradient; in a compiled graph every autograd.Function's gradient
+    is made contiguous first), and a contiguous (B, T, H * Dh) gradient seen as (B, H, T, Dh) is laid out
+    (B, T, H, Dh), which is out's layout when out is token-major: then nothing is copied, eagerly or
+    compiled (the strides are compared when the graph is traced, and the compiler keeps an SDPA backward's
+    aligned inputs in their traced strides). `_GradientInOutputLayout` on out itself costs two copies a layer
+    in a compiled graph: the forced contiguous gradient (B, H, T, Dh), then the copy back to out's layout."""
+
+    @staticmethod
+    def forward(ctx, out):
+        B, H, T, Dh = out.shape
+        ctx.stride, ctx.heads = out.stride(), H
+        return out.transpose(1, 2).reshape(B, T, H * Dh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, T, width = grad.shape
+        grad = grad.reshape(B, T, ctx.heads, width // ctx.heads).transpose(1, 2)
+        if grad.stride() == ctx.stride:
+            return grad
+        return torch.ops.fae_fast.copy_to_strides(grad, list(ctx.stride))
+
+
+def output_layout_tokens(out: torch.Tensor) -> torch.Tensor:
+    """An attention output (B, H, T, Dh) as the tokens (B, T, H * Dh) a projection reads, whose gradient
+    reaches the op that made `out` in `out`'s strides (cuDNN's backward needs that): without a copy where `out`
+    is laid out (B, T, H, Dh), eagerly and compiled (`_TokensInOutputLayout`)."""
+    if out.requires_grad:
+        return _TokensInOutputLayout.apply(out)
+    B, H, T, Dh = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * Dh)
+
+
 def output_layout_gradient(out: torch.Tensor) -> torch.Tensor:
     """`out` itself, whose gradient reaches the op that made it in `out`'s strides (see the module docstring:
     cuDNN attention's backward needs that)."""
@@ -214,18 +253,23 @@ def checked_error(name: str, shape: tuple[int, int, int, int], dtype: torch.dtyp
     def attend(q, k, v, causal):
         return _attend(name, q, k, v, causal)
 
+    def attend_tokens(q, k, v, causal):
+        return _attend_tokens_as_heads(name, q, k, v, causal)
+
     errors = []
     try:
-        for mode, fn in (("eagerly", attend), ("compiled", torch.compile(attend, fullgraph=True, dynamic=False))):
-            try:
-                errors.append(attention_error(fn, shape, dtype, device, causal))
-            except Exception as err:  # the backend rejects the layout, or the compiler the op
-                _note_once(f"attention backend {name} not used: it failed {mode}: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}")
-                return float("inf")
+        for path, way in (("", attend), (" as tokens", attend_tokens)):
+            for mode, fn in (("eagerly", way), ("compiled", torch.compile(way, fullgraph=True, dynamic=False))):
+                try:
+                    errors.append(attention_error(fn, shape, dtype, device, causal))
+                except Exception as err:  # the backend rejects the layout, or the compiler the op
+                    _note_once(f"attention backend {name} not used: it failed {mode}{path}: {type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}")
+                    return float("inf")
     finally:  # drop this check's graphs: every check shares `attend`'s code, and dynamo stops compiling a
         # code after 8 graphs (recompile_limit), which would fail every later check of a many-shape process
         torch._dynamo.reset_code(attend.__code__)
+        torch._dynamo.reset_code(attend_tokens.__code__)
     return max(errors)
 
 
@@ -285,8 +329,19 @@ def choose_backend(batch: int, heads: int, tokens: int, head_dim: int, dtype: to
 def attention(q, k, v, causal: bool = False):
     """softmax(q k^T / sqrt(Dh)) v for q, k, v of shape (B, H, T, Dh), with the cached backend choice;
     causal=True masks each query's later keys."""
+    return _attend(_chosen(q, causal), q, k, v, causal)
+
+
+def attention_tokens(q, k, v, causal: bool = False):
+    """`attention`, returned as the tokens (B, T, H * Dh) a projection reads: for the backends whose backward
+    needs the output gradient in the output's layout, handed over without a copy where the output is laid out
+    (B, T, H, Dh) (`_TokensInOutputLayout`; q, k, v from the rope kernel are), eagerly and compiled."""
+    return _attend_tokens(_chosen(q, causal), q, k, v, causal)
+
+
+def _chosen(q, causal: bool) -> str:
     B, H, T, Dh = q.shape
-    return _attend(_CHOICE.get((B, H, T, Dh, q.dtype, q.device.type, causal), "sdpa"), q, k, v, causal)
+    return _CHOICE.get((B, H, T, Dh, q.dtype, q.device.type, causal), "sdpa")
 
 
 NEEDS_THE_OUTPUT_LAYOUT = ("sdpa", "sdpa_cudnn")
@@ -296,12 +351,32 @@ hand-over: under torch.compile a backward that reads strides gets its gradient m
 would cost a copy per layer."""
 
 
-def _attend(name: str, q, k, v, causal: bool):
-    """Attention with the backend `name` ("sdpa": PyTorch's dispatch)."""
+def _backend_output(name: str, q, k, v, causal: bool):
+    """The backend `name`'s attention output ("sdpa": PyTorch's dispatch), its gradient's layout not handled."""
     if name == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    elif name.startswith("sdpa_"):
-        out = _sdpa_with(name)(q, k, v, causal)
-    else:
-        out = candidates()[name](q, k, v, causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name.startswith("sdpa_"):
+        return _sdpa_with(name)(q, k, v, causal)
+    return candidates()[name](q, k, v, causal=causal)
+
+
+def _attend(name: str, q, k, v, causal: bool):
+    """Attention with the backend `name`, as `attention` runs it: (B, H, T, Dh), its gradient handed over in
+    its layout where the backend needs that."""
+    out = _backend_output(name, q, k, v, causal)
     return output_layout_gradient(out) if name in NEEDS_THE_OUTPUT_LAYOUT else out
+
+
+def _attend_tokens(name: str, q, k, v, causal: bool):
+    """Attention with the backend `name`, as `attention_tokens` runs it: (B, T, H * Dh)."""
+    out = _backend_output(name, q, k, v, causal)
+    if name in NEEDS_THE_OUTPUT_LAYOUT:
+        return output_layout_tokens(out)
+    B, H, T, Dh = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * Dh)
+
+
+def _attend_tokens_as_heads(name: str, q, k, v, causal: bool):
+    """`_attend_tokens` seen again as (B, H, T, Dh) (a view): how `attention_error` checks that path."""
+    B, H, T, Dh = q.shape
+    return _attend_tokens(name, q, k, v, causal).view(B, T, H, Dh).transpose(1, 2)

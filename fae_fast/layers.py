@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fae_fast.attention import attention
+from fae_fast.attention import attention_tokens
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -156,8 +156,7 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.unbind(2)  # each (B, T, H, Dh), strided views of qkv
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = attention(q, k, v)  # (B, H, T, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.proj(attention_tokens(q, k, v))  # (B, T, H * Dh)
 
 
 def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:

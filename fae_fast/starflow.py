@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fae_fast.attention import attention, choose_backend
+from fae_fast.attention import attention_tokens, choose_backend
 from fae_fast.conditioning import ClassLabels, draw_dropped, replace_dropped
 from fae_fast.config import GeneratorConfig, SamplerConfig, StarFlowConfig, validate_starflow
 from fae_fast.generators import Block
@@ -109,8 +109,9 @@ class CausalLayer(Block):
         B, T, _ = h.shape
         qkv = attn.qkv(h).view(B, T, 3, attn.heads, attn.head_dim)
         q, k, v = self.ops.rope_qkv(qkv, angles, attn.q_norm, attn.k_norm)  # (B, H, T, Dh)
-        out = attention(q, k, v, causal=True) if cache is None else cache.attend(q, k, v)
-        return attn.proj(out.transpose(1, 2).reshape(B, T, -1))
+        if cache is None:
+            return attn.proj(attention_tokens(q, k, v, causal=True))
+        return attn.proj(cache.attend(q, k, v).transpose(1, 2).reshape(B, T, -1))
 
 
 class FlowBlock(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fae_fast.attention import attention, choose_backend, output_layout_gradient
+from fae_fast.attention import attention_tokens, choose_backend, output_layout_tokens
 from fae_fast.conditioning import TextEmbeddings
 from fae_fast.config import TextGeneratorConfig
 from fae_fast.generators import Block, Generator, forward_flops_per_sample, patchify_latents, unpatchify_latents
@@ -43,8 +43,7 @@ class CrossAttention(nn.Module):
         H, Dh = self.heads, D // self.heads
         q = self.q(self.norm(x)).view(B, T, H, Dh).transpose(1, 2)
         k, v = self.kv(text).view(B, text.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)
-        out = output_layout_gradient(F.scaled_dot_product_attention(q, k, v))  # see fae_fast.attention
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+        return self.proj(output_layout_tokens(F.scaled_dot_product_attention(q, k, v)))  # see fae_fast.attention
 
 
 class TextBlock(Block):
@@ -95,8 +94,7 @@ class JointBlock(nn.Module):
         else:
             q, k, v = (torch.cat([latent, caption], 2)
                        for latent, caption in zip(qkv.permute(2, 0, 3, 1, 4), text_qkv.permute(2, 0, 3, 1, 4)))
-        out = attention(q, k, v)  # (B, H, T+L, Dh)
-        out = out.transpose(1, 2).reshape(B, T + L, -1)
+        out = attention_tokens(q, k, v)  # (B, T + L, H * Dh)
         x, h = image.ops.gated_residual_modulated_norm(
             x, gate1, attn.proj(out[:, :T]), scale2, shift2, image.norm2.weight, norm=image.norm_kind)
         x = image.ops.gated_residual(x, gate2, image.mlp(h))

@@ -103,8 +103,8 @@ def test_the_attention_backend_is_measured_for_the_shape_the_model_attends_with(
     family_of(cfg).choose_attention(cfg, 3, torch.float32, torch.device("cpu"))
     model = family_of(cfg).build(cfg, impl="torch")
     module = text_generator if text_attention == "joint" else layers  # where the self-attention is called
-    real = module.attention
-    monkeypatch.setattr(module, "attention",
+    real = module.attention_tokens
+    monkeypatch.setattr(module, "attention_tokens",
                         lambda q, k, v, **kw: attended.append(tuple(q.shape)) or real(q, k, v, **kw))
     model(torch.randn(3, 16, 4), torch.rand(3), torch.randn(3, 8, 32))
     assert len(measured) == 1 and attended and set(attended) == set(measured), (measured, attended)
