@@ -151,9 +151,8 @@ class _TokensInOutputLayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out):
-        B, H, T, Dh = out.shape
-        ctx.stride, ctx.heads = out.stride(), H
-        return out.transpose(1, 2).reshape(B, T, H * Dh)
+        ctx.stride, ctx.heads = out.stride(), out.shape[1]
+        return _tokens(out)
 
     @staticmethod
     def backward(ctx, grad):
@@ -168,8 +167,11 @@ def output_layout_tokens(out: torch.Tensor) -> torch.Tensor:
     """An attention output (B, H, T, Dh) as the tokens (B, T, H * Dh) a projection reads, whose gradient
     reaches the op that made `out` in `out`'s strides (cuDNN's backward needs that): without a copy where `out`
     is laid out (B, T, H, Dh), eagerly and compiled (`_TokensInOutputLayout`)."""
-    if out.requires_grad:
-        return _TokensInOutputLayout.apply(out)
+    return _TokensInOutputLayout.apply(out) if out.requires_grad else _tokens(out)
+
+
+def _tokens(out: torch.Tensor) -> torch.Tensor:
+    """An attention output (B, H, T, Dh) as tokens (B, T, H * Dh): a view where it is laid out (B, T, H, Dh)."""
     B, H, T, Dh = out.shape
     return out.transpose(1, 2).reshape(B, T, H * Dh)
 
@@ -370,10 +372,7 @@ def _attend(name: str, q, k, v, causal: bool):
 def _attend_tokens(name: str, q, k, v, causal: bool):
     """Attention with the backend `name`, as `attention_tokens` runs it: (B, T, H * Dh)."""
     out = _backend_output(name, q, k, v, causal)
-    if name in NEEDS_THE_OUTPUT_LAYOUT:
-        return output_layout_tokens(out)
-    B, H, T, Dh = out.shape
-    return out.transpose(1, 2).reshape(B, T, H * Dh)
+    return output_layout_tokens(out) if name in NEEDS_THE_OUTPUT_LAYOUT else _tokens(out)
 
 
 def _attend_tokens_as_heads(name: str, q, k, v, causal: bool):
