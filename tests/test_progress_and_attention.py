@@ -311,3 +311,14 @@ def test_the_conservative_peak_is_never_below_the_gpu_kinds_best():
     assert conservative_bf16_peak(666e12, "NVIDIA H200") == 790e12
     assert conservative_bf16_peak(800e12, "NVIDIA H200") == 800e12
     assert conservative_bf16_peak(500e12, "NVIDIA A100-SXM4-80GB") == 500e12
+
+
+def test_training_progress_judges_mfu_against_the_conservative_peak(monkeypatch):
+    """A GPU shared with other work measures its peak low; the progress line's MFU denominator is then the GPU
+    kind's best known rate, not the low measurement. On CPU there is no MFU."""
+    from fae_fast.train import runtime
+
+    assert runtime.training_mfu_peak(torch.device("cpu")) == 0.0
+    monkeypatch.setattr(runtime, "measured_bf16_peak", lambda device: 350e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert runtime.training_mfu_peak(torch.device("cuda", 0)) == 790e12

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fae_fast.train.runtime import NonFiniteGuard, Progress, SpikeGuard, TermMeter, measured_bf16_peak, print0
+from fae_fast.train.runtime import NonFiniteGuard, Progress, SpikeGuard, TermMeter, print0, training_mfu_peak
 
 
 @dataclass
@@ -39,7 +39,7 @@ def train_loop(task, settings: LoopSettings, d, ckpts, state: dict, start: int,
     """Train from step `start` to run.steps; returns the progress history (one entry per logged step)."""
     run = settings.run
     progress = Progress(total_steps=run.steps, start_step=start, global_batch=settings.global_batch,
-                        flops_per_image=task.flops_per_image(start), peak_flops=measured_bf16_peak(d.device),
+                        flops_per_image=task.flops_per_image(start), peak_flops=training_mfu_peak(d.device),
                         device=d.device, world=d.world, tensorboard_dir=str(Path(run.out_dir) / "tensorboard"),
                         history_path=str(Path(run.out_dir) / "history.json"))
     judges_spikes = hasattr(task, "roll_back") and run.spike_factor > 0

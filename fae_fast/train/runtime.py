@@ -309,6 +309,14 @@ def conservative_bf16_peak(measured: float, gpu_name: str) -> float:
     return max(measured, BEST_KNOWN_BF16_PEAK.get(gpu_name, 0.0))
 
 
+def training_mfu_peak(device: torch.device) -> float:
+    """The denominator of the MFU in training progress lines: the conservative peak (above) of this GPU, 0 on
+    CPU. A GPU shared with other work measures its peak low (an FP8 toy run beside a test suite on an H200
+    printed MFU 1.11 against its own measurement); against the best known rate it cannot read above 1 that way."""
+    measured = measured_bf16_peak(device)
+    return conservative_bf16_peak(measured, torch.cuda.get_device_name(device)) if measured else 0.0
+
+
 @functools.cache
 def _measured_bf16_peak(index: int) -> float:
     a = torch.randn(8192, 8192, device=f"cuda:{index}", dtype=torch.bfloat16)
