@@ -28,6 +28,9 @@ the FP8 weight gradient, fc1's output gradient, so no pass reads those again to 
 import torch
 import torch.nn as nn
 
+from fae_fast.kernels.gated_residual import (gated_residual_modulated_norm_backward,
+                                             gated_residual_modulated_norm_fp8_stats)
+from fae_fast.kernels.modulated_norm import modulated_norm_backward, modulated_norm_fp8_stats
 from fae_fast.kernels.fp8 import (quantize_rows, quantize_rows_and_sum, quantize_rows_and_sum_ref, quantize_rows_ref,
                                   requantize_transposed, requantize_transposed_ref)
 from fae_fast.kernels.swiglu import (swiglu_packed_bwd_fp8, swiglu_packed_bwd_fp8_ref, swiglu_packed_fp8,
@@ -140,6 +143,40 @@ def _swiglu_kernels(h: torch.Tensor) -> dict:
             "backward": swiglu_packed_grad_ref}
 
 
+def _swiglu_mlp_forward(xq, x_scale, x2, w1, b1, w2, b2, fp8_weight_gradient: bool):
+    """fc1 -> gate -> fc2 from fc1's FP8 input (xq, x_scale; x2 its bf16 rows, needed only by the bf16 weight
+    gradient): -> (out (M, D'), what `_swiglu_mlp_backward` needs)."""
+    h = _times_weight(xq, x_scale, w1, b1)  # (M, 2H)
+    # fc2's FP8 input; act (M, H) in bf16 as well only for the bf16 weight-gradient GEMM
+    aq, a_scale, act = _swiglu_kernels(h)["forward_fp8"](h, not fp8_weight_gradient)
+    out = _times_weight(aq, a_scale, w2, b2)  # (M, D')
+    return out, ((h, xq, x_scale, aq, a_scale) if fp8_weight_gradient else (h, x2, act))
+
+
+def _swiglu_mlp_backward(dout2, saved, w1, w2, has_b1: bool, has_b2: bool, fp8_weight_gradient: bool):
+    """The backward of `_swiglu_mlp_forward` for dout2 (M, D') bf16: -> (dx (M, D) bf16, dw1, db1, dw2, db2),
+    the weights' gradients in fp32 or bf16 as the GEMMs give them, a bias gradient None without the bias."""
+    dq, d_scale, db2 = _quantized_with_sums(dout2, has_b2)
+    d_act = _times_weight(dq, d_scale, w2.t())  # (M, H)
+    if fp8_weight_gradient:
+        h, xq, x_scale, aq, a_scale = saved
+        dw2 = _fp8_weight_gradient(dq, d_scale, aq, a_scale)
+        dhq, dh_scale, db1 = _swiglu_kernels(h)["backward_fp8"](d_act, h)  # dh (M, 2H) quantised, db1
+        dw1 = _fp8_weight_gradient(dhq, dh_scale, xq, x_scale)
+    else:
+        h, x2, act = saved
+        dw2 = dout2.t() @ act
+        dh = _swiglu_kernels(h)["backward"](d_act, h)  # bf16: the bf16 weight-gradient GEMM reads it
+        dhq, dh_scale, db1 = _quantized_with_sums(dh, has_b1)
+        dw1 = dh.t() @ x2
+    return _times_weight(dhq, dh_scale, w1.t()), dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None
+
+
+def _as_grads(grads, *params):
+    """Parameter gradients in their parameters' dtypes (None stays None)."""
+    return tuple(None if g is None else g.to(p.dtype) for g, p in zip(grads, params))
+
+
 class _Float8SwiGLUMLP(torch.autograd.Function):
     """fc2(swiglu(fc1(x))) with both linears as `_Float8Linear`, where the gate's kernel quantises what it
     computes: fc2's FP8 input in the forward, and (with the FP8 weight gradient, which alone needs no bf16
@@ -150,39 +187,19 @@ class _Float8SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, weight_gradient):
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)  # (M, D)
-        xq, x_scale = _quantizer(x2)(x2)
-        h = _times_weight(xq, x_scale, w1, b1)  # (M, 2H)
         fp8_weight_gradient = _fp8_weight_gradient_applies(x2.shape[0], weight_gradient)
-        # fc2's FP8 input; act (M, H) in bf16 as well only for the bf16 weight-gradient GEMM
-        aq, a_scale, act = _swiglu_kernels(h)["forward_fp8"](h, not fp8_weight_gradient)
-        out = _times_weight(aq, a_scale, w2, b2)  # (M, D)
-        saved = (xq, x_scale, aq, a_scale) if fp8_weight_gradient else (x2, act)
-        ctx.save_for_backward(w1, w2, h, *saved)
+        out, saved = _swiglu_mlp_forward(*_quantizer(x2)(x2), x2, w1, b1, w2, b2, fp8_weight_gradient)
+        ctx.save_for_backward(w1, w2, *saved)
         ctx.fp8_weight_gradient, ctx.has_bias = fp8_weight_gradient, (b1 is not None, b2 is not None)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
-        w1, w2, h, *saved = ctx.saved_tensors
-        has_b1, has_b2 = ctx.has_bias
-        dout2 = dout.reshape(-1, dout.shape[-1]).to(COMPUTE_DTYPE)  # (M, D)
-        dq, d_scale, db2 = _quantized_with_sums(dout2, has_b2)
-        d_act = _times_weight(dq, d_scale, w2.t())  # (M, H)
-        if ctx.fp8_weight_gradient:
-            xq, x_scale, aq, a_scale = saved
-            dw2 = _fp8_weight_gradient(dq, d_scale, aq, a_scale)
-            dhq, dh_scale, db1 = _swiglu_kernels(h)["backward_fp8"](d_act, h)  # dh (M, 2H) quantised, db1
-            dw1 = _fp8_weight_gradient(dhq, dh_scale, xq, x_scale)
-        else:
-            x2, act = saved
-            dw2 = dout2.t() @ act
-            dh = _swiglu_kernels(h)["backward"](d_act, h)  # bf16: the bf16 weight-gradient GEMM reads it
-            dhq, dh_scale, db1 = _quantized_with_sums(dh, has_b1)
-            dw1 = dh.t() @ x2
-        dx = _times_weight(dhq, dh_scale, w1.t()).view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, dw1.to(w1.dtype), db1.to(w1.dtype) if has_b1 else None, dw2.to(w2.dtype),
-                db2.to(w2.dtype) if has_b2 else None, None)
+        w1, w2, *saved = ctx.saved_tensors
+        dout2 = dout.reshape(-1, dout.shape[-1]).to(COMPUTE_DTYPE)  # (M, D')
+        dx, dw1, db1, dw2, db2 = _swiglu_mlp_backward(dout2, saved, w1, w2, *ctx.has_bias, ctx.fp8_weight_gradient)
+        return (dx.view(ctx.x_shape).to(ctx.x_dtype), *_as_grads((dw1, db1, dw2, db2), w1, w1, w2, w2), None)
 
 
 def fp8_swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -191,6 +208,74 @@ def fp8_swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
     `fp8_linear`, the gate's kernel emitting fc2's FP8 input (and with `weight_gradient` fc1's FP8 output
     gradient). bf16 out."""
     return _Float8SwiGLUMLP.apply(x, w1, b1, w2, b2, weight_gradient)
+
+
+class _Float8NormLinear(torch.autograd.Function):
+    """linear(modulated_norm(x, scale, shift, norm_weight)) with the FP8 weight gradient, the norm's kernel
+    emitting the linear's FP8 input (`modulated_norm_fp8_stats`): no bf16 norm output is written and read back
+    to be quantised. The backward is `_Float8Linear`'s (FP8 weight gradient), then the norm's kernel on the
+    input gradient. Triton kernels only (CUDA, or the interpreter)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, norm_weight, norm, eps, weight, bias):
+        nq, n_scale, mean, rstd = modulated_norm_fp8_stats(x, scale, shift, norm_weight, norm=norm, eps=eps)
+        y = _times_weight(nq, n_scale, weight, bias)
+        ctx.save_for_backward(x, scale, norm_weight, mean, rstd, weight, nq, n_scale)
+        ctx.norm, ctx.shift_dtype, ctx.has_bias = norm, shift.dtype, bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, norm_weight, mean, rstd, weight, nq, n_scale = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(COMPUTE_DTYPE)
+        dyq, dy_scale, dbias = _quantized_with_sums(dy2, ctx.has_bias)
+        dn = _times_weight(dyq, dy_scale, weight.t()).view(x.shape).to(x.dtype)
+        dweight = _fp8_weight_gradient(dyq, dy_scale, nq, n_scale)
+        dx, dscale, dshift, dnorm_weight = modulated_norm_backward(dn, x, scale, norm_weight, mean, rstd,
+                                                                   norm=ctx.norm, shift_dtype=ctx.shift_dtype)
+        return (dx, dscale, dshift, dnorm_weight, None, None, *_as_grads((dweight, dbias), weight, weight))
+
+
+def fp8_norm_linear(x, scale, shift, norm_weight, weight, bias=None, *, norm: str, eps: float) -> torch.Tensor:
+    """linear(modulated_norm(x, scale, shift, norm_weight, norm=norm, eps=eps), weight, bias) as `fp8_linear`
+    with the FP8 weight gradient computes it, the norm's kernel quantising the linear's input. x (B, T, D) with
+    B * T a multiple of 16 (`_fp8_weight_gradient_applies`); bf16 out."""
+    return _Float8NormLinear.apply(x, scale, shift, norm_weight, norm, eps, weight, bias)
+
+
+class _Float8ResidualNormSwiGLU(torch.autograd.Function):
+    """(h, swiglu_mlp(n)) of h, n = gated_residual_modulated_norm(x, gate, y, ...), the MLP as
+    `_Float8SwiGLUMLP` with the FP8 weight gradient, the residual-norm kernel emitting fc1's FP8 input: no bf16
+    n is written and read back to be quantised. The backward runs the MLP's, then the residual-norm kernel on
+    its input gradient and h's. Triton kernels only (CUDA, or the interpreter)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, y, scale, shift, norm_weight, norm, eps, w1, b1, w2, b2):
+        h, nq, n_scale, mean, rstd = gated_residual_modulated_norm_fp8_stats(x, gate, y, scale, shift, norm_weight,
+                                                                            norm=norm, eps=eps)
+        out, saved = _swiglu_mlp_forward(nq, n_scale, None, w1, b1, w2, b2, True)
+        ctx.save_for_backward(h, gate, y, scale, norm_weight, mean, rstd, w1, w2, *saved)
+        ctx.norm, ctx.shift_dtype, ctx.has_bias = norm, shift.dtype, (b1 is not None, b2 is not None)
+        return h, out.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dh, dout):
+        h, gate, y, scale, norm_weight, mean, rstd, w1, w2, *saved = ctx.saved_tensors
+        dout2 = dout.reshape(-1, dout.shape[-1]).to(COMPUTE_DTYPE)
+        dn, dw1, db1, dw2, db2 = _swiglu_mlp_backward(dout2, saved, w1, w2, *ctx.has_bias, True)
+        dx, dgate, dy, dscale, dshift, dnorm_weight = gated_residual_modulated_norm_backward(
+            dh, dn.view(h.shape).to(h.dtype), h, gate, y, scale, norm_weight, mean, rstd, norm=ctx.norm,
+            shift_dtype=ctx.shift_dtype)
+        return (dx, dgate, dy, dscale, dshift, dnorm_weight, None, None,
+                *_as_grads((dw1, db1, dw2, db2), w1, w1, w2, w2))
+
+
+def fp8_residual_norm_swiglu(x, gate, y, scale, shift, norm_weight, w1, b1, w2, b2, *, norm: str,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, fc2(swiglu(fc1(n)))) with h, n = gated_residual_modulated_norm(x, gate, y, scale, shift, norm_weight),
+    the MLP as `fp8_swiglu_mlp` with the FP8 weight gradient and fc1's FP8 input emitted by the residual-norm
+    kernel. x, y (B, T, D) with B * T a multiple of 16; h in x.dtype, the MLP's output bf16."""
+    return _Float8ResidualNormSwiGLU.apply(x, gate, y, scale, shift, norm_weight, norm, eps, w1, b1, w2, b2)
 
 
 class Float8Linear(nn.Linear):
@@ -270,4 +355,19 @@ def use_fp8(model: nn.Module, device: torch.device, weight_gradient: bool = Fals
                          f"the model has {len(blocks)} blocks, so use 0 to {(len(blocks) - 1) // 2}")
     ends = blocks[:bf16_end_blocks] + blocks[len(blocks) - bf16_end_blocks:]
     kept = {id(m) for block in ends for m in block.modules()}
-    return convert_to_fp8(*(m for m in model.fp8_modules() if id(m) not in kept), weight_gradient=weight_gradient)
+    converted = convert_to_fp8(*(m for m in model.fp8_modules() if id(m) not in kept), weight_gradient=weight_gradient)
+    for block in blocks:
+        if norms_can_emit_fp8(block):
+            block.fp8_norms = True
+    return converted
+
+
+def norms_can_emit_fp8(block: nn.Module) -> bool:
+    """Whether a converted block can take the training path whose norms emit its FP8 linears' inputs: it has
+    that path (`fp8_norms`, fae_fast.generators.Block), runs the fused kernels, its qkv is an FP8 linear with
+    the FP8 weight gradient (the bf16 weight gradient would need the bf16 norm output after all) and its MLP
+    a Float8SwiGLU."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    return (hasattr(block, "fp8_norms") and getattr(getattr(block, "ops", None), "impl", None) == "triton"
+            and type(getattr(attn, "qkv", None)) is Float8Linear and attn.qkv.fp8_weight_gradient
+            and type(mlp) is Float8SwiGLU)

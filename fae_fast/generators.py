@@ -19,7 +19,13 @@ class Block(nn.Module):
     """adaLN-Zero transformer block: x += g1 * attn(mod(x)); x += g2 * mlp(mod(x)).
 
     The residual after attention and the second modulated norm run as one fused op (two outputs).
+
+    `fp8_norms` (set by fae_fast.fp8.use_fp8 for FP8 training with the FP8 weight gradient, on the fused
+    kernels, with a SwiGLU MLP): in training the two norms emit the FP8 inputs of qkv and fc1 themselves
+    (`fp8_norm_linear`, `fp8_residual_norm_swiglu`) rather than bf16 that the linears read back to quantise.
     """
+
+    fp8_norms = False
 
     def __init__(self, cfg: GeneratorConfig, ops: Ops):
         super().__init__()
@@ -33,10 +39,24 @@ class Block(nn.Module):
 
     def forward(self, x, c):  # x (B, T, D), c (B, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # (B, D) each
+        if self.fp8_norms and self.training and (x.shape[0] * x.shape[1]) % 16 == 0:
+            return self._forward_fp8_norms(x, shift1, scale1, gate1, shift2, scale2, gate2)
         h = self.norm1(x, scale1, shift1)
         x, h = self.ops.gated_residual_modulated_norm(
             x, gate1, self.attn(h), scale2, shift2, self.norm2.weight, norm=self.norm_kind)
         return self.ops.gated_residual(x, gate2, self.mlp(h))
+
+    def _forward_fp8_norms(self, x, shift1, scale1, gate1, shift2, scale2, gate2):
+        """The training forward with `fp8_norms`: the same block, each norm fused with the FP8 linear it feeds."""
+        from fae_fast.fp8 import fp8_norm_linear, fp8_residual_norm_swiglu  # set only after fae_fast.fp8 ran
+
+        attn, mlp = self.attn, self.mlp
+        qkv = fp8_norm_linear(x, scale1, shift1, self.norm1.weight, attn.qkv.weight, attn.qkv.bias,
+                              norm=self.norm_kind, eps=self.norm1.eps)
+        x, mlp_out = fp8_residual_norm_swiglu(x, gate1, attn.attend(qkv), scale2, shift2, self.norm2.weight,
+                                              mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                                              norm=self.norm_kind, eps=self.norm2.eps)
+        return self.ops.gated_residual(x, gate2, mlp_out)
 
 
 class FinalLayer(nn.Module):

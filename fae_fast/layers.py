@@ -146,8 +146,13 @@ class Attention(nn.Module):
         self.register_buffer("rope_angles", angles, persistent=False)
 
     def forward(self, x):  # x (B, T, D)
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv):
+        """The attention after the qkv projection: qkv (B, T, 3 * H * Dh) -> (B, T, D). A block that computes
+        the projection fused with its norm (FP8 training) enters here."""
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, 3, self.heads, self.head_dim)
         if self.rope_angles is not None or self.q_norm is not None:
             # QK-norm and/or RoPE (angles None: no rotation) in one pass; q, k, v come out (B, H, T, Dh) laid
             # out (B, T, H, Dh), so the attention output reads as (B, T, H * Dh) without a copy, and the

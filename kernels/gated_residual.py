@@ -21,7 +21,7 @@ from .modulated_norm import modulated_norm_ref
 from .norm_rows import (
     SHAPE_INTS, check_modulation, check_norm, lastdim_contiguous, load_row, load_tile, mod_strides, mod_tile,
     modulation, modulation_rows, norm_modulate, norm_residual_bwd, per_token, program_grid, program_span,
-    store_norm, token_tile,
+    store_norm, store_norm_fp8, token_tile,
 )
 from .utils import RowLoop, cast_rtne, fit_shared_memory, norm_fwd_launch, row_block, rows_2d, tile_bytes
 
@@ -45,15 +45,16 @@ def gated_residual_modulated_norm_ref(x, gate, y, scale, shift, weight=None, *, 
 
 @triton.jit(do_not_specialize=SHAPE_INTS)
 def _gated_residual_fwd_kernel(
-    X, GATE, Y, H, SCALE, SHIFT, W, N, MEAN, RSTD,
+    X, GATE, Y, H, SCALE, SHIFT, W, N, N_SCALES, MEAN, RSTD,
     stride_x, stride_y, stride_gb, stride_gt, stride_sb, stride_st, stride_hb, stride_ht,
     T, n_cols, n_chunks, rows_per_program, eps,
     NORM: tl.constexpr, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    FP8_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """x, y (B * T, D) -> h (B * T, D); program (b, c) walks its tokens of sample b (modulated_norm.py's
     layout). With NORM, also n (B * T, D) = modulated norm of h as stored (rounded to h's dtype, so the
-    backward sees the same h), mean, rstd (B * T,)."""
+    backward sees the same h), mean, rstd (B * T,); with FP8_OUT, n quantised rowwise instead (N float8,
+    N_SCALES its (B * T,) scales; `store_norm_fp8`)."""
     b, t0, t_end = program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
@@ -74,7 +75,11 @@ def _gated_residual_fwd_kernel(
         if NORM:
             a, sh = modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
             n, mean, rstd = norm_modulate(h.to(tl.float32), a, sh, mask, n_cols, eps, IS_RMS)
-            store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
+            if FP8_OUT:
+                store_norm_fp8(N, N_SCALES + r0, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd,
+                               tl.bfloat16, IS_RMS)
+            else:
+                store_norm(N, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, n, mean, rstd, IS_RMS)
 
 
 def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Optional[str] = None,
@@ -82,15 +87,33 @@ def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Op
     """x, y (B, T, D), gate (B, D) | (B, 1, D) | (B, T, D) -> h (B, T, D) in x.dtype; with norm also
     n = modulated_norm(h, scale, shift, weight) (B, T, D), mean (R,) fp32 (empty for rms), rstd (R,) fp32.
     launch: None for the default (norm_fwd_launch); either is fitted to the device's shared memory."""
+    n = torch.empty(x.shape if norm else (0,), dtype=x.dtype, device=x.device)
+    h, mean, rstd = _launch_residual(x, gate, y, scale, shift, weight, norm, eps, n, None, launch)
+    return h, n, mean, rstd
+
+
+def gated_residual_modulated_norm_fp8_fwd(x, gate, y, scale, shift, weight, norm: str, eps: float, *,
+                                          launch: Optional[RowLoop] = None):
+    """`gated_residual_fwd` with a norm, for an FP8 consumer of n: -> (h, q (R, D) float8_e4m3fn, s (R, 1) fp32,
+    mean, rstd), q * s the rowwise quantisation of n rounded to bf16 (for bf16 inputs, of n as the plain op
+    stores it, bit for bit); no n written."""
+    B, T, D = x.shape
+    q = torch.empty((B * T, D), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((B * T, 1), dtype=torch.float32, device=x.device)
+    h, mean, rstd = _launch_residual(x, gate, y, scale, shift, weight, norm, eps, q, s, launch)
+    return h, q, s, mean, rstd
+
+
+def _launch_residual(x, gate, y, scale, shift, weight, norm, eps, n, n_scales, launch):
+    """Run the forward kernel: h, and with norm n into `n` (x.dtype, or float8 with n_scales) -> (h, mean, rstd)."""
     B, T, D = x.shape
     x2, y2 = rows_2d(x), rows_2d(y)
     gate, scale, shift = (None if m is None else lastdim_contiguous(m) for m in (gate, scale, shift))
     h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    n = torch.empty((B, T, D) if norm else (0,), dtype=x.dtype, device=x.device)
     rstd = x.new_empty((B * T if norm else 0,), dtype=torch.float32)
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
-        return h, n, mean, rstd
+        return h, mean, rstd
     tiled = (gate, scale, shift) if per_token(gate) else ()  # per-sample modulations are one row per program
     launch = fit_shared_memory(launch or norm_fwd_launch(D, B, T, x.device), row_block(D), tile_bytes(x, y, *tiled),
                                x.device)
@@ -98,12 +121,13 @@ def gated_residual_fwd(x, gate, y, scale=None, shift=None, weight=None, norm: Op
     programs, n_chunks = program_grid(T, B, launch, x2.stride(0), y2.stride(0), D, *strides[1::2])
     ptr = lambda t: h if t is None else t  # noqa: E731  (absent tensors: never touched)
     _gated_residual_fwd_kernel[(programs,)](
-        x2, gate, y2, h, ptr(scale), ptr(shift), ptr(weight), n, mean, rstd,
+        x2, gate, y2, h, ptr(scale), ptr(shift), ptr(weight), n, ptr(n_scales), mean, rstd,
         x2.stride(0), y2.stride(0), *strides, T, D, n_chunks, launch.rows_per_program, eps,
         NORM=norm is not None, IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, PER_TOKEN=per_token(gate),
-        ROWS=launch.rows, BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
+        FP8_OUT=n_scales is not None, ROWS=launch.rows, BLOCK=row_block(D), STAGES=launch.num_stages,
+        num_warps=launch.num_warps,
     )
-    return h, n, mean, rstd
+    return h, mean, rstd
 
 
 # --- torch.library registration (custom_op, not triton_op: see modulated_norm.py) -------------------------
@@ -185,7 +209,7 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused h or n arrives as None: its kernel work is skipped
     ctx.save_for_backward(h, gate, y, scale, weight, mean, rstd)
-    ctx.norm, ctx.shift_dtype, ctx.per_token = norm, shift.dtype, per_token(scale)
+    ctx.norm, ctx.shift_dtype = norm, shift.dtype
 
 
 def _fused_backward(ctx, dh, dn, _dmean, _drstd):
@@ -194,14 +218,58 @@ def _fused_backward(ctx, dh, dn, _dmean, _drstd):
         if dh is None:
             return (None,) * 8
         return dh, *_bwd_op(dh, gate, y), None, None, None, None, None
-    dx, dgate, dy, dscale, dshift, dweight = _fused_bwd_op(dh, dn, h, gate, y, scale, weight, mean, rstd, ctx.norm,
-                                                          ctx.shift_dtype)
-    if ctx.per_token:
-        dshift = dn.to(ctx.shift_dtype)
-    return dx, dgate, dy, dscale, dshift, (dweight if weight is not None else None), None, None
+    return (*gated_residual_modulated_norm_backward(dh, dn, h, gate, y, scale, weight, mean, rstd, norm=ctx.norm,
+                                                    shift_dtype=ctx.shift_dtype), None, None)
 
 
 _fused_fwd_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+@torch.library.custom_op("fae_fast::gated_residual_modulated_norm_fp8_fwd", mutates_args=())
+def _fused_fp8_fwd_op(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    weight: Optional[torch.Tensor], norm: str, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulated_norm_fp8_fwd(x, gate, y, scale, shift, weight, norm, eps)
+
+
+@_fused_fp8_fwd_op.register_fake
+def _(x, gate, y, scale, shift, weight, norm, eps):
+    rows = x.shape[0] * x.shape[1]
+    stats = lambda n: x.new_empty((n,), dtype=torch.float32)  # noqa: E731
+    return (x.new_empty(x.shape), x.new_empty((rows, x.shape[2]), dtype=torch.float8_e4m3fn),
+            x.new_empty((rows, 1), dtype=torch.float32), stats(rows if norm == "layer" else 0), stats(rows))
+
+
+def gated_residual_modulated_norm_fp8_stats(x, gate, y, scale, shift, weight=None, *, norm: str = "layer",
+                                            eps: float = 1e-6):
+    """The fused pair with n quantised for an FP8 linear, and what the backward needs: (h (B, T, D), q (B * T, D)
+    float8_e4m3fn, s (B * T, 1) fp32, mean, rstd). Not differentiable: fae_fast/fp8.py's fused Function runs
+    `gated_residual_modulated_norm_backward` itself."""
+    _check_residual(x, gate, y)
+    check_modulation(x, gate, scale, shift, names=("gate", "scale", "shift"))
+    check_norm(x, weight, norm)
+    return _fused_fp8_fwd_op(x, gate, y, scale, shift, weight, norm, eps)
+
+
+def gated_residual_modulated_norm_fp8_ref(x, gate, y, scale, shift, weight=None, *, norm: str = "layer",
+                                          eps: float = 1e-6):
+    """PyTorch reference of `gated_residual_modulated_norm_fp8_stats`'s (h, q, s)."""
+    from .fp8 import quantize_rows_ref
+
+    h, n = gated_residual_modulated_norm_ref(x, gate, y, scale, shift, weight, norm=norm, eps=eps)
+    return (h, *quantize_rows_ref(n.bfloat16().reshape(-1, n.shape[-1])))
+
+
+def gated_residual_modulated_norm_backward(dh, dn, h, gate, y, scale, weight, mean, rstd, *, norm: str,
+                                           shift_dtype: torch.dtype):
+    """The fused pair's backward as a functional, for a Function that ran the FP8 forward: dh (B, T, D) the
+    gradient of h, dn of n -> (dx, dgate, dy, dscale, dshift, dweight or None), dshift per token being dn."""
+    dx, dgate, dy, dscale, dshift, dweight = _fused_bwd_op(dh, dn, h, gate, y, scale, weight, mean, rstd, norm,
+                                                          shift_dtype)
+    if per_token(scale):
+        dshift = dn.to(shift_dtype)
+    return dx, dgate, dy, dscale, dshift, (dweight if weight is not None else None)
 
 
 # --- public functionals --------------------------------------------------------------------------------------

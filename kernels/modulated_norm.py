@@ -29,7 +29,8 @@ import triton.language as tl
 
 from .norm_rows import (
     SHAPE_INTS, check_modulation, check_norm, lastdim_contiguous, load_tile, mod_strides, modulation,
-    modulation_rows, norm_modulate, norm_residual_bwd, per_token, program_grid, program_span, store_norm, token_tile,
+    modulation_rows, norm_modulate, norm_residual_bwd, per_token, program_grid, program_span, store_norm,
+    store_norm_fp8, token_tile,
 )
 from .utils import RowLoop, fit_shared_memory, norm_fwd_launch, row_block, rows_2d, tile_bytes
 
@@ -54,12 +55,13 @@ def modulated_norm_ref(x, scale, shift, weight=None, *, norm: str = "layer", eps
 
 @triton.jit(do_not_specialize=SHAPE_INTS)
 def _modulated_norm_fwd_kernel(
-    X, Y, SCALE, SHIFT, W, MEAN, RSTD,
+    X, Y, S, SCALE, SHIFT, W, MEAN, RSTD,
     stride_x, stride_sb, stride_st, stride_hb, stride_ht, T, n_cols, n_chunks, rows_per_program, eps,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, PER_TOKEN: tl.constexpr, FP8_OUT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """x (B * T, D) -> y (B * T, D), mean and rstd (B * T,) fp32; program (b, c) walks its tokens of sample b."""
+    """x (B * T, D) -> y (B * T, D), mean and rstd (B * T,) fp32; program (b, c) walks its tokens of sample b.
+    With FP8_OUT, y is stored quantised rowwise (Y float8, S its (B * T,) scales; `store_norm_fp8`)."""
     b, t0, t_end = program_span(T, n_chunks, rows_per_program)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
@@ -71,7 +73,11 @@ def _modulated_norm_fwd_kernel(
         x = load_tile(X, toks, stride_x, cols, mask)
         a, h = modulation(SCALE, SHIFT, toks, stride_st, stride_ht, cols, mask, w, a_row, h_row, PER_TOKEN)
         y, mean, rstd = norm_modulate(x, a, h, mask, n_cols, eps, IS_RMS)
-        store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, IS_RMS)
+        if FP8_OUT:
+            store_norm_fp8(Y, S + b * T, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd,
+                           tl.bfloat16, IS_RMS)
+        else:
+            store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, IS_RMS)
 
 
 # --- launchers -------------------------------------------------------------------------------------------
@@ -81,26 +87,41 @@ def modulated_norm_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch
     """x (B, T, D), scale/shift (B, D) | (B, 1, D) | (B, T, D) -> y (B, T, D) in x.dtype, mean (R,) fp32
     (empty for rms), rstd (R,) fp32, with R = B * T. launch: None for the default (norm_fwd_launch); either is fitted to the
     device's shared memory."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return (y, *_launch_norm(x, scale, shift, weight, norm, eps, y, None, launch))
+
+
+def modulated_norm_fp8_fwd(x, scale, shift, weight, norm: str, eps: float, *, launch: Optional[RowLoop] = None):
+    """`modulated_norm_fwd` for an FP8 consumer: -> (q (R, D) float8_e4m3fn, s (R, 1) fp32, mean, rstd), q * s
+    the rowwise quantisation of y rounded to bf16 (for a bf16 x, `quantize_rows(modulated_norm_fwd(...)[0])`
+    bit for bit), with no y written."""
+    B, T, D = x.shape
+    q = torch.empty((B * T, D), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((B * T, 1), dtype=torch.float32, device=x.device)
+    return (q, s, *_launch_norm(x, scale, shift, weight, norm, eps, q, s, launch))
+
+
+def _launch_norm(x, scale, shift, weight, norm, eps, y, y_scales, launch):
+    """Run the forward kernel into y (bf16 etc., or float8 with y_scales): -> (mean, rstd)."""
     B, T, D = x.shape
     x2 = rows_2d(x)
     scale, shift = lastdim_contiguous(scale), lastdim_contiguous(shift)
-    y = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     rstd = x.new_empty((B * T,), dtype=torch.float32)
     mean = x.new_empty((B * T if norm == "layer" else 0,), dtype=torch.float32)
     if B * T == 0:
-        return y, mean, rstd
+        return mean, rstd
     tiled = (scale, shift) if per_token(scale) else ()
     launch = fit_shared_memory(launch or norm_fwd_launch(D, B, T, x.device), row_block(D), tile_bytes(x, *tiled),
                                x.device)
     (s_b, s_t), (h_b, h_t) = mod_strides(scale), mod_strides(shift)
     programs, n_chunks = program_grid(T, B, launch, x2.stride(0), D, s_t, h_t)
     _modulated_norm_fwd_kernel[(programs,)](
-        x2, y, scale, shift, x2 if weight is None else weight, mean, rstd,
+        x2, y, rstd if y_scales is None else y_scales, scale, shift, x2 if weight is None else weight, mean, rstd,
         x2.stride(0), s_b, s_t, h_b, h_t, T, D, n_chunks, launch.rows_per_program, eps,
-        IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, PER_TOKEN=per_token(scale), ROWS=launch.rows,
-        BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
+        IS_RMS=norm == "rms", HAS_WEIGHT=weight is not None, PER_TOKEN=per_token(scale), FP8_OUT=y_scales is not None,
+        ROWS=launch.rows, BLOCK=row_block(D), STAGES=launch.num_stages, num_warps=launch.num_warps,
     )
-    return y, mean, rstd
+    return mean, rstd
 
 
 def modulated_norm_bwd(dy, x, scale, weight, mean, rstd, norm: str, shift_dtype: torch.dtype, *,
@@ -152,18 +173,58 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, scale, weight, mean, rstd)
-    ctx.norm, ctx.shift_dtype, ctx.per_token = norm, shift.dtype, per_token(scale)
+    ctx.norm, ctx.shift_dtype = norm, shift.dtype
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, scale, weight, mean, rstd = ctx.saved_tensors
-    dx, dscale, dshift, dweight = _bwd_op(dy, x, scale, weight, mean, rstd, ctx.norm, ctx.shift_dtype)
-    if ctx.per_token:
-        dshift = dy.to(ctx.shift_dtype)
-    return dx, dscale, dshift, (dweight if weight is not None else None), None, None
+    return (*modulated_norm_backward(dy, x, scale, weight, mean, rstd, norm=ctx.norm, shift_dtype=ctx.shift_dtype),
+            None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fae_fast::modulated_norm_fp8_fwd", mutates_args=())
+def _fp8_fwd_op(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: Optional[torch.Tensor], norm: str, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return modulated_norm_fp8_fwd(x, scale, shift, weight, norm, eps)
+
+
+@_fp8_fwd_op.register_fake
+def _(x, scale, shift, weight, norm, eps):
+    rows = x.shape[0] * x.shape[1]
+    stats = lambda n: x.new_empty((n,), dtype=torch.float32)  # noqa: E731
+    return (x.new_empty((rows, x.shape[2]), dtype=torch.float8_e4m3fn), x.new_empty((rows, 1), dtype=torch.float32),
+            stats(rows if norm == "layer" else 0), stats(rows))
+
+
+def modulated_norm_fp8_stats(x, scale, shift, weight=None, *, norm: str = "layer", eps: float = 1e-6):
+    """The modulated norm quantised for an FP8 linear, with what its backward needs: (q (B * T, D)
+    float8_e4m3fn, s (B * T, 1) fp32, mean, rstd). Not differentiable: fae_fast/fp8.py's fused norm-linear
+    Function runs `modulated_norm_bwd` itself on the gradient its GEMM gives."""
+    check_modulation(x, scale, shift)
+    check_norm(x, weight, norm)
+    return _fp8_fwd_op(x, scale, shift, weight, norm, eps)
+
+
+def modulated_norm_fp8_ref(x, scale, shift, weight=None, *, norm: str = "layer", eps: float = 1e-6):
+    """PyTorch reference of `modulated_norm_fp8_stats`'s (q, s): the reference norm rounded to bf16, then
+    quantised rowwise."""
+    from .fp8 import quantize_rows_ref
+
+    y = modulated_norm_ref(x, scale, shift, weight, norm=norm, eps=eps).bfloat16()
+    return quantize_rows_ref(y.reshape(-1, y.shape[-1]))
+
+
+def modulated_norm_backward(dy, x, scale, weight, mean, rstd, *, norm: str, shift_dtype: torch.dtype):
+    """The modulated norm's backward as a functional, for a fused Function that ran `modulated_norm_fp8_stats`:
+    -> (dx, dscale, dshift, dweight or None), dshift per token being dy itself."""
+    dx, dscale, dshift, dweight = _bwd_op(dy, x, scale, weight, mean, rstd, norm, shift_dtype)
+    if per_token(scale):
+        dshift = dy.to(shift_dtype)
+    return dx, dscale, dshift, (dweight if weight is not None else None)
 
 
 # --- public functional -------------------------------------------------------------------------------------

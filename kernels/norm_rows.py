@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import row_scales, to_e4m3
 from .utils import RowLoop, cast_rtne, cdiv, fit_shared_memory, norm_bwd_launch, row_block, rows_2d, tile_bytes
 
 NORMS = ("layer", "rms")
@@ -106,6 +107,22 @@ def norm_modulate(x, a, h, mask, n_cols, eps, IS_RMS: tl.constexpr):
 def store_norm(Y, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, IS_RMS: tl.constexpr):
     """Store y into rows `toks` of Y (rows of n_cols, contiguous) and the row statistics."""
     tl.store(Y + toks[:, None] * n_cols + cols[None, :], cast_rtne(y, Y.dtype.element_ty), mask=mask)
+    if not IS_RMS:
+        tl.store(MEAN + toks, mean, mask=tok_ok)
+    tl.store(RSTD + toks, rstd, mask=tok_ok)
+
+
+@triton.jit
+def store_norm_fp8(Q, S, MEAN, RSTD, toks, tok_ok, cols, mask, n_cols, y, mean, rstd, ROUND: tl.constexpr,
+                   IS_RMS: tl.constexpr):
+    """`store_norm` for a consumer that reads y in FP8 (an FP8 linear): y is rounded to ROUND (bf16, the FP8
+    linear's compute dtype) and quantised rowwise as kernels/fp8.quantize_rows does, the row's power-of-two
+    scale from the row in registers; q goes into rows `toks` of Q and the scales into S (one fp32 a row). The
+    result equals quantize_rows of y stored in bf16, bit for bit, without writing y and reading it back."""
+    y = tl.where(mask, cast_rtne(y, ROUND).to(tl.float32), 0.0)
+    scale, inverse = row_scales(tl.max(tl.abs(y), axis=1))
+    tl.store(Q + toks[:, None] * n_cols + cols[None, :], to_e4m3(y, inverse, Q.dtype.element_ty), mask=mask)
+    tl.store(S + toks, scale, mask=tok_ok)
     if not IS_RMS:
         tl.store(MEAN + toks, mean, mask=tok_ok)
     tl.store(RSTD + toks, rstd, mask=tok_ok)

@@ -1,0 +1,180 @@
+"""The norms that emit their FP8 linear's input (FP8 training with the FP8 weight gradient): the modulated norm's
+and the fused residual-norm's FP8 kernels bit for bit against quantize_rows of the bf16 norm (every norm kind
+and modulation layout, odd widths), their statistics and h equal to the plain kernels', the fused Functions'
+outputs and gradients equal to the unfused FP8 modules', eagerly and compiled, and the block path: a converted
+LightningDiT trains the same numbers with and without it. CPU runs go through TRITON_INTERPRET=1 and the
+emulated scaled GEMM."""
+import pytest
+import torch
+
+from fae_fast.config import generator_config
+from fae_fast.fp8 import fp8_linear, fp8_norm_linear, fp8_residual_norm_swiglu, fp8_swiglu_mlp, use_fp8
+from fae_fast.generators import Generator
+from fae_fast.kernels.fp8 import quantize_rows_ref
+from fae_fast.kernels.gated_residual import (gated_residual_modulated_norm, gated_residual_modulated_norm_fp8_ref,
+                                             gated_residual_modulated_norm_fp8_stats)
+from fae_fast.kernels.modulated_norm import modulated_norm, modulated_norm_fp8_ref, modulated_norm_fp8_stats
+
+from kernel_testing import COMPILE_BACKEND  # noqa: E402 (tests/ is on sys.path)
+
+LAYOUTS = ["per_sample", "per_token"]
+
+
+def norm_inputs(B, T, D, dtype, layout, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    mod = (B, D) if layout == "per_sample" else (B, T, D)
+    x = (rnd(B, T, D) * torch.logspace(-2, 2, T, device=device)[None, :, None]).to(dtype)  # rows of every size
+    return x, rnd(*mod).to(dtype), rnd(*mod).to(dtype), rnd(D).to(dtype)
+
+
+def bits(q):
+    return q.view(torch.uint8)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 19, 72), (1, 33, 1152), (3, 5, 100)])
+def test_the_norm_emits_the_quantised_bf16_norm_bit_for_bit(norm, layout, dtype, shape, device):
+    x, scale, shift, weight = norm_inputs(*shape, dtype, layout, device)
+    weight = weight if norm == "rms" else None
+    q, s, mean, rstd = modulated_norm_fp8_stats(x, scale, shift, weight, norm=norm, eps=1e-6)
+    want_q, want_s = quantize_rows_ref(modulated_norm(x, scale, shift, weight, norm=norm).bfloat16().flatten(0, 1))
+    assert torch.equal(bits(q), bits(want_q)) and torch.equal(s, want_s)
+    ref_q, ref_s = modulated_norm_fp8_ref(x, scale, shift, weight, norm=norm)  # the reference: within a bf16 step
+    assert torch.equal(s, ref_s) and (q.float() - ref_q.float()).abs().le(q.float().abs() / 8 + 1e-9).all()
+    assert rstd.shape == (x.shape[0] * x.shape[1],) and mean.numel() == (rstd.numel() if norm == "layer" else 0)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 19, 72), (1, 33, 1152)])
+def test_the_residual_norm_emits_h_and_the_quantised_norm_bit_for_bit(norm, layout, shape, device):
+    x, scale, shift, weight = norm_inputs(*shape, torch.bfloat16, layout, device)
+    y, gate, _, _ = norm_inputs(*shape, torch.bfloat16, layout, device, seed=1)
+    weight = weight if norm == "rms" else None
+    h, q, s, _, _ = gated_residual_modulated_norm_fp8_stats(x, gate, y, scale, shift, weight, norm=norm)
+    want_h, n = gated_residual_modulated_norm(x, gate, y, scale, shift, weight, norm=norm)
+    want_q, want_s = quantize_rows_ref(n.flatten(0, 1))
+    assert torch.equal(h, want_h) and torch.equal(bits(q), bits(want_q)) and torch.equal(s, want_s)
+    ref_h, ref_q, ref_s = gated_residual_modulated_norm_fp8_ref(x, gate, y, scale, shift, weight, norm=norm)
+    assert torch.equal(h, ref_h) and torch.equal(s, ref_s)
+
+
+def outputs_and_grads(fn, leaves, grads_out):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in leaves]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grads_out)
+    return [*outs] + [t.grad for t in leaves if t is not None]
+
+
+def block_leaves(device, layout, rows=(4, 16), D=96, hidden=128, norm="rms", seed=0):
+    B, T = rows
+    x, scale, shift, weight = norm_inputs(B, T, D, torch.bfloat16, layout, device, seed)
+    y, gate, _, _ = norm_inputs(B, T, D, torch.bfloat16, layout, device, seed + 1)
+    g = torch.Generator(device=device).manual_seed(seed + 2)
+    w = lambda *shape: (torch.randn(*shape, generator=g, device=device) / shape[-1] ** 0.5)  # noqa: E731
+    weight = weight.float() if norm == "rms" else None
+    return x, gate, y, scale, shift, weight, w(2 * hidden, D), w(2 * hidden), w(D, hidden), w(D)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_fused_norm_linear_is_the_norm_then_the_fp8_linear(norm, layout, device):
+    """Outputs and every gradient (x, scale, shift, the norm's weight, the linear's weight and bias) equal to
+    the plain norm followed by `fp8_linear` with the FP8 weight gradient, bit for bit."""
+    x, _, _, scale, shift, nw, w1, b1, _, _ = block_leaves(device, layout, norm=norm)
+    leaves = [x, scale, shift, nw, w1, b1]
+    dy = torch.randn(*x.shape[:2], w1.shape[0], device=device).bfloat16()
+    fused = outputs_and_grads(lambda x, s, h, nw, w, b: fp8_norm_linear(x, s, h, nw, w, b, norm=norm, eps=1e-6),
+                              leaves, (dy,))
+    plain = outputs_and_grads(lambda x, s, h, nw, w, b: fp8_linear(modulated_norm(x, s, h, nw, norm=norm), w, b, True),
+                              leaves, (dy,))
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_fused_residual_norm_mlp_is_the_residual_norm_then_the_fp8_mlp(norm, layout, device):
+    leaves = list(block_leaves(device, layout, norm=norm))
+    x = leaves[0]
+    dh, dout = torch.randn_like(x), torch.randn_like(x)
+
+    def fused(x, gate, y, scale, shift, nw, w1, b1, w2, b2):
+        return fp8_residual_norm_swiglu(x, gate, y, scale, shift, nw, w1, b1, w2, b2, norm=norm, eps=1e-6)
+
+    def plain(x, gate, y, scale, shift, nw, w1, b1, w2, b2):
+        h, n = gated_residual_modulated_norm(x, gate, y, scale, shift, nw, norm=norm)
+        return h, fp8_swiglu_mlp(n, w1, b1, w2, b2, True)
+
+    for a, b in zip(outputs_and_grads(fused, leaves, (dh, dout)), outputs_and_grads(plain, leaves, (dh, dout))):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_fused_functions_compile_to_what_they_compute_eagerly(device):
+    leaves = list(block_leaves(device, "per_sample"))
+    x = leaves[0]
+    dh, dout = torch.randn_like(x), torch.randn_like(x)
+
+    def both(x, gate, y, scale, shift, nw, w1, b1, w2, b2):
+        qkv = fp8_norm_linear(x, scale, shift, nw, w1, b1, norm="rms", eps=1e-6)
+        h, out = fp8_residual_norm_swiglu(x, gate, y, scale, shift, nw, w1, b1, w2, b2, norm="rms", eps=1e-6)
+        return h, out + qkv[..., : out.shape[-1]]
+
+    eager = outputs_and_grads(both, leaves, (dh, dout))
+    compiled = outputs_and_grads(torch.compile(both, backend=COMPILE_BACKEND, fullgraph=True), leaves, (dh, dout))
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+def test_the_fp8_norm_ops_registrations(device):
+    x, scale, shift, weight = norm_inputs(2, 16, 96, torch.bfloat16, "per_sample", device)
+    checks = ("test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fae_fast.modulated_norm_fp8_fwd.default, (x, scale, shift, weight, "rms", 1e-6),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.fae_fast.gated_residual_modulated_norm_fp8_fwd.default,
+                          (x, scale, x.flip(1), scale, shift, None, "layer", 1e-6), test_utils=checks)
+
+
+def tiny_lightningdit(impl):
+    cfg = generator_config("LightningDiT-tiny/1", width=96, heads=4, depth=3, grid=4, in_channels=8, num_classes=10)
+    torch.manual_seed(0)
+    return cfg, Generator(cfg, impl=impl)
+
+
+def test_use_fp8_gives_the_norms_the_fp8_outputs_only_where_the_fused_path_holds():
+    """With the FP8 weight gradient on the fused kernels: every FP8 block, not the bf16 end blocks; not with the
+    bf16 weight gradient (it reads the bf16 norm output) nor on the PyTorch ops."""
+    _, model = tiny_lightningdit("triton")
+    use_fp8(model, torch.device("cpu"), weight_gradient=True, bf16_end_blocks=1)
+    assert [b.fp8_norms for b in model.blocks] == [False, True, False]
+    for impl, weight_gradient in (("triton", False), ("torch", True)):
+        _, model = tiny_lightningdit(impl)
+        use_fp8(model, torch.device("cpu"), weight_gradient=weight_gradient)
+        assert not any(b.fp8_norms for b in model.blocks)
+
+
+@pytest.mark.parametrize("batch", [4, 3])  # 64 rows, and 48: both multiples of 16
+def test_a_converted_lightningdit_trains_the_same_numbers_with_the_norms_emitting_fp8(batch, device):
+    """The whole model, under bf16 autocast: the output and every parameter's gradient equal with the fused
+    path and with the three modules in a row (fp8_norms off), bit for bit."""
+    cfg, model = tiny_lightningdit("triton")
+    model = model.to(device)
+    use_fp8(model, device, weight_gradient=True)
+    assert all(b.fp8_norms for b in model.blocks)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch, cfg.grid ** 2, cfg.in_channels, generator=g, device=device)
+    t = torch.rand(batch, generator=g, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g, device=device)
+    results = []
+    for fused in (True, False):
+        for block in model.blocks:
+            block.fp8_norms = fused
+        model.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model.train()(x, t, y)
+        out.float().square().mean().backward()
+        results.append([out] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
