@@ -46,7 +46,10 @@ PROVIDERS = {
     "fae_fast.graph": "fae_fast with the whole step (forward, backward, clipping, AdamW) captured as one CUDA graph "
                       "and replayed (fae_fast/train/cuda_graph.py): no host time between kernels",
     "fae_fast.fp8.graph": "fae_fast.fp8, captured the same way",
-    "fae_fast.fp8w.graph": "fae_fast.fp8.graph with the weight-gradient GEMM in FP8 too (run.fp8_weight_gradient)",
+    "fae_fast.fp8w.graph": "fae_fast.fp8.graph with the weight-gradient GEMM in FP8 too (run.fp8_weight_gradient); "
+                           "the blocks' norms emit qkv's and fc1's FP8 inputs",
+    "fae_fast.fp8w.unfused_norms.graph": "fae_fast.fp8w.graph with the norms writing bf16 that qkv and fc1 quantise "
+                                         "in their own pass (the A/B of the norms' FP8 outputs)",
 }
 COMPARED = ("fae_fast", "fae_fast.graph", "torch.compile.whole")
 """The providers this program measures unless --providers names others."""
@@ -106,6 +109,9 @@ def build(model_cfg, provider: str, batch: int, device):
     sharded = provider == "fae_fast.fsdp" or (fused and dist.get_world_size() > 1)
     if provider.startswith("fae_fast.fp8"):
         use_fp8(model, device, weight_gradient=provider.startswith("fae_fast.fp8w"))
+        if "unfused_norms" in provider:
+            for block in model.blocks:
+                block.fp8_norms = False
     if fused:
         parallelize(model, model.blocks, precision="bf16", compile=True, shard=sharded)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed(provider))
