@@ -2,8 +2,9 @@
 batch 256 per GPU, the conditional and unconditional passes in one forward of 512 rows, bf16 weights,
 random weights (speed does not depend on them), a few Euler steps of the sampler timed.
 
-Reports images/s at 250 steps, MFU (FLOPs of the 2B-row forwards over the bf16 peak measured in the same
-run) and the estimated hours of the paper's 50k x 250-step protocol on one GPU, every step guided (an
+Providers: eager, compiled, compiled with CUDA graphs, and that with the blocks' GEMMs in FP8 (sample.py
+--precision=fp8). Reports images/s at 250 steps, MFU (FLOPs of the 2B-row forwards over the bf16 peak
+measured in the same run) and the estimated hours of the paper's 50k x 250-step protocol on one GPU, every step guided (an
 upper bound: the paper-cfg preset guides the low-noise 70% of the steps; the other 30% run B rows).
 
     pytest benchmarks/test_bench_sampling.py -s --benchmark-json=sampling.json
@@ -15,19 +16,23 @@ from fae_fast.config import SamplerConfig, generator_config
 from fae_fast.eval.protocol import index_labels, index_normal
 from fae_fast.generators import Generator, forward_flops_per_sample
 from fae_fast.sampling import sample_latents
+from fae_fast.fp8 import use_fp8_sampling
 from fae_fast.inference import cast_params
 from training.sample import SampleConfig, prepare_for_speed
 
 BATCH, STEPS, PROTOCOL_IMAGES, PROTOCOL_STEPS = 256, 5, 50_000, 250
 
 
-@pytest.mark.parametrize("provider", ["eager", "torch.compile", "torch.compile+cuda_graphs"])
+@pytest.mark.parametrize("provider", ["eager", "torch.compile", "torch.compile+cuda_graphs",
+                                      "torch.compile+cuda_graphs+fp8"])
 def test_sampling_xl_with_cfg(benchmark, report, provider):
     device = torch.device("cuda")
     cfg = generator_config("LightningDiT-XL/1")
     torch.manual_seed(0)
     model = cast_params(Generator(cfg).to(device).eval().requires_grad_(False), torch.bfloat16)
-    run_cfg = SampleConfig(batch=BATCH, compile=provider != "eager", cuda_graphs=provider.endswith("cuda_graphs"),
+    if provider.endswith("fp8"):  # sample.py --precision=fp8: the block GEMMs in FP8
+        use_fp8_sampling(model, device)
+    run_cfg = SampleConfig(batch=BATCH, compile=provider != "eager", cuda_graphs="cuda_graphs" in provider,
                            sampler=SamplerConfig(method="euler", steps=STEPS, time_shift=0.4, cfg=[(0.0, 1.0, 1.5)]))
     prepare_for_speed(model, run_cfg, device, torch.bfloat16)
     indices = torch.arange(BATCH, device=device)

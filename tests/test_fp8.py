@@ -559,3 +559,40 @@ def test_the_quantising_ops_name_a_tensor_that_is_not_2d(device):
     for op, name in ((quantize_rows, "quantize_rows"), (quantize_rows_and_sum, "quantize_rows_and_sum")):
         with pytest.raises(ValueError, match=f"^{name} needs a 2-D tensor"):
             op(x)
+
+
+def test_fp8_sampling_linears_are_one_scaled_gemm_of_the_weight_quantised_once(device):
+    """use_fp8_sampling: the blocks' attention and MLP linears (no others) quantise their weight once into
+    non-persistent buffers; a forward is the scaled GEMM of the rowwise-quantised bf16 input and that weight,
+    plus the bias, exactly; the state dict is unchanged; compiled equals eager; the model's output stays within
+    FP8's rounding of the bf16 one."""
+    from fae_fast.fp8 import Float8SamplingLinear, scaled_matmul, use_fp8_sampling
+
+    cfg = generator_config("LightningDiT-tiny/1", width=96, heads=4, grid=4, in_channels=8, num_classes=10)
+    torch.manual_seed(0)
+    model = Generator(cfg, impl="torch").to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # past the zero start: every block contributes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, cfg.grid ** 2, cfg.in_channels, device=device)
+    t, y = torch.rand(3, device=device), torch.randint(0, cfg.num_classes, (3,), device=device)
+    with torch.no_grad():
+        plain = model(x, t, y)
+    converted = use_fp8_sampling(model, device)
+    assert len(converted) == cfg.depth * 4 and all(type(m) is Float8SamplingLinear for m in converted)
+    assert type(model.blocks[0].adaLN[-1]) is torch.nn.Linear and type(model.final.linear) is torch.nn.Linear
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    qkv = model.blocks[0].attn.qkv
+    inputs = torch.randn(2, 5, 96, device=device)
+    want = scaled_matmul(*quantize_rows_ref(inputs.reshape(10, 96).bfloat16()),
+                         *quantize_rows_ref(qkv.weight.bfloat16()), qkv.bias).float().view(2, 5, -1)
+    with torch.no_grad():
+        assert torch.equal(qkv(inputs), want)
+        fp8 = model(x, t, y)
+        compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)(x, t, y)
+    assert torch.equal(compiled, fp8)
+    error = relative(fp8, plain)
+    assert 1e-4 < error < 0.05, error  # FP8's rounding of the block GEMMs' inputs, nothing larger

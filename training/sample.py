@@ -50,6 +50,7 @@ from fae_fast.eval.npz import (check_coverage, list_chunks, npz_array_shape, pen
                                remove_partial_chunks, write_adm_npz, write_chunk)
 from fae_fast.eval.protocol import GRID_INDEX_OFFSET, STREAM_SDE, index_normal
 from fae_fast.families import family_of
+from fae_fast.fp8 import use_fp8_sampling
 from fae_fast.generators import Generator
 from fae_fast.inference import LatentDecoder, load_generator
 from fae_fast.sampling import ClassConditions
@@ -111,7 +112,10 @@ class SampleConfig:
     """Compile with mode='reduce-overhead' (CUDA graphs): less launch overhead, more memory. Heun keeps
     two outputs alive, which a graph replay overwrites in fp32: use it with bf16."""
     precision: str = "bf16"
-    """'bf16' (bf16 weights and matmuls, as the training forward; CUDA only) or 'fp32'."""
+    """'bf16' (bf16 weights and matmuls, as the training forward; CUDA only), 'fp32', or 'fp8': bf16 weights with
+    the blocks' attention and MLP GEMMs in FP8 (weights quantised once, inputs rowwise per forward;
+    fae_fast.fp8.use_fp8_sampling; GPUs with FP8 tensor cores). fp8 changes the samples: measure its FID
+    against a bf16 set before relying on it."""
     impl: str = "auto"
     """'auto', 'triton' or 'torch' for the fused layers."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -138,6 +142,9 @@ PRESET_DOCS = {
 }
 
 
+SAMPLE_PRECISIONS = ("bf16", "fp32", "fp8")
+
+
 def parse_args(argv: list[str]) -> SampleConfig:
     """`--recipe NAME` (default paper-cfg; `--preset` is the same option), then `--field=value` /
     `--sampler.field=value` overrides."""
@@ -145,6 +152,8 @@ def parse_args(argv: list[str]) -> SampleConfig:
     cfg = parse_command_line(argv, prog="sample.py", summary=__doc__.split("\n")[0],
                              choices={"recipe": ("paper-cfg", PRESET_DOCS)},
                              build=lambda picked: SampleConfig(sampler=PRESETS[picked["recipe"]]()))
+    if cfg.precision not in SAMPLE_PRECISIONS:
+        raise UsageError(f"--precision={cfg.precision!r} is not one of {', '.join(SAMPLE_PRECISIONS)}")
     if cfg.coco.wanted:  # one sample per caption: the set's size is the prompt set's
         if cfg.num_samples not in (ADM_SAMPLES, cfg.coco.count):
             raise UsageError(f"--num_samples={cfg.num_samples} and --coco.count={cfg.coco.count} disagree; a COCO "
@@ -285,6 +294,8 @@ def manifest(cfg: SampleConfig, dtype: torch.dtype, prompts: list[CocoPrompt] | 
     keys = ("ckpt", "fae", "fae_size", "fae_config", "stats", "num_samples", "labels", "seed")
     out = {k: getattr(cfg, k) for k in keys}
     out.update(ckpt=str(Path(cfg.ckpt).resolve()), sampler=dataclasses.asdict(cfg.sampler), dtype=str(dtype))
+    if cfg.precision == "fp8":  # a set is all bf16 or all FP8 draws; older manifests (no fp8) still match bf16
+        out["dtype"] += " with FP8 block GEMMs"
     if prompts is not None:
         tower = Path(cfg.text_tower)
         out.update(prompt_set=prompt_set_digest(prompts),
@@ -421,10 +432,12 @@ def main(argv: list[str]) -> Path:
     cfg = parse_args(argv)
     d = init_distributed()
     cuda = d.device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and cfg.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cuda and cfg.precision in ("bf16", "fp8") else torch.float32
     out = Path(cfg.out_dir)
     prompts = prompts_of(cfg)
     model = load_generator_of(cfg, d.device, dtype)
+    if cfg.precision == "fp8":
+        use_fp8_sampling(model, d.device)
     conditions = conditions_of(model, cfg, prompts, d.device)  # before the manifest: options that do not fit
     check_manifest(out, manifest(cfg, dtype, prompts), d.is_main)
     if prompts is not None and d.is_main:
