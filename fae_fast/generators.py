@@ -48,7 +48,7 @@ class Block(nn.Module):
 
     def _forward_fp8_norms(self, x, shift1, scale1, gate1, shift2, scale2, gate2):
         """The training forward with `fp8_norms`: the same block, each norm fused with the FP8 linear it feeds."""
-        from fae_fast.fp8 import fp8_norm_linear, fp8_residual_norm_swiglu  # set only after fae_fast.fp8 ran
+        from fae_fast.fp8 import fp8_norm_linear, fp8_residual_norm_swiglu  # imported: fae_fast.fp8 set the flag
 
         attn, mlp = self.attn, self.mlp
         qkv = fp8_norm_linear(x, scale1, shift1, self.norm1.weight, attn.qkv.weight, attn.qkv.bias,
