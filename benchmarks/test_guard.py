@@ -1,12 +1,12 @@
 """The guarded cases `pytest benchmarks/` runs by default (benchmarks/guard.py says how they are judged):
 every fused op forward + backward at the XL shapes against torch.compile of its reference, the FP8
-quantising pass, one XL block per family against the compiled plain block, one LightningDiT-XL/1 training
-step and one STARFlow training step at its ImageNet-256 size (their MFU). Ops and blocks are timed by their
-kernels' summed durations (the profiler's), so that the guard sees the kernels and not the host time of
-launching them: through CUDA events a lone 0.3 ms op measured 1 ms and its ratio varied 20% between two runs
-on an H200, a block's 10%; by kernel time the op ratios of two runs agreed within 1%. The training steps are
-timed by the wall clock between synchronisations (there the host runs ahead of the GPU, and the step's wall
-time is what a user gets)."""
+quantising passes and the norms emitting FP8, one XL block per family against the compiled plain block,
+one LightningDiT-XL/1 training step and one STARFlow training step at its ImageNet-256 size (their MFU).
+Ops and blocks are timed by their kernels' summed durations (the profiler's), so that the guard sees the
+kernels and not the host time of launching them: through CUDA events a lone 0.3 ms op measured 1 ms and its
+ratio varied 20% between two runs on an H200, a block's 10%; by kernel time the op ratios of two runs agreed
+within 1%. The training steps are timed by the wall clock between synchronisations (there the host runs
+ahead of the GPU, and the step's wall time is what a user gets)."""
 import pytest
 import torch
 
@@ -81,6 +81,38 @@ def test_fp8_quantise_and_sum(guard, gpu_ceilings, width):
     compiled = _kernel_ms(lambda: reference(dy), iters=20)
     moved = dy.numel() * 3 + dy.shape[0] * 4  # read bf16, write e4m3 and the row scales (the sums are small)
     guard.check(result(f"quantize_rows_and_sum 32768x{width}", ours, compiled, moved, "copy", gpu_ceilings))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fp8_norm_forward(guard, gpu_ceilings, residual):
+    """The norms that emit their FP8 linear's input (LightningDiT's RMSNorm with its weight, per-sample
+    modulation, one XL activation): the modulated norm before qkv and the gated residual + norm before fc1,
+    forward (their backward is the plain kernels'), against the compiled reference of the norm then the
+    quantisation. Their fraction of copy bandwidth sits beside the plain norms' in the same table."""
+    from fae_fast.kernels.gated_residual import (gated_residual_modulated_norm_fp8_ref,
+                                                 gated_residual_modulated_norm_fp8_stats)
+    from fae_fast.kernels.modulated_norm import modulated_norm_fp8_ref, modulated_norm_fp8_stats
+
+    B, T, D = 128, 256, 1152
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, y = torch.randn(B, T, D, **bf16), torch.randn(B, T, D, **bf16)
+    gate, scale, shift = (0.1 * torch.randn(B, D, **bf16) for _ in range(3))
+    weight = torch.ones(D, device="cuda")
+    if residual:
+        ours_fn = lambda: gated_residual_modulated_norm_fp8_stats(x, gate, y, scale, shift, weight, norm="rms")  # noqa: E731
+        ref, args = gated_residual_modulated_norm_fp8_ref, (x, gate, y, scale, shift, weight)
+        moved = x.numel() * (2 + 2 + 2 + 1)  # read x and y, write h (bf16) and q (e4m3)
+    else:
+        ours_fn = lambda: modulated_norm_fp8_stats(x, scale, shift, weight, norm="rms")  # noqa: E731
+        ref, args = modulated_norm_fp8_ref, (x, scale, shift, weight)
+        moved = x.numel() * (2 + 1)  # read x, write q
+    moved += B * T * (4 + 4)  # the row scales and rstd
+    ours = _kernel_ms(ours_fn, iters=20)
+    torch._dynamo.reset()
+    reference = torch.compile(lambda: ref(*args, norm="rms"), dynamic=False)
+    compiled = _kernel_ms(reference, iters=20)
+    name = "gated_residual_modulated_norm_fp8" if residual else "modulated_norm_fp8"
+    guard.check(result(f"{name}-rms_w fwd 32768x1152", ours, compiled, moved, "copy", gpu_ceilings))
 
 
 @pytest.mark.parametrize("size", ["LightningDiT-XL/1", "SiT-XL/1"])
