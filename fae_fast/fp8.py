@@ -24,6 +24,13 @@ contraction); other batches take the bf16 weight gradient.
 dict), so checkpoints move freely between bf16 and FP8 runs, and of each SwiGLU MLP whose two linears went
 FP8 (`Float8SwiGLU`: fc1 -> gate -> fc2 as one Function, the gate's kernel quantising fc2's input and, with
 the FP8 weight gradient, fc1's output gradient, so no pass reads those again to quantise them).
+
+With the FP8 weight gradient, `use_fp8` also lets LightningDiT blocks (`Block.fp8_norms`) have their two norms
+emit the FP8 inputs of qkv and fc1 (`fp8_norm_linear`, `fp8_residual_norm_swiglu`): the norm kernels quantise
+their bf16-rounded output rowwise in registers, bit for bit what `quantize_rows` of that output gives.
+
+`use_fp8_sampling(model)` is the inference counterpart (sample.py --precision=fp8): the same linears with their
+weights quantised once (`Float8SamplingLinear`), for sampling only.
 """
 import torch
 import torch.nn as nn
