@@ -3,7 +3,8 @@ batch 256 per GPU, the conditional and unconditional passes in one forward of 51
 random weights (speed does not depend on them), a few Euler steps of the sampler timed.
 
 Providers: eager, compiled, compiled with CUDA graphs, and that with the blocks' GEMMs in FP8 (sample.py
---precision=fp8). Reports images/s at 250 steps, MFU (FLOPs of the 2B-row forwards over the bf16 peak
+--precision=fp8: the norms and the SwiGLU gate emitting the FP8 inputs), and, for the A/B, with each FP8
+linear quantising its bf16 input itself (fp8.unfused_norms). Reports images/s at 250 steps, MFU (FLOPs of the 2B-row forwards over the bf16 peak
 measured in the same run) and the estimated hours of the paper's 50k x 250-step protocol on one GPU, every step guided (an
 upper bound: the paper-cfg preset guides the low-noise 70% of the steps; the other 30% run B rows).
 
@@ -24,14 +25,16 @@ BATCH, STEPS, PROTOCOL_IMAGES, PROTOCOL_STEPS = 256, 5, 50_000, 250
 
 
 @pytest.mark.parametrize("provider", ["eager", "torch.compile", "torch.compile+cuda_graphs",
-                                      "torch.compile+cuda_graphs+fp8"])
+                                      "torch.compile+cuda_graphs+fp8", "torch.compile+cuda_graphs+fp8.unfused_norms"])
 def test_sampling_xl_with_cfg(benchmark, report, provider):
     device = torch.device("cuda")
     cfg = generator_config("LightningDiT-XL/1")
     torch.manual_seed(0)
     model = cast_params(Generator(cfg).to(device).eval().requires_grad_(False), torch.bfloat16)
-    if provider.endswith("fp8"):  # sample.py --precision=fp8: the block GEMMs in FP8
+    if "fp8" in provider:  # sample.py --precision=fp8: the block GEMMs in FP8
         use_fp8_sampling(model, device)
+        for block in model.blocks:  # unfused_norms: each FP8 linear quantises its bf16 input (the A/B)
+            block.fp8_sampling = not provider.endswith("unfused_norms")
     run_cfg = SampleConfig(batch=BATCH, compile=provider != "eager", cuda_graphs="cuda_graphs" in provider,
                            sampler=SamplerConfig(method="euler", steps=STEPS, time_shift=0.4, cfg=[(0.0, 1.0, 1.5)]))
     prepare_for_speed(model, run_cfg, device, torch.bfloat16)

@@ -30,7 +30,8 @@ emit the FP8 inputs of qkv and fc1 (`fp8_norm_linear`, `fp8_residual_norm_swiglu
 their bf16-rounded output rowwise in registers, bit for bit what `quantize_rows` of that output gives.
 
 `use_fp8_sampling(model)` is the inference counterpart (sample.py --precision=fp8): the same linears with their
-weights quantised once (`Float8SamplingLinear`), for sampling only.
+weights quantised once (`Float8SamplingLinear`), for sampling only, and in blocks on the fused kernels with a
+SwiGLU MLP the norms and the gate emitting the FP8 inputs (`fp8_sampling_block`).
 """
 import torch
 import torch.nn as nn
@@ -319,8 +320,40 @@ class Float8SamplingLinear(nn.Linear):
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
-        y = scaled_matmul(*_quantizer(x2)(x2), self.weight_q, self.weight_scale, self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self.from_quantized(*_quantizer(x2)(x2), x.shape[:-1]).to(x.dtype)
+
+    def from_quantized(self, xq: torch.Tensor, x_scale: torch.Tensor, leading_shape) -> torch.Tensor:
+        """The GEMM of an input its producer already quantised rowwise (xq (M, K) float8 e4m3, x_scale (M, 1)):
+        -> (*leading_shape, N) bf16, M the product of leading_shape."""
+        y = scaled_matmul(xq, x_scale, self.weight_q, self.weight_scale, self.bias)
+        return y.view(*leading_shape, self.out_features)
+
+
+def fp8_sampling_block(block, x, shift1, scale1, gate1, shift2, scale2, gate2) -> torch.Tensor:
+    """fae_fast.generators.Block's forward for sampling with `fp8_sampling` (set by `use_fp8_sampling`): the
+    norm, the fused residual-norm and the SwiGLU gate emit their FP8 linear's input (`modulated_norm_fp8_stats`,
+    `gated_residual_modulated_norm_fp8_stats`, `swiglu_packed_fp8`), so no bf16 activation is written and read
+    back to be quantised; attention's output is quantised by its projection as before. The norms' FP8 outputs
+    are bit for bit `quantize_rows` of their bf16 outputs; the gate quantises its fp32 activation (the bf16 path
+    rounds it to bf16 first)."""
+    attn, mlp, leading = block.attn, block.mlp, x.shape[:-1]
+    nq, n_scale, _, _ = modulated_norm_fp8_stats(x, scale1, shift1, block.norm1.weight, norm=block.norm_kind,
+                                                 eps=block.norm1.eps)
+    attended = attn.attend(attn.qkv.from_quantized(nq, n_scale, leading))
+    x, hq, h_scale, _, _ = gated_residual_modulated_norm_fp8_stats(
+        x, gate1, attended, scale2, shift2, block.norm2.weight, norm=block.norm_kind, eps=block.norm2.eps)
+    h = mlp.fc1.from_quantized(hq, h_scale, hq.shape[:1])  # (M, 2H)
+    aq, a_scale, _ = _swiglu_kernels(h)["forward_fp8"](h, False)
+    return block.ops.gated_residual(x, gate2, mlp.fc2.from_quantized(aq, a_scale, leading))
+
+
+def sampling_norms_can_emit_fp8(block: nn.Module) -> bool:
+    """Whether a block converted by `use_fp8_sampling` can take `fp8_sampling_block`: it has the path
+    (`fp8_sampling`, Block), runs the fused kernels, and its qkv and its SwiGLU MLP's two linears went FP8."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    return (hasattr(block, "fp8_sampling") and getattr(getattr(block, "ops", None), "impl", None) == "triton"
+            and type(getattr(attn, "qkv", None)) is Float8SamplingLinear and type(mlp) is SwiGLU
+            and type(mlp.fc1) is Float8SamplingLinear and type(mlp.fc2) is Float8SamplingLinear)
 
 
 @torch.no_grad()
@@ -339,6 +372,9 @@ def use_fp8_sampling(model: nn.Module, device: torch.device) -> list[nn.Linear]:
         linear.register_buffer("weight_q", weight_q, persistent=False)
         linear.register_buffer("weight_scale", weight_scale, persistent=False)
         converted.append(linear)
+    for block in model.modules():  # a joint block holds its image Block inside
+        if sampling_norms_can_emit_fp8(block):
+            block.fp8_sampling = True
     if not converted:
         raise ValueError("--precision=fp8: none of the model's block linears has both dims divisible by 16 "
                          "(torch._scaled_mm needs it); sample with --precision=bf16")

@@ -26,6 +26,9 @@ class Block(nn.Module):
     """
 
     fp8_norms = False
+    fp8_sampling = False
+    """Set by fae_fast.fp8.use_fp8_sampling: in eval mode the norms and the SwiGLU gate emit the FP8 inputs of
+    the block's FP8 sampling linears (`fp8_sampling_block`)."""
 
     def __init__(self, cfg: GeneratorConfig, ops: Ops):
         super().__init__()
@@ -41,6 +44,10 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # (B, D) each
         if self.fp8_norms and self.training and (x.shape[0] * x.shape[1]) % 16 == 0:
             return self._forward_fp8_norms(x, shift1, scale1, gate1, shift2, scale2, gate2)
+        if self.fp8_sampling and not self.training:
+            from fae_fast.fp8 import fp8_sampling_block  # imported: fae_fast.fp8 set the flag
+
+            return fp8_sampling_block(self, x, shift1, scale1, gate1, shift2, scale2, gate2)
         h = self.norm1(x, scale1, shift1)
         x, h = self.ops.gated_residual_modulated_norm(
             x, gate1, self.attn(h), scale2, shift2, self.norm2.weight, norm=self.norm_kind)

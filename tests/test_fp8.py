@@ -564,8 +564,9 @@ def test_the_quantising_ops_name_a_tensor_that_is_not_2d(device):
 def test_fp8_sampling_linears_are_one_scaled_gemm_of_the_weight_quantised_once(device):
     """use_fp8_sampling: the blocks' attention and MLP linears (no others) quantise their weight once into
     non-persistent buffers; a forward is the scaled GEMM of the rowwise-quantised bf16 input and that weight,
-    plus the bias, exactly; the state dict is unchanged; compiled equals eager; the model's output stays within
-    FP8's rounding of the bf16 one."""
+    plus the bias, exactly; the state dict is unchanged; compiled equals eager (through the interpreter; on a GPU
+    inductor fuses the bf16 ops around the GEMMs, which moves roundings that FP8 then magnifies, so there both stay
+    within FP8's rounding of the bf16 model); the model's output stays within FP8's rounding of the bf16 one."""
     from fae_fast.fp8 import Float8SamplingLinear, scaled_matmul, use_fp8_sampling
 
     cfg = generator_config("LightningDiT-tiny/1", width=96, heads=4, grid=4, in_channels=8, num_classes=10)
@@ -593,9 +594,11 @@ def test_fp8_sampling_linears_are_one_scaled_gemm_of_the_weight_quantised_once(d
         assert torch.equal(qkv(inputs), want)
         fp8 = model(x, t, y)
         compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)(x, t, y)
-    assert torch.equal(compiled, fp8)
-    error = relative(fp8, plain)
-    assert 1e-4 < error < 0.05, error  # FP8's rounding of the block GEMMs' inputs, nothing larger
+    if device.type == "cpu":
+        assert torch.equal(compiled, fp8)
+    for out in (fp8, compiled):
+        error = relative(out, plain)
+        assert 1e-4 < error < 0.05, error  # FP8's rounding of the block GEMMs' inputs, nothing larger
 
 
 @pytest.mark.parametrize("recipe_name", ["t2i-demo", "starflow-demo"])
