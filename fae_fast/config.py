@@ -299,6 +299,10 @@ class RunConfig:
     fp8_bf16_end_blocks: int = 0
     """With run.precision=fp8: the first and the last this many blocks keep bf16 linears, the rest go FP8 (as
     Megatron-LM's --first-last-layers-bf16: the network's ends are where FP8's rounding tends to cost most)."""
+    fp8_all_gather: bool = True
+    """With run.precision=fp8 under FSDP2: all-gather the FP8 linears' weights in FP8 (1 byte a value and a scale
+    a row, against 2 bytes in bf16), each rank quantising its rows as the forward would (fae_fast/fp8_fsdp.py:
+    the same forward, bit for bit). Ignored without FSDP2 or FP8."""
     attention: str = "auto"
     """Attention backend on CUDA: 'auto' (per shape, the fastest whose output and gradients agree with fp32
     attention: fae_fast/attention.py) or one of 'sdpa_cudnn', 'sdpa_flash', 'sdpa_efficient', 'flash_attn',

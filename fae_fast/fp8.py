@@ -29,6 +29,8 @@ With the FP8 weight gradient, `use_fp8` also lets LightningDiT blocks (`Block.fp
 emit the FP8 inputs of qkv and fc1 (`fp8_norm_linear`, `fp8_residual_norm_swiglu`): the norm kernels quantise
 their bf16-rounded output rowwise in registers, bit for bit what `quantize_rows` of that output gives.
 
+Under FSDP2, fae_fast/fp8_fsdp.py all-gathers these linears' weights in FP8 (`run.fp8_all_gather`).
+
 `use_fp8_sampling(model)` is the inference counterpart (sample.py --precision=fp8): the same linears with their
 weights quantised once (`Float8SamplingLinear`), for sampling only, and in blocks on the fused kernels with a
 SwiGLU MLP the norms and the gate emitting the FP8 inputs (`fp8_sampling_block`).

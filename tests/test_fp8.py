@@ -4,6 +4,8 @@ output and gradients against the same GEMMs computed from the dequantised operan
 (same state dict, eval mode unchanged), torch.compile, and the device check; the transposing requantisation
 of the FP8 weight gradient bit for bit against its reference and that gradient against its GEMM. CPU runs go
 through TRITON_INTERPRET=1 and an emulated scaled GEMM."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -629,3 +631,60 @@ def test_fp8_sampling_serves_the_other_families(recipe_name):
         fp8 = family.sample(model, condition, noise, sampler)
     assert converted and all(type(m) is Float8SamplingLinear for m in converted)
     assert 0 < (plain - fp8).abs().max() < 0.05
+
+
+def test_the_fp8_all_gather_rebuilds_the_weight_the_fp8_gemms_would_use():
+    """fae_fast.fp8_fsdp on one weight, without a process group: a rank's rows go out as e4m3 bytes and fp32
+    power-of-two scales, and come back as q * s in bf16, exactly; the forward's rowwise quantisation of that gives
+    back q * s exactly (as q and s, or 2q and s / 2 for a row whose top value rounded down to 224: the same
+    products in the scaled GEMM), and its quantisation along N (the input gradient's) the same values as that of
+    the weight itself wherever a value is not in e4m3's subnormal range under its column's scale."""
+    from fae_fast.fp8_fsdp import Float8AllGatherWeight
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 160) * torch.logspace(-1, 1, 96)[:, None]  # fp32 master rows of several sizes
+    wrapped = Float8AllGatherWeight(weight)
+    (q_bytes, scale), metadata = wrapped.fsdp_pre_all_gather(None, weight.shape, weight.stride(), None, None)
+    want_q, want_scale = quantize_rows_ref(weight.bfloat16())
+    assert q_bytes.dtype == torch.uint8 and torch.equal(q_bytes, want_q.view(torch.uint8))
+    assert torch.equal(scale, want_scale)
+    rebuilt, inner = wrapped.fsdp_post_all_gather((q_bytes, scale), metadata, torch.bfloat16)
+    assert rebuilt.dtype == torch.bfloat16 and inner == (rebuilt,)
+    assert torch.equal(rebuilt.float(), want_q.float() * want_scale)  # exact: s is a power of two
+    again_q, again_scale = quantize_rows_ref(rebuilt)  # a row whose top value rounded to 224: 2q under s / 2
+    assert torch.equal(again_q.float() * again_scale, rebuilt.float())
+    along_n, n_scale = quantize_rows_ref(rebuilt.t())
+    direct, direct_scale = quantize_rows_ref(weight.bfloat16().t())
+    normal = weight.t().abs() >= 2.0 ** -6 * direct_scale  # e4m3's smallest normal, under the column's scale
+    assert normal.float().mean() > 0.98
+    assert torch.equal((along_n.float() * n_scale)[normal], (direct.float() * direct_scale)[normal])
+    out = torch.empty_like(rebuilt)  # a later all-gather refills the same tensor
+    assert wrapped.fsdp_post_all_gather((q_bytes, scale), metadata, torch.bfloat16, out=out) is None
+    assert torch.equal(out, rebuilt)
+
+
+def test_fsdp2_all_gathers_the_fp8_weights_in_fp8_and_trains_the_same_numbers(tmp_path):
+    """Two CPU ranks (gloo) train the same FP8 model under FSDP2 for four steps with the bf16 and the FP8
+    all-gather of the FP8 linears' weights (tests/fp8_all_gather_worker.py): every FP8 linear's shard goes
+    over the wire as bytes and scales, forward and backward; the first step's output and every gradient equal
+    the bf16 all-gather's, and the losses of all four steps; a DCP checkpoint holds plain tensors, and loading it
+    restores every weight and keeps the FP8 all-gather."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import program_env  # noqa: E402
+
+    result_path = tmp_path / "result.json"
+    worker = Path(__file__).with_name("fp8_all_gather_worker.py")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), str(result_path)], env=program_env(2), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert len(result["wrapped"]) == 8 and result["local_types"] == ["Float8AllGatherWeight"]
+    assert result["gathers"] == 8 * 4 * 2  # each weight, each step, forward and backward (resharded after forward)
+    assert result["gather_dtypes"] == [["torch.uint8", "torch.float32"]]
+    assert result["forward_equal"] and result["gradient_relative"] == 0.0
+    assert result["losses"] == result["plain_losses"]
+    assert result["state_types"] == ["Tensor"] and result["restored"] and result["still_wrapped"]

@@ -25,6 +25,7 @@ from fae_fast.data.latent_cache import LatentCache
 from fae_fast.data.latents import make_source
 from fae_fast.data.toy import ToyLatents
 from fae_fast.fp8 import use_fp8
+from fae_fast.fp8_fsdp import wrap_for_fp8_all_gather
 from fae_fast.families import family_of, run_record
 from fae_fast.inference import LatentDecoder
 from fae_fast.seeding import step_generator
@@ -291,9 +292,12 @@ def build(cfg: GenTrainConfig, d, graphed: bool):
     if cfg.run.precision == "fp8":
         use_fp8(model, d.device, weight_gradient=cfg.run.fp8_weight_gradient,
                 bf16_end_blocks=cfg.run.fp8_bf16_end_blocks)
-        if not graphed:
+        if not graphed and not use_fsdp(cfg, d):  # under FSDP2 no step is captured
             print0("note: run.precision=fp8 without run.cuda_graph trains slower than bf16 (0.65x on an H200: the "
                    "FP8 step waits on the host; README, 'FP8'); add --run.cuda_graph=auto")
+    if cfg.run.precision == "fp8" and cfg.run.fp8_all_gather and use_fsdp(cfg, d):
+        wrapped = wrap_for_fp8_all_gather(model, d.world)
+        print0(f"FSDP2 all-gathers {len(wrapped)} FP8 linears' weights in FP8 (run.fp8_all_gather)")
     only_backend(cfg.run.attention)
     family_of(cfg.model).choose_attention(cfg.model, cfg.data.global_batch // d.world,  # this rank's shape
                                           torch.float32 if cfg.run.precision == "fp32" else torch.bfloat16, d.device)
