@@ -353,7 +353,7 @@ def sampling_norms_can_emit_fp8(block: nn.Module) -> bool:
     """Whether a block converted by `use_fp8_sampling` can take `fp8_sampling_block`: it has the path
     (`fp8_sampling`, Block), runs the fused kernels, and its qkv and its SwiGLU MLP's two linears went FP8."""
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    return (hasattr(block, "fp8_sampling") and getattr(getattr(block, "ops", None), "impl", None) == "triton"
+    return (_has_fused_path(block, "fp8_sampling")
             and type(getattr(attn, "qkv", None)) is Float8SamplingLinear and type(mlp) is SwiGLU
             and type(mlp.fc1) is Float8SamplingLinear and type(mlp.fc2) is Float8SamplingLinear)
 
@@ -448,6 +448,12 @@ def norms_can_emit_fp8(block: nn.Module) -> bool:
     the FP8 weight gradient (the bf16 weight gradient would need the bf16 norm output after all) and its MLP
     a Float8SwiGLU."""
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    return (hasattr(block, "fp8_norms") and getattr(getattr(block, "ops", None), "impl", None) == "triton"
+    return (_has_fused_path(block, "fp8_norms")
             and type(getattr(attn, "qkv", None)) is Float8Linear and attn.qkv.fp8_weight_gradient
             and type(mlp) is Float8SwiGLU)
+
+
+def _has_fused_path(block: nn.Module, flag: str) -> bool:
+    """Whether a module has the FP8 block path switched by `flag` (fae_fast.generators.Block) and runs the fused
+    kernels that path calls."""
+    return hasattr(block, flag) and getattr(getattr(block, "ops", None), "impl", None) == "triton"

@@ -9,8 +9,8 @@ in bf16, and quantising with a power-of-two scale is rounding to e4m3's 4 signif
 range): the forward's own rowwise quantisation of q * s gives back the same values, and so does the input
 gradient's quantisation along N, except for values in e4m3's subnormal range under their column's scale
 (rounded twice). **The training numbers are those of the bf16 all-gather** (tests/test_fp8.py: two CPU ranks,
-equal losses and gradients). Master weights, their
-gradients (reduce-scattered in fp32) and the optimizer are untouched.
+equal losses and gradients). Master weights, their gradients (reduce-scattered in fp32) and the optimizer are
+untouched.
 
 FSDP2 finds the hooks (`fsdp_pre_all_gather`, `fsdp_post_all_gather`) on the sharded parameter's local
 tensor, so the weights go through FSDP2 wrapped in `Float8AllGatherWeight`, a thin tensor subclass: every op
@@ -86,7 +86,7 @@ class Float8AllGatherWeight(torch.Tensor):
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
                 torch.mul(q.to(out.dtype), scale.to(out.dtype), out=out)
             return None
-        weight = (q.to(param_dtype) * scale.to(param_dtype))
+        weight = q.to(param_dtype) * scale.to(param_dtype)
         return weight, (weight,)
 
 
